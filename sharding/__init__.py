@@ -1,0 +1,1 @@
+"""Shard planning, manifests, the shard store and resume state."""

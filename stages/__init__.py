@@ -1,0 +1,1 @@
+"""Ray Data pipelines for the privacy stage and the three gears: thin wiring over `engine/` and `sharding/`."""
