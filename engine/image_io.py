@@ -8,10 +8,12 @@ the fix, so callers can quarantine the input and go on.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -76,11 +78,17 @@ def load_image_with_info(
     if len(data) == 0:
         raise ImageLoadError(label, "empty", "the file is empty (0 bytes)", "re-copy the file from its source")
     try:
-        image = Image.open(io.BytesIO(data))
+        with _no_pil_bomb_limit():  # the size check below names the input; PIL's would raise at open
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageLoadError(
             label, "not_an_image", "not a recognised image format",
             "convert it to JPEG or PNG, or remove it from the source",
+        ) from None
+    except Exception as exc:  # format plugins raise many types on malformed headers
+        raise ImageLoadError(
+            label, "corrupt", f"header cannot be read ({type(exc).__name__}: {exc})",
+            "re-copy or re-encode the file",
         ) from None
     width, height = image.size
     if width * height > max_pixels:
@@ -90,20 +98,18 @@ def load_image_with_info(
             "downscale the image or raise max_pixels",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
-    except (OSError, SyntaxError, ValueError) as exc:
+        with _no_pil_bomb_limit():
+            image.load()
+        original_mode = image.mode
+        exif_rotated = _orientation(image) not in (0, 1)
+        rgb = _to_rgb(ImageOps.exif_transpose(image) if exif_rotated else image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageLoadError(
-            label, "corrupt", f"cannot be decoded ({exc})", "re-copy or re-encode the file"
+            label, "corrupt", f"cannot be decoded ({type(exc).__name__}: {exc})",
+            "re-copy or re-encode the file",
         ) from None
-    original_mode = image.mode
-    exif_rotated = _orientation(image) not in (0, 1)
-    rgb = _to_rgb(ImageOps.exif_transpose(image) if exif_rotated else image)
     if min(rgb.shape[:2]) < min_side:
         raise ImageLoadError(
             label, "too_small", f"{rgb.shape[1]}x{rgb.shape[0]} is smaller than {min_side} px on a side",
@@ -124,6 +130,18 @@ def _read_bytes(source: str | Path | bytes, label: str) -> bytes:
         raise ImageLoadError(label, "not_a_file", "is a directory", "pass an image file") from None
     except PermissionError:
         raise ImageLoadError(label, "unreadable", "permission denied", "make the file readable") from None
+
+
+@contextlib.contextmanager
+def _no_pil_bomb_limit() -> Iterator[None]:
+    """PIL's own bomb guard warns or raises with no input name; `max_pixels` is checked instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def _orientation(image: Image.Image) -> int:

@@ -1,0 +1,189 @@
+"""Ingest: list a SOURCE, validate and deduplicate its images, cut the new ones into shards.
+
+Image ids (SA-1B style `sa_<id>`): positive integers handed out in order. An ingest takes the
+files it has never seen (by content sha256), sorts them by source URI and numbers them from
+(largest id in the store) + 1. So re-ingesting a source changes nothing, and adding files never
+renumbers old images: ids are stable for the life of the store. Identical files (same sha256) get
+one id; every further copy is recorded in `duplicates/`. New images always go to new shards
+(`shard-NNNNNN`, numbered on from the last one), `shard_size` images each, in id order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.atomic import atomic_path
+from engine.image_io import ImageLoadError, load_image_with_info
+from sharding import tables
+from sharding.sources import list_source, read_source
+from sharding.store import Store, utc_now
+
+DEFAULT_SHARD_SIZE = 1000
+_ROW_GROUP = 16  # images per Parquet row group: readers stream a shard 16 images at a time
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did; every listed file lands in exactly one of the counts."""
+
+    listed: int = 0
+    added: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    ignored: list[str] = field(default_factory=list)
+    shards_added: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = (f"listed {self.listed} files: {self.added} added in {len(self.shards_added)} new shards, "
+                f"{self.unchanged} already in the store, {self.duplicates} duplicates recorded, "
+                f"{self.quarantined} quarantined")
+        if self.reasons:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) + ")"
+        if self.ignored:
+            text += f"; ignored {len(self.ignored)} non-image files by extension"
+        return text
+
+
+class _ShardWriter:
+    """Streams one shard's rows into a temporary Parquet file and renames it when closed."""
+
+    def __init__(self, path: Path) -> None:
+        self._stack = contextlib.ExitStack()
+        self._tmp = tmp = self._stack.enter_context(atomic_path(path))
+        self._writer = pq.ParquetWriter(tmp, tables.SHARD)
+        self._rows: list[dict[str, Any]] = []
+        self.count = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self.count += 1
+        if len(self._rows) >= _ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=tables.SHARD))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._stack.close()
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._stack.pop_all()  # drop the rename: the shard stays unwritten
+        self._tmp.unlink(missing_ok=True)
+
+
+def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> IngestReport:
+    """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
+
+    Arguments:
+      source (str): folder, glob, list file or single file, local or any fsspec URI.
+      store (Store): the store (from `Store.create`), validated with its min_side/max_pixels.
+      shard_size (int): images per new shard.
+    Returns:
+      (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size {shard_size} is invalid: use a positive number of images per shard")
+    listing = list_source(source)
+    report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
+    manifest = store.manifest()
+    known = {sha: (iid, src) for sha, iid, src in zip(
+        manifest.column("sha256").to_pylist(), manifest.column("image_id").to_pylist(),
+        manifest.column("source").to_pylist())}
+    seen = set(zip(manifest.column("source").to_pylist(), manifest.column("sha256").to_pylist()))
+    dups = store.duplicates()
+    seen |= set(zip(dups.column("source").to_pylist(), dups.column("sha256").to_pylist()))
+    old_q = store.ingest_quarantine()
+    quarantined_before = set(zip(old_q.column("source").to_pylist(), old_q.column("sha256").to_pylist()))
+    next_id = max(manifest.column("image_id").to_pylist(), default=0) + 1
+    shard_names = store.shards()
+    next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
+    batch = len(list((store.root / "manifest").glob("part-*.parquet"))) + 1
+
+    new_rows: list[dict[str, Any]] = []
+    dup_rows: list[dict[str, Any]] = []
+    q_rows: list[dict[str, Any]] = []
+    writer: _ShardWriter | None = None
+    try:
+        for uri in listing.uris:
+            try:
+                data = read_source(uri)
+            except (OSError, ValueError) as exc:
+                if (uri, "") not in quarantined_before:
+                    q_rows.append(_quarantine(uri, "", "unreadable", f"{type(exc).__name__}: {exc}"))
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in known:
+                if (uri, sha) in seen:
+                    report.unchanged += 1
+                else:
+                    dup_rows.append({"source": uri, "sha256": sha, "image_id": known[sha][0],
+                                     "kept_source": known[sha][1]})
+                    seen.add((uri, sha))
+                continue
+            if (uri, sha) in quarantined_before:
+                report.unchanged += 1
+                continue
+            try:
+                rgb, info = load_image_with_info(data, name=uri, max_pixels=store.max_pixels,
+                                                 min_side=store.min_side)
+            except ImageLoadError as err:
+                q_rows.append(_quarantine(uri, sha, err.reason, f"{err.detail} ({err.fix})"))
+                continue
+            del rgb
+            if writer is None:
+                shard = f"shard-{next_shard:06d}"
+                writer = _ShardWriter(store.shard_path(shard))
+                report.shards_added.append(shard)
+            known[sha] = (next_id, uri)
+            seen.add((uri, sha))
+            writer.add({"image_id": next_id, "source": uri, "sha256": sha, "width": info.width,
+                        "height": info.height, "data": data})
+            new_rows.append({"image_id": next_id, "source": uri, "bytes": len(data), "sha256": sha,
+                             "width": info.width, "height": info.height, "shard": report.shards_added[-1],
+                             "original_mode": info.original_mode, "exif_rotated": info.exif_rotated})
+            next_id += 1
+            if writer.count >= shard_size:
+                writer.close()
+                writer, next_shard = None, next_shard + 1
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+
+    report.added, report.duplicates, report.quarantined = len(new_rows), len(dup_rows), len(q_rows)
+    for q in q_rows:
+        report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
+    if new_rows or dup_rows or q_rows:
+        part = f"{batch:06d}"
+        _write_table(store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES)
+        _write_table(store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE)
+        _write_table(store.root / "manifest" / f"part-{part}.parquet", new_rows, tables.MANIFEST)  # commit
+        store.write_run_record("ingest", {"source": source, "finished_at": utc_now(), "batch": batch,
+                                          "shard_size": shard_size, **report.__dict__})
+    return report
+
+
+def _quarantine(uri: str, sha: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"stage": "ingest", "round": None, "shard": None, "image_id": None, "source": uri,
+            "sha256": sha, "reason": reason, "detail": detail}
+
+
+def _write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)

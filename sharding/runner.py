@@ -1,0 +1,158 @@
+"""The stage-agnostic shard runner: every stage (privacy, the gears) runs through it.
+
+For each pending shard it streams the original images, decodes them with `engine.image_io`,
+calls the stage's per-image function, gives every mask its final id and commits the shard's
+output + completion record through `Store.write_shard_output`. Finished shards are skipped;
+shards without a valid completion record are redone from scratch, so a killed run loses nothing
+and, because ids are deterministic, duplicates nothing.
+
+Annotation ids: `id = image_id * 65536 + k`, k the mask's index in the stage's output for that
+image (at most 65,536 masks per image; image ids below 2**37). Unique within one stage+round
+output (what an export holds), stable across reruns, and below 2**53 so JSON readers keep them
+exact. The (stage, round) columns of the annotation tables tell outputs of different rounds apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.image_io import ImageLoadError, load_image
+from engine.records import MaskRecord
+from sharding.store import ImageRow, ShardOutput, Store, check_stage, utc_now
+
+MASKS_PER_IMAGE = 1 << 16
+MAX_IMAGE_ID = 1 << 37
+
+
+@dataclass
+class StageResult:
+    """What a stage's per-image function returns.
+
+    masks: in the image's store frame (manifest width x height); their ids are replaced.
+    image: an encoded output image (JPEG/PNG bytes) of the same size, e.g. the blurred photo.
+    meta: per-image facts kept beside the output image (e.g. {"faces": 2, "plates": 0}).
+    """
+
+    masks: list[MaskRecord] = field(default_factory=list)
+    image: bytes | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+ProcessFn = Callable[[ImageRow, np.ndarray], StageResult]
+
+
+@dataclass
+class RunReport:
+    stage: str
+    round: int
+    skipped: list[str] = field(default_factory=list)
+    processed: list[str] = field(default_factory=list)
+    images: int = 0
+    annotations: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+
+def annotation_id(image_id: int, index: int) -> int:
+    """The id rule (module docstring): image_id * 65536 + index."""
+    if not 0 <= index < MASKS_PER_IMAGE:
+        raise ValueError(f"image {image_id}: mask index {index} exceeds {MASKS_PER_IMAGE} masks per image")
+    if not 0 < image_id < MAX_IMAGE_ID:
+        raise ValueError(f"image id {image_id} is outside 1..2**37: annotation ids would not fit")
+    return image_id * MASKS_PER_IMAGE + index
+
+
+def pending_shards(store: Store, stage: str, round_: int) -> list[str]:
+    """Shards of the store without a valid completion record for this stage and round."""
+    check_stage(stage, round_)
+    return [s for s in store.shards() if store.done_record(stage, round_, s) is None]
+
+
+def process_shard(store: Store, stage: str, round_: int, shard: str, process: ProcessFn) -> dict[str, Any]:
+    """Run `process` over one shard and commit its output. Returns the completion record.
+
+    A broken image (undecodable, or `process` raising, or output of the wrong size) is recorded
+    in the shard's quarantine list with its reason and the shard goes on.
+    """
+    out = ShardOutput()
+    for row in store.iter_shard(shard):
+        try:
+            rgb = load_image(row.data, name=row.source, max_pixels=store.max_pixels, min_side=store.min_side)
+        except ImageLoadError as err:
+            out.quarantined.append(_entry(row, err.reason, f"{err.detail} ({err.fix})"))
+            continue
+        try:
+            result = process(row, rgb)
+            masks = [dataclasses.replace(m, id=annotation_id(row.image_id, k)) for k, m in enumerate(result.masks)]
+            _check_frame(row, rgb, masks)
+            if result.image is not None:
+                shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
+                if shown.shape != rgb.shape:
+                    raise ValueError(f"output image is {shown.shape[1]}x{shown.shape[0]}, input "
+                                     f"{rgb.shape[1]}x{rgb.shape[0]}: stages must keep the image size")
+        except Exception as exc:  # one image's failure is recorded, never stops the shard
+            out.quarantined.append(_entry(row, "stage_error", f"{type(exc).__name__}: {exc}"))
+            continue
+        out.done.append(row.image_id)
+        out.masks.extend((row.image_id, m) for m in masks)
+        if result.image is not None:
+            out.images[row.image_id] = result.image
+            out.image_info[row.image_id] = (rgb.shape[1], rgb.shape[0], result.meta)
+    return store.write_shard_output(stage, round_, shard, out)
+
+
+def run_stage(store: Store, stage: str, round_: int, process: ProcessFn,
+              shards: list[str] | None = None,
+              on_shard: Callable[[str, dict[str, Any]], None] | None = None) -> RunReport:
+    """Process every pending shard (or the given ones, if pending) in order; skip finished ones.
+
+    Arguments:
+      store (Store): the store.
+      stage (str), round_ (int): where outputs go: STORE/stages/<stage>/round-<round_>/.
+      process (ProcessFn): (ImageRow, HxWx3 uint8 RGB) -> StageResult.
+      shards (list[str] | None): restrict to these shards.
+      on_shard: called with (shard, completion record) after each shard is committed.
+    """
+    check_stage(stage, round_)
+    started, t0 = utc_now(), time.perf_counter()
+    report = RunReport(stage, round_)
+    todo = pending_shards(store, stage, round_)
+    wanted = store.shards() if shards is None else shards
+    unknown = sorted(set(wanted) - set(store.shards()))
+    if unknown:
+        raise ValueError(f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`")
+    record_path = store.root / "runs" / stage / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
+    for shard in wanted:
+        if shard not in todo:
+            report.skipped.append(shard)
+            continue
+        record = process_shard(store, stage, round_, shard, process)
+        report.processed.append(shard)
+        report.images += record["counts"]["images"]
+        report.annotations += record["counts"]["annotations"]
+        report.quarantined += record["counts"]["quarantined"]
+        store.write_run_record(stage, {"started_at": started, "state": "running", **report.__dict__}, record_path)
+        if on_shard is not None:
+            on_shard(shard, record)
+    report.seconds = time.perf_counter() - t0
+    store.write_run_record(stage, {"started_at": started, "finished_at": utc_now(), "state": "finished",
+                                   **report.__dict__}, record_path)
+    return report
+
+
+def _entry(row: ImageRow, reason: str, detail: str) -> dict[str, Any]:
+    return {"image_id": row.image_id, "source": row.source, "sha256": row.sha256, "reason": reason, "detail": detail}
+
+
+def _check_frame(row: ImageRow, rgb: np.ndarray, masks: list[MaskRecord]) -> None:
+    size = [rgb.shape[0], rgb.shape[1]]
+    for m in masks:
+        if list(m.segmentation["size"]) != size:
+            raise ValueError(f"mask {m.id} has size {m.segmentation['size']}, image is {size} (h, w): "
+                             "masks must be in the image's frame")

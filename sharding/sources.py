@@ -1,0 +1,90 @@
+"""Where images come from: a folder (recursive), a glob, a list file, or one file, on any fsspec
+filesystem (local paths, `file://`, `memory://`, `s3://` ...) through one code path.
+
+Every input is named by its full URI (`fs.unstrip_protocol`), so `/data/a.jpg` and
+`file:///data/a.jpg` are the same source, and sources sort the same way on every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import fsspec
+from fsspec import AbstractFileSystem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """The image files a SOURCE names, sorted by URI, and the files a folder held that were not
+    images by extension (reported, not quarantined: a folder's README is not a broken photo)."""
+
+    uris: list[str]
+    ignored: list[str]
+
+
+def list_source(source: str) -> SourceListing:
+    """Resolve SOURCE to a sorted list of file URIs.
+
+    Arguments:
+      source (str): a folder (walked recursively, image extensions only), a glob (`dir/**/*.jpg`),
+        a list file (`.txt`/`.lst`/`.list`: one path or URI per line, `#` comments, relative
+        paths resolved against the list file's folder), or a single image file. Any of them as a
+        local path or an fsspec URI.
+    Returns:
+      (SourceListing): URIs sorted as strings, duplicates removed.
+    Raises:
+      ValueError: the source does not exist or names nothing.
+    """
+    fs, path = fsspec.core.url_to_fs(source)
+    if any(ch in path for ch in _GLOB_CHARS):
+        uris = [fs.unstrip_protocol(p) for p in fs.glob(path) if fs.isfile(p)]
+        ignored: list[str] = []
+    elif fs.isdir(path):
+        uris, ignored = [], []
+        for p in fs.find(path):
+            name = p.rsplit("/", 1)[-1]
+            if name.startswith("."):
+                continue
+            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(fs.unstrip_protocol(p))
+    elif fs.isfile(path):
+        if path.lower().endswith(LIST_EXTENSIONS):
+            uris, ignored = _read_list(fs, path), []
+        else:
+            uris, ignored = [fs.unstrip_protocol(path)], []
+    else:
+        raise ValueError(
+            f"source '{source}' does not exist: pass a folder, a glob, a list file (.txt) or a URI"
+        )
+    if not uris:
+        raise ValueError(
+            f"source '{source}' names no image files ({', '.join(IMAGE_EXTENSIONS)}): "
+            "check the path or pass a glob"
+        )
+    return SourceListing(sorted(set(uris)), sorted(ignored))
+
+
+def read_source(uri: str) -> bytes:
+    """The bytes of one source URI (raises OSError/FileNotFoundError as the filesystem does)."""
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
+
+
+def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
+    base = path.rsplit("/", 1)[0] if "/" in path else ""
+    uris = []
+    for line in fs.cat_file(path).decode("utf-8").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" in entry:
+            entry_fs, entry_path = fsspec.core.url_to_fs(entry)
+            uris.append(entry_fs.unstrip_protocol(entry_path))
+        elif entry.startswith("/"):
+            uris.append(fs.unstrip_protocol(entry))
+        else:
+            uris.append(fs.unstrip_protocol(f"{base}/{entry}" if base else entry))
+    return uris
+

@@ -1,0 +1,58 @@
+"""Progress of a store: what was ingested and, per stage and round, how far it got."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sharding.store import Store
+
+
+@dataclass
+class StageProgress:
+    stage: str
+    round: int
+    shards_done: int
+    shards_total: int
+    images: int
+    annotations: int
+    output_images: int
+    quarantined: int
+
+
+def stage_progress(store: Store) -> list[StageProgress]:
+    """One entry per (stage, round) folder; a shard counts only if its completion record is valid."""
+    shards = store.shards()
+    out = []
+    for stage, round_ in store.stage_rounds():
+        progress = StageProgress(stage, round_, 0, len(shards), 0, 0, 0, 0)
+        for shard in shards:
+            record = store.done_record(stage, round_, shard)
+            if record is None:
+                continue
+            progress.shards_done += 1
+            progress.images += record["counts"]["images"]
+            progress.annotations += record["counts"]["annotations"]
+            progress.output_images += record["counts"]["output_images"]
+            progress.quarantined += record["counts"]["quarantined"]
+        out.append(progress)
+    return out
+
+
+def status_lines(store: Store) -> list[str]:
+    manifest = store.manifest()
+    lines = [
+        f"store {store.root}: {manifest.num_rows} images in {len(store.shards())} shards, "
+        f"{store.duplicates().num_rows} duplicates recorded, "
+        f"{store.ingest_quarantine().num_rows} quarantined at ingest",
+    ]
+    for p in stage_progress(store):
+        line = (f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "
+                f"{p.annotations} annotations, {p.quarantined} quarantined")
+        if p.output_images:
+            line += f", {p.output_images} output images"
+        lines.append(line)
+    reasons = store.quarantine().column("reason").to_pylist()
+    if reasons:
+        counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+        lines.append("quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return lines

@@ -1,0 +1,299 @@
+"""The shard store: one folder that every stage reads from and writes to.
+
+Layout (all tables are Parquet; every file is written atomically: temporary name, then rename):
+
+    STORE/store.json                                  format, version, ingest limits
+    STORE/manifest/part-NNNNNN.parquet                one part per ingest that added something:
+                                                      image_id, source, bytes, sha256, width, height,
+                                                      shard, original_mode, exif_rotated
+    STORE/shards/shard-NNNNNN.parquet                 the ORIGINAL image bytes (+ id, source, sha256,
+                                                      width, height): later stages never touch SOURCE
+    STORE/duplicates/part-NNNNNN.parquet              identical files seen again (source, sha256,
+                                                      image_id, kept_source)
+    STORE/quarantine/ingest-NNNNNN.parquet            inputs refused at ingest, with reason and detail
+    STORE/stages/<stage>/round-<k>/<shard>.annotations.parquet   one row per mask (see tables.py)
+    STORE/stages/<stage>/round-<k>/<shard>.images.parquet        output images (e.g. blurred JPEGs)
+    STORE/stages/<stage>/round-<k>/<shard>.done.json             completion record: counts, the
+                                                      images done, the quarantined ones with reasons,
+                                                      and the sha256 of every output file
+    STORE/runs/<stage>/<utc-time>-<pid>.json          one record per run (ingest or stage)
+
+A shard output counts as done only when its `.done.json` exists AND every file it lists has the
+recorded sha256; anything else (output without record, record with a wrong checksum) is redone.
+Manifest parts are written last in an ingest, so an interrupted ingest leaves no half-visible batch.
+The store is a local or shared POSIX folder (rename must be atomic); sources may be any fsspec URI.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.atomic import atomic_path, atomic_write_json
+from engine.image_io import DEFAULT_MAX_PIXELS
+from engine.records import MaskRecord
+from sharding import tables
+
+STORE_FORMAT = "sa-engine-store"
+STORE_VERSION = 1
+DEFAULT_MIN_SIDE = 32  # SAM's smallest useful input; smaller images are quarantined as too_small
+PRIVACY_STAGE = "privacy"
+_STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One ingested image as a stage sees it: ids, provenance, size and the original bytes."""
+
+    image_id: int
+    source: str
+    sha256: str
+    width: int
+    height: int
+    shard: str
+    data: bytes
+
+
+@dataclass
+class ShardOutput:
+    """What a stage produced for one shard; `Store.write_shard_output` commits it.
+
+    masks: (image_id, MaskRecord) pairs with their final ids. images: image_id -> encoded bytes
+    (JPEG/PNG) with (width, height, meta) in `image_info`. done: ids of images processed (with
+    or without masks). quarantined: dicts with image_id, source, sha256, reason, detail.
+    """
+
+    done: list[int] = field(default_factory=list)
+    masks: list[tuple[int, MaskRecord]] = field(default_factory=list)
+    images: dict[int, bytes] = field(default_factory=dict)
+    image_info: dict[int, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_stage(stage: str, round_: int) -> None:
+    if not _STAGE_NAME.match(stage):
+        raise ValueError(f"stage name '{stage}' is invalid: use lower-case letters, digits, '-' or '_'")
+    if not isinstance(round_, int) or round_ < 0:
+        raise ValueError(f"round {round_!r} is invalid: use a model round number >= 0")
+
+
+class Store:
+    """A shard store folder. `Store.create` makes one; `Store(path)` opens an existing one."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        info = self.root / "store.json"
+        if not info.is_file():
+            raise ValueError(f"'{root}' is not a store (no store.json): run `sa-engine ingest SOURCE --store {root}`")
+        self.info = json.loads(info.read_text())
+        if self.info.get("format") != STORE_FORMAT or self.info.get("version") != STORE_VERSION:
+            raise ValueError(f"'{root}/store.json' is not a version-{STORE_VERSION} {STORE_FORMAT}")
+
+    @classmethod
+    def create(cls, root: str | Path, *, min_side: int = DEFAULT_MIN_SIDE,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> "Store":
+        """Open the store at `root`, creating it (with these ingest limits) if it does not exist."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"store '{root}' is a file: pass a folder path")
+        if not (root / "store.json").is_file():
+            if root.is_dir() and any(root.iterdir()):
+                raise ValueError(f"'{root}' is a non-empty folder without store.json: pass an empty or new folder")
+            atomic_write_json(root / "store.json", {
+                "format": STORE_FORMAT, "version": STORE_VERSION, "created": utc_now(),
+                "min_side": min_side, "max_pixels": max_pixels,
+            }, indent=1)
+        return cls(root)
+
+    @property
+    def min_side(self) -> int:
+        return int(self.info["min_side"])
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.info["max_pixels"])
+
+    # ---- paths -------------------------------------------------------------------------------
+    def shard_path(self, shard: str) -> Path:
+        return self.root / "shards" / f"{shard}.parquet"
+
+    def stage_dir(self, stage: str, round_: int) -> Path:
+        check_stage(stage, round_)
+        return self.root / "stages" / stage / f"round-{round_}"
+
+    def output_path(self, stage: str, round_: int, shard: str, kind: str) -> Path:
+        return self.stage_dir(stage, round_) / f"{shard}.{kind}.parquet"
+
+    def done_path(self, stage: str, round_: int, shard: str) -> Path:
+        return self.stage_dir(stage, round_) / f"{shard}.done.json"
+
+    # ---- ingested data -----------------------------------------------------------------------
+    def _parts(self, folder: str, prefix: str, schema: pa.Schema) -> pa.Table:
+        paths = sorted((self.root / folder).glob(f"{prefix}-*.parquet"))
+        committed = {p.stem.split("-")[-1] for p in (self.root / "manifest").glob("part-*.parquet")}
+        tabs = [pq.read_table(p, schema=schema) for p in paths if p.stem.split("-")[-1] in committed]
+        return pa.concat_tables(tabs) if tabs else schema.empty_table()
+
+    def manifest(self) -> pa.Table:
+        """Every ingested image, in image_id order."""
+        return self._parts("manifest", "part", tables.MANIFEST)
+
+    def duplicates(self) -> pa.Table:
+        return self._parts("duplicates", "part", tables.DUPLICATES)
+
+    def ingest_quarantine(self) -> pa.Table:
+        return self._parts("quarantine", "ingest", tables.QUARANTINE)
+
+    def shards(self) -> list[str]:
+        """Shard names in order (shards from later ingests sort after earlier ones)."""
+        return sorted(set(self.manifest().column("shard").to_pylist()))
+
+    def shard_images(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        manifest = self.manifest()
+        for shard, image_id in zip(manifest.column("shard").to_pylist(), manifest.column("image_id").to_pylist()):
+            out.setdefault(shard, []).append(image_id)
+        return out
+
+    def iter_shard(self, shard: str, batch_size: int = 16) -> Iterator[ImageRow]:
+        """Stream a shard's images (original bytes) without loading the whole shard into memory."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source")
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                yield ImageRow(row["image_id"], row["source"], row["sha256"], row["width"], row["height"],
+                               shard, row["data"])
+
+    # ---- stage outputs -----------------------------------------------------------------------
+    def write_shard_output(self, stage: str, round_: int, shard: str, output: ShardOutput) -> dict[str, Any]:
+        """Commit one shard's output: tables first (atomically), then the completion record.
+
+        Returns the completion record. Writing the same output twice gives the same files (ids and
+        rows are deterministic), so a retried or duplicated worker cannot duplicate anything.
+        """
+        files: dict[str, dict[str, Any]] = {}
+        masks = sorted(output.masks, key=lambda pair: pair[1].id)
+        ids = [m.id for _, m in masks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{stage}/round-{round_}/{shard}: annotation ids repeat; ids must be unique per output")
+        kinds: list[tuple[str, pa.Table]] = [("annotations", tables.masks_to_table(masks, stage, round_))]
+        if output.images:
+            rows = sorted(output.images)
+            kinds.append(("images", pa.Table.from_pydict({
+                "image_id": rows,
+                "width": [output.image_info[i][0] for i in rows],
+                "height": [output.image_info[i][1] for i in rows],
+                "data": [output.images[i] for i in rows],
+                "meta": [tables.meta_json(output.image_info[i][2]) for i in rows],
+            }, schema=tables.OUTPUT_IMAGES)))
+        for kind, table in kinds:
+            path = self.output_path(stage, round_, shard, kind)
+            with atomic_path(path) as tmp:
+                pq.write_table(table, tmp, row_group_size=64 if kind == "images" else 10_000)
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": table.num_rows}
+        record = {
+            "schema": 1, "stage": stage, "round": round_, "shard": shard, "finished_at": utc_now(),
+            "counts": {"images": len(output.done), "annotations": len(masks),
+                       "output_images": len(output.images), "quarantined": len(output.quarantined)},
+            "images": sorted(output.done),
+            "quarantined": sorted(output.quarantined, key=lambda q: (q.get("image_id") or 0, q.get("source", ""))),
+            "files": files, "meta": output.meta,
+        }
+        atomic_write_json(self.done_path(stage, round_, shard), record, indent=1)
+        return record
+
+    def write_shard_images(self, stage: str, round_: int, shard: str, images: dict[int, bytes],
+                           metadata: dict[int, dict[str, Any]] | None = None,
+                           quarantined: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Commit a shard of output images (e.g. the privacy stage's blurred JPEGs).
+
+        Arguments:
+          images (dict[int, bytes]): image_id -> encoded JPEG/PNG in the image's store frame
+            (the manifest's width x height, EXIF already applied).
+          metadata (dict[int, dict]): per-image metadata kept beside the bytes (e.g. face counts).
+          quarantined (list[dict]): images of the shard that could not be produced, with reasons.
+        """
+        from engine.image_io import load_image
+
+        info = {}
+        for image_id, data in images.items():
+            rgb = load_image(data, name=f"{stage} output image {image_id}")
+            info[image_id] = (rgb.shape[1], rgb.shape[0], (metadata or {}).get(image_id, {}))
+        output = ShardOutput(done=sorted(images), images=dict(images), image_info=info,
+                             quarantined=list(quarantined or []))
+        return self.write_shard_output(stage, round_, shard, output)
+
+    def done_record(self, stage: str, round_: int, shard: str, verify: bool = True) -> dict[str, Any] | None:
+        """The completion record of a shard output, or None if it is missing or does not match
+        the files on disk (missing file, different sha256): such a shard must be redone."""
+        path = self.done_path(stage, round_, shard)
+        try:
+            record = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if verify:
+            folder = path.parent
+            for name, expect in record.get("files", {}).items():
+                target = folder / name
+                if not target.is_file() or target.stat().st_size != expect["bytes"] or sha256_file(target) != expect["sha256"]:
+                    return None
+        return record
+
+    def stage_rounds(self) -> list[tuple[str, int]]:
+        """Every (stage, round) with a folder in the store, sorted."""
+        out = []
+        for stage_dir in sorted((self.root / "stages").glob("*")):
+            for round_dir in stage_dir.glob("round-*"):
+                suffix = round_dir.name.removeprefix("round-")
+                if suffix.isdigit():
+                    out.append((stage_dir.name, int(suffix)))
+        return sorted(out)
+
+    def read_annotations(self, stage: str, round_: int, shard: str) -> pa.Table:
+        return pq.read_table(self.output_path(stage, round_, shard, "annotations"), schema=tables.ANNOTATIONS)
+
+    def iter_output_images(self, stage: str, round_: int, shard: str) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+        path = self.output_path(stage, round_, shard, "images")
+        if not path.is_file():
+            return
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=16):
+            for row in batch.to_pylist():
+                yield row["image_id"], row["data"], json.loads(row["meta"])
+
+    def quarantine(self) -> pa.Table:
+        """Every input skipped anywhere (ingest and every stage's completed shards), with reasons."""
+        entries = []
+        for stage, round_ in self.stage_rounds():
+            for done in sorted(self.stage_dir(stage, round_).glob("*.done.json")):
+                record = json.loads(done.read_text())
+                for q in record.get("quarantined", []):
+                    entries.append({**q, "stage": stage, "round": round_, "shard": record["shard"]})
+        return pa.concat_tables([self.ingest_quarantine(), tables.quarantine_rows(entries)])
+
+    def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
+        path = path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
+        atomic_write_json(path, record, indent=1)
+        return path
