@@ -1,8 +1,140 @@
-from engine.cli.common import placeholder
+"""`ingest`, `status`, `export {sa1b,coco,parquet}` and `verify`: the shard store from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.cli.common import fail
+
+StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
+StageOpt = Annotated[Optional[str], typer.Option(help="annotation stage to export (default: latest completed)")]
+RoundOpt = Annotated[Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")]
+ShortSideOpt = Annotated[int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")]
 
 
-def register(app):
-    placeholder(app, "ingest", 4, "cut a folder/glob/list/URI of images into shards in a store")
-    placeholder(app, "status", 4, "progress of every stage and model round in a store")
-    placeholder(app, "export", 4, "export a store as SA-1B tar shards or COCO JSON")
-    placeholder(app, "verify", 4, "check a release against its checksum list")
+def _open(store: Path):
+    from sharding.store import Store
+
+    try:
+        return Store(store)
+    except ValueError as err:
+        fail(str(err))
+
+
+def ingest(
+    source: Annotated[str, typer.Argument(help="folder, glob, list file (.txt) or URI (file://, s3://, memory://)")],
+    store: Annotated[Path, typer.Option(help="store folder (created if new)")],
+    shard_size: Annotated[int, typer.Option(help="images per new shard")] = 1000,
+) -> None:
+    """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
+    from sharding.manifest import ingest as run_ingest
+    from sharding.store import Store
+
+    if shard_size < 1:
+        fail(f"--shard-size {shard_size} is invalid: use a positive number of images per shard")
+    try:
+        report = run_ingest(source, Store.create(store), shard_size=shard_size)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(report.summary())
+    if report.quarantined:
+        typer.echo(f"quarantined inputs and reasons: `sa-engine status {store}` (table: {store}/quarantine/)")
+
+
+def status(store: StoreArg) -> None:
+    """Progress per stage and round: shards done/total, images, annotations, quarantined."""
+    from sharding.status import status_lines
+
+    for line in status_lines(_open(store)):
+        typer.echo(line)
+
+
+export_app = typer.Typer(help="export one annotation output: SA-1B tar shards, COCO JSON or Parquet tables",
+                         no_args_is_help=True)
+
+
+@export_app.command("sa1b")
+def export_sa1b(
+    store: StoreArg,
+    out: Annotated[Path, typer.Option(help="release folder (new or a previous release)")],
+    stage: StageOpt = None,
+    round_: RoundOpt = None,
+    privacy_round: Annotated[Optional[int], typer.Option(help="privacy output round (default: latest)")] = None,
+    short_side: ShortSideOpt = 1500,
+    allow_partial: Annotated[bool, typer.Option(help="skip shards without privacy output instead of refusing")] = False,
+) -> None:
+    """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv."""
+    from sharding.export_sa1b import export_sa1b as run_export
+
+    try:
+        report = run_export(_open(store), out, stage=stage, round_=round_, privacy_round=privacy_round,
+                            short_side=short_side, allow_partial=allow_partial)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars, "
+               f"{report.images} images, {report.annotations} annotations")
+    for shard, why in report.skipped_shards.items():
+        typer.echo(f"skipped {shard}: {why}")
+    for image_id, why in report.skipped_images.items():
+        typer.echo(f"skipped image {image_id}: {why}")
+
+
+@export_app.command("coco")
+def export_coco(
+    store: StoreArg,
+    out: Annotated[Path, typer.Option(help="COCO instances JSON file to write")],
+    stage: StageOpt = None,
+    round_: RoundOpt = None,
+    short_side: ShortSideOpt = 1500,
+) -> None:
+    """One COCO instances JSON (category "object", RLE segmentation, iscrowd 0)."""
+    from sharding.export_coco import export_coco as run_export
+
+    try:
+        counts = run_export(_open(store), out, stage=stage, round_=round_, short_side=short_side)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"{counts['stage']} round {counts['round']} -> {out}: {counts['images']} images, "
+               f"{counts['annotations']} annotations")
+
+
+@export_app.command("parquet")
+def export_parquet(
+    store: StoreArg,
+    out: Annotated[Path, typer.Option(help="folder for annotations/<shard>.parquet and images.parquet")],
+    stage: StageOpt = None,
+    round_: RoundOpt = None,
+) -> None:
+    """Annotation tables (one row per mask) and an images table, in the store frame."""
+    from sharding.export_coco import export_parquet as run_export
+
+    try:
+        counts = run_export(_open(store), out, stage=stage, round_=round_)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"{counts['stage']} round {counts['round']} -> {out}: {counts['shards']} shards, "
+               f"{counts['images']} images, {counts['annotations']} annotations")
+
+
+def verify(release: Annotated[Path, typer.Argument(help="a folder written by `export sa1b`")]) -> None:
+    """Check every tar and every member of a release against SHA256SUMS and MEMBERS.tsv."""
+    from sharding.verify import verify_release
+
+    if not release.is_dir():
+        fail(f"release folder '{release}' does not exist: pass the --out folder of `export sa1b`")
+    problems = verify_release(release)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        fail(f"{release}: {len(problems)} problems")
+    typer.echo(f"{release}: every tar and member matches its checksum")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ingest)
+    app.command()(status)
+    app.add_typer(export_app, name="export")
+    app.command()(verify)

@@ -1,0 +1,134 @@
+"""Release export: SA-1B tars from blurred images only, checksums and verify, COCO and Parquet."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from pycocotools.coco import COCO
+
+from engine import rle
+from engine.image_io import load_image
+from sharding.export_coco import export_coco, export_parquet
+from sharding.export_sa1b import export_sa1b
+from sharding.manifest import ingest
+from sharding.runner import run_stage
+from sharding.store import Store
+from sharding.verify import verify_release
+from store_helpers import blur_stage, classical_stage
+
+
+@pytest.fixture()
+def annotated(tmp_path, demo_photos):
+    store = Store.create(tmp_path / "store")
+    ingest(str(demo_photos[0].parent), store, shard_size=2)
+    run_stage(store, "classical", 0, classical_stage)
+    return store
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_unblurred_images_never_reach_the_release(annotated, tmp_path):
+    with pytest.raises(ValueError, match="no privacy output"):
+        export_sa1b(annotated, tmp_path / "rel")
+    run_stage(annotated, "privacy", 0, blur_stage, shards=["shard-000000"])
+    with pytest.raises(ValueError, match="shard-000001 have no privacy output.*--allow-partial"):
+        export_sa1b(annotated, tmp_path / "rel")
+    assert not (tmp_path / "rel").exists()  # refused before writing anything
+    report = export_sa1b(annotated, tmp_path / "rel", allow_partial=True)
+    assert report.tars == ["sa_000000.tar"] and "never released unblurred" in report.skipped_shards["shard-000001"]
+    members = _members(tmp_path / "rel" / "sa_000000.tar")
+    assert sorted(members) == ["sa_1.jpg", "sa_1.json", "sa_2.jpg", "sa_2.json"]
+    originals = {row.image_id: row for shard in annotated.shards() for row in annotated.iter_shard(shard)}
+    blurred = {i: data for i, data, _ in annotated.iter_output_images("privacy", 0, "shard-000000")}
+    every_original = {hashlib.sha256(r.data).hexdigest() for r in originals.values()}
+    for image_id in (1, 2):
+        released = members[f"sa_{image_id}.jpg"]
+        assert hashlib.sha256(released).hexdigest() not in every_original
+        assert released == blurred[image_id]  # smaller than 1500 px: not upscaled, not re-encoded
+        original = load_image(originals[image_id].data).astype(int)
+        assert np.abs(load_image(released).astype(int) - original).mean() > 3  # it is the blurred one
+
+
+def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
+    run_stage(annotated, "privacy", 0, blur_stage)
+    report = export_sa1b(annotated, tmp_path / "rel", short_side=200)
+    assert report.tars == ["sa_000000.tar", "sa_000001.tar"] and report.images == 4
+    members = _members(tmp_path / "rel" / "sa_000000.tar")
+    record = json.loads(members["sa_1.json"])
+    assert set(record) == {"image", "annotations"}
+    assert record["image"] == {"image_id": 1, "width": 200, "height": 200, "file_name": "sa_1.jpg"}
+    assert load_image(members["sa_1.jpg"]).shape == (200, 200, 3)
+    chelsea = json.loads(members["sa_2.json"])["image"]
+    assert (chelsea["width"], chelsea["height"]) == (301, 200)  # 451x300 -> short side 200
+    original = {m["id"]: m for m in annotated.read_annotations("classical", 0, "shard-000000").to_pylist()}
+    for ann in record["annotations"]:
+        assert set(ann) == {"id", "segmentation", "bbox", "area", "predicted_iou", "stability_score",
+                            "crop_box", "point_coords"}
+        mask = rle.decode(ann["segmentation"])
+        assert mask.shape == (200, 200) and int(mask.sum()) == ann["area"]
+        assert ann["bbox"] == pytest.approx(list(rle.bbox_xywh([ann["segmentation"]])[0]))
+        src = original[ann["id"]]
+        assert ann["area"] == pytest.approx(src["area"] * (200 / 512) ** 2, rel=0.15, abs=30)
+        assert ann["point_coords"][0] == pytest.approx([v * 200 / 512 for v in src["point_coords"][0]])
+        assert ann["crop_box"] == pytest.approx([0, 0, 200, 200])
+
+
+def test_verify_names_corrupt_and_missing_members(annotated, tmp_path):
+    run_stage(annotated, "privacy", 0, blur_stage)
+    rel = tmp_path / "rel"
+    export_sa1b(annotated, rel)
+    assert verify_release(rel) == []
+    sums = (rel / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == 2 and sums[0].endswith("  sa_000000.tar")
+    assert sums[0].split()[0] == hashlib.sha256((rel / "sa_000000.tar").read_bytes()).hexdigest()
+    tar0 = (rel / "sa_000000.tar").read_bytes()
+    with tarfile.open(rel / "sa_000000.tar") as tar:
+        info = tar.getmember("sa_2.jpg")
+    corrupt = bytearray(tar0)
+    corrupt[info.offset_data + 50] ^= 0xFF
+    (rel / "sa_000000.tar").write_bytes(bytes(corrupt))
+    (rel / "sa_000001.tar").unlink()
+    problems = verify_release(rel)
+    assert "sa_000000.tar: checksum mismatch (corrupt or changed)" in problems
+    assert "sa_000000.tar/sa_2.jpg: corrupt (size or sha256 differs)" in problems
+    assert not any("sa_1.jpg" in p or "sa_2.json" in p for p in problems)
+    assert "sa_000001.tar: missing" in problems
+    assert {"sa_000001.tar/sa_3.jpg: missing", "sa_000001.tar/sa_4.json: missing"} <= set(problems)
+
+
+def test_coco_export_loads_in_pycocotools(annotated, tmp_path):
+    counts = export_coco(annotated, tmp_path / "coco.json", short_side=0)
+    assert counts["images"] == 4 and counts["annotations"] > 0
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["object"]
+    ann = coco.loadAnns(coco.getAnnIds(imgIds=[3]))[0]
+    assert ann["iscrowd"] == 0 and ann["category_id"] == 1
+    mask = coco.annToMask(ann)
+    assert mask.shape == (400, 600) and int(mask.sum()) == ann["area"]
+    assert coco.loadImgs([3])[0]["file_name"] == "sa_3.jpg"
+    resized = export_coco(annotated, tmp_path / "coco1500.json")  # default release frame: no upscale
+    assert resized["annotations"] == counts["annotations"]
+
+
+def test_parquet_tables_and_source_selection(annotated, tmp_path, demo_photos):
+    later = Store(annotated.root)
+    run_stage(later, "gear", 2, lambda row, rgb: classical_stage(row, rgb[:, :, ::-1].copy()))
+    counts = export_parquet(later, tmp_path / "pq")  # default: the latest completed output
+    assert (counts["stage"], counts["round"]) == ("gear", 2)
+    table = pq.read_table(tmp_path / "pq" / "annotations" / "shard-000000.parquet")
+    assert {"image_id", "id", "bbox", "area", "predicted_iou", "stability_score", "rle_counts", "rle_size",
+            "stage", "round"} <= set(table.schema.names)
+    assert set(table.column("round").to_pylist()) == {2}
+    images = pq.read_table(tmp_path / "pq" / "images.parquet").to_pylist()
+    assert [i["file_name"] for i in images] == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg", "sa_4.jpg"]
+    chosen = export_parquet(later, tmp_path / "pq0", stage="classical")
+    assert (chosen["stage"], chosen["round"]) == ("classical", 0)
+    with pytest.raises(ValueError, match="no finished shards"):
+        export_parquet(later, tmp_path / "pq1", stage="classical", round_=5)

@@ -1,0 +1,106 @@
+"""Ingest: stable ids, dedup, deterministic shards, every source kind through fsspec."""
+
+import hashlib
+import shutil
+
+import fsspec
+import pytest
+
+from sharding.manifest import ingest
+from sharding.sources import list_source
+from sharding.store import Store
+from store_helpers import synthetic_photos
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and "runs" not in p.parts}
+
+
+def test_ingest_folder_ids_manifest_and_original_bytes(tmp_path, demo_photos):
+    store = Store.create(tmp_path / "store")
+    report = ingest(str(demo_photos[0].parent), store, shard_size=3)
+    assert (report.added, report.quarantined, report.ignored[0].endswith("LICENSES.md")) == (4, 0, True)
+    manifest = store.manifest().to_pylist()
+    assert [r["image_id"] for r in manifest] == [1, 2, 3, 4]  # sorted by source URI
+    assert [r["source"].rsplit("/", 1)[1] for r in manifest] == [p.name for p in demo_photos]
+    assert [r["shard"] for r in manifest] == ["shard-000000"] * 3 + ["shard-000001"]
+    assert set(store.manifest().schema.names) >= {"image_id", "source", "bytes", "sha256", "width", "height", "shard"}
+    rows = [row for shard in store.shards() for row in store.iter_shard(shard)]
+    for row, path, entry in zip(rows, demo_photos, manifest):
+        assert row.data == path.read_bytes()  # the shard holds the original bytes
+        assert hashlib.sha256(row.data).hexdigest() == entry["sha256"] and entry["bytes"] == len(row.data)
+        assert (row.width, row.height) == (entry["width"], entry["height"])
+    assert (manifest[0]["width"], manifest[0]["height"]) == (512, 512)
+
+
+def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_photos):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in demo_photos[:3]:
+        shutil.copy(p, src / p.name)
+    store = Store.create(tmp_path / "store")
+    ingest(str(src), store, shard_size=2)
+    before = _files(tmp_path / "store")
+    again = ingest(f"file://{src}", store, shard_size=2)  # same files through a URI
+    assert (again.added, again.unchanged, again.duplicates) == (0, 3, 0)
+    assert _files(tmp_path / "store") == before
+    # additions: one new photo, one new synthetic, one identical copy under another name
+    shutil.copy(demo_photos[3], src / "zz_rocket.jpg")
+    synthetic_photos(src / "more", 1)
+    shutil.copy(demo_photos[0], src / "more" / "astronaut_copy.jpg")
+    report = ingest(str(src), store, shard_size=2)
+    assert (report.added, report.duplicates, report.unchanged) == (2, 1, 3)
+    after = _files(tmp_path / "store")
+    assert {k: v for k, v in after.items() if k in before} == before  # old shards/parts untouched
+    manifest = store.manifest().to_pylist()
+    assert [r["image_id"] for r in manifest] == [1, 2, 3, 4, 5]
+    assert {r["shard"] for r in manifest if r["image_id"] > 3} == {"shard-000002"}  # new images, new shard
+    dup = store.duplicates().to_pylist()
+    assert dup[0]["source"].endswith("astronaut_copy.jpg") and dup[0]["image_id"] == 1
+    assert ingest(str(src), store, shard_size=2).added == 0 and _files(tmp_path / "store") == after
+
+
+def test_two_stores_from_one_source_are_identical(tmp_path):
+    synthetic_photos(tmp_path / "src", 7)
+    for name in ("a", "b"):
+        ingest(str(tmp_path / "src"), Store.create(tmp_path / name), shard_size=3)
+    files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert files_a.keys() == files_b.keys()
+    assert all(files_a[k] == files_b[k] for k in files_a if k.endswith(".parquet"))
+
+
+def test_glob_list_file_and_memory_filesystem(tmp_path):
+    synthetic_photos(tmp_path / "src" / "sub", 4)
+    glob = list_source(str(tmp_path / "src" / "**" / "img_00[12].jpg"))
+    assert [u.rsplit("/", 1)[1] for u in glob.uris] == ["img_001.jpg", "img_002.jpg"]
+    (tmp_path / "src" / "list.txt").write_text("# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\n")
+    store = Store.create(tmp_path / "store")
+    report = ingest(str(tmp_path / "src" / "list.txt"), store)
+    assert report.added == 2
+    assert [r.rsplit("/", 1)[1] for r in store.manifest().column("source").to_pylist()] == ["img_000.jpg", "img_003.jpg"]
+
+    memory = fsspec.filesystem("memory")
+    for path in sorted((tmp_path / "src" / "sub").glob("*.jpg")):
+        memory.pipe(f"/bucket/photos/{path.name}", path.read_bytes())
+    mem_store = Store.create(tmp_path / "mem")
+    report = ingest("memory://bucket/photos", mem_store, shard_size=2)
+    assert report.added == 4 and mem_store.shards() == ["shard-000000", "shard-000001"]
+    assert all(s.startswith("memory://") for s in mem_store.manifest().column("source").to_pylist())
+    assert ingest("memory://bucket/photos", mem_store).added == 0
+    memory.rm("/bucket", recursive=True)
+
+
+def test_bad_sources_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="names no image files"):
+        list_source(str(tmp_path / "empty"))
+    store = Store.create(tmp_path / "store")
+    with pytest.raises(ValueError, match="shard_size"):
+        ingest(str(tmp_path), store, shard_size=0)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ValueError, match="non-empty folder"):
+        Store.create(tmp_path / "full")
