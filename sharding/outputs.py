@@ -64,7 +64,7 @@ def resolve_annotation_source(store: Store, stage: str | None = None, round_: in
 def shard_records(store: Store, stage: str, round_: int, shard: str, record: dict[str, Any]) -> dict[int, ImageRecord]:
     """image_id -> ImageRecord (store frame, file_name sa_<id>.jpg) for the images a shard output
     finished, with or without masks."""
-    sizes = _sizes(store, shard)
+    sizes = store.image_sizes()
     masks = table_to_masks(store.read_annotations(stage, round_, shard))
     out = {}
     for image_id in record["images"]:
@@ -73,9 +73,3 @@ def shard_records(store: Store, stage: str, round_: int, shard: str, record: dic
         out[image_id] = ImageRecord(meta, masks.get(image_id, []))
     return out
 
-
-def _sizes(store: Store, shard: str) -> dict[int, tuple[int, int]]:
-    manifest = store.manifest()
-    return {i: (w, h) for i, w, h, s in zip(
-        manifest.column("image_id").to_pylist(), manifest.column("width").to_pylist(),
-        manifest.column("height").to_pylist(), manifest.column("shard").to_pylist()) if s == shard}

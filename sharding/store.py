@@ -108,6 +108,8 @@ class Store:
         if not info.is_file():
             raise ValueError(f"'{root}' is not a store (no store.json): run `sa-engine ingest SOURCE --store {root}`")
         self.info = json.loads(info.read_text())
+        self._manifest: tuple[tuple, pa.Table] | None = None
+        self._sizes: tuple[pa.Table, dict[int, tuple[int, int]]] | None = None
         if self.info.get("format") != STORE_FORMAT or self.info.get("version") != STORE_VERSION:
             raise ValueError(f"'{root}/store.json' is not a version-{STORE_VERSION} {STORE_FORMAT}")
 
@@ -157,8 +159,19 @@ class Store:
         return pa.concat_tables(tabs) if tabs else schema.empty_table()
 
     def manifest(self) -> pa.Table:
-        """Every ingested image, in image_id order."""
-        return self._parts("manifest", "part", tables.MANIFEST)
+        """Every ingested image, in image_id order (cached until an ingest adds a part)."""
+        key = tuple((p.name, p.stat().st_mtime_ns) for p in sorted((self.root / "manifest").glob("part-*.parquet")))
+        if self._manifest is None or self._manifest[0] != key:
+            self._manifest = (key, self._parts("manifest", "part", tables.MANIFEST))
+        return self._manifest[1]
+
+    def image_sizes(self) -> dict[int, tuple[int, int]]:
+        """image_id -> (width, height) of the store frame (EXIF applied)."""
+        manifest = self.manifest()
+        if self._sizes is None or self._sizes[0] is not manifest:
+            ids, ws, hs = (manifest.column(c).to_pylist() for c in ("image_id", "width", "height"))
+            self._sizes = (manifest, {i: (w, h) for i, w, h in zip(ids, ws, hs)})
+        return self._sizes[1]
 
     def duplicates(self) -> pa.Table:
         return self._parts("duplicates", "part", tables.DUPLICATES)
@@ -287,9 +300,9 @@ class Store:
         """Every input skipped anywhere (ingest and every stage's completed shards), with reasons."""
         entries = []
         for stage, round_ in self.stage_rounds():
-            for done in sorted(self.stage_dir(stage, round_).glob("*.done.json")):
-                record = json.loads(done.read_text())
-                for q in record.get("quarantined", []):
+            for shard in self.shards():
+                record = self.done_record(stage, round_, shard)
+                for q in (record or {}).get("quarantined", []):
                     entries.append({**q, "stage": stage, "round": round_, "shard": record["shard"]})
         return pa.concat_tables([self.ingest_quarantine(), tables.quarantine_rows(entries)])
 

@@ -1,0 +1,87 @@
+"""Shard store throughput: ingest, the shard runner against a bare loop, SA-1B export and verify.
+
+Prints measured figures; run with `make bench` or `.venv/bin/python bench/bench_store.py [N]`.
+Synthetic 1600x1200 JPEGs (so the 1500 px release resize really happens), shard size 50.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.classical import classical_masks  # noqa: E402
+from engine.image_io import load_image  # noqa: E402
+from sharding.export_sa1b import export_sa1b  # noqa: E402
+from sharding.manifest import ingest  # noqa: E402
+from sharding.runner import StageResult, run_stage  # noqa: E402
+from sharding.store import Store  # noqa: E402
+from sharding.verify import verify_release  # noqa: E402
+
+
+def _photos(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        rgb = cv2.resize(rng.integers(0, 255, (12, 16, 3), np.uint8), (1600, 1200), interpolation=cv2.INTER_CUBIC)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
+        (folder / f"p{i:05d}.jpg").write_bytes(buffer.getvalue())
+
+
+def _blur(row, rgb):
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 8), cv2.COLOR_RGB2BGR))
+    return StageResult(image=buf.tobytes())
+
+
+def main(count: int = 100) -> None:
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _photos(tmp / "src", count)
+        store = Store.create(tmp / "store")
+        t = time.perf_counter()
+        report = ingest(str(tmp / "src"), store, shard_size=50)
+        dt = time.perf_counter() - t
+        print(f"ingest {count} x 1600x1200 JPEG: {dt:.2f} s, {count / dt:.1f} images/s ({report.summary()})")
+        t = time.perf_counter()
+        again = ingest(str(tmp / "src"), store, shard_size=50)
+        print(f"re-ingest (no change): {time.perf_counter() - t:.2f} s, added {again.added}")
+
+        rows = [row for shard in store.shards() for row in store.iter_shard(shard)]
+        t = time.perf_counter()
+        bare = sum(len(classical_masks(load_image(r.data))) for r in rows)
+        bare_s = time.perf_counter() - t
+        t = time.perf_counter()
+        run = run_stage(store, "classical", 0, lambda row, rgb: StageResult(masks=classical_masks(rgb)))
+        run_s = time.perf_counter() - t
+        assert run.annotations == bare
+        print(f"classical stage: bare loop {bare_s:.2f} s, shard runner {run_s:.2f} s "
+              f"({run_s / bare_s:.2f}x; {run.annotations} masks, {count / run_s:.1f} images/s)")
+        t = time.perf_counter()
+        skip = run_stage(store, "classical", 0, lambda row, rgb: StageResult())
+        print(f"resume with every shard done (checksums verified): {time.perf_counter() - t:.2f} s, "
+              f"skipped {len(skip.skipped)} shards")
+        t = time.perf_counter()
+        run_stage(store, "privacy", 0, _blur)
+        print(f"blur stand-in stage: {time.perf_counter() - t:.2f} s")
+        t = time.perf_counter()
+        rel = export_sa1b(store, tmp / "release")
+        dt = time.perf_counter() - t
+        print(f"export sa1b (resize to 1500, {rel.annotations} masks rescaled): {dt:.2f} s, {count / dt:.1f} images/s")
+        t = time.perf_counter()
+        problems = verify_release(tmp / "release")
+        size = sum(p.stat().st_size for p in (tmp / "release").glob("*.tar")) / 1e6
+        print(f"verify {size:.0f} MB release: {time.perf_counter() - t:.2f} s, {len(problems)} problems")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
