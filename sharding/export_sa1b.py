@@ -87,6 +87,9 @@ def export_sa1b(store: Store, out_dir: str | Path, *, stage: str | None = None, 
         report.tars.append(tar_name)
         members_lines += [f"{tar_name}\t{name}\t{size}\t{digest}" for name, size, digest in members]
         sums_lines.append(f"{sha256_file(out_dir / tar_name)}  {tar_name}")
+    for stale in out_dir.glob("sa_*.tar"):  # tars of an earlier export into this release folder
+        if stale.name not in report.tars:
+            stale.unlink()
     atomic_write_bytes(out_dir / "MEMBERS.tsv", ("\n".join(members_lines) + "\n").encode())
     atomic_write_bytes(out_dir / "SHA256SUMS", ("\n".join(sums_lines) + "\n").encode() if sums_lines else b"")
     atomic_write_json(out_dir / "release.json", {

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.image_io import ImageLoadError, load_image
-from engine.records import MaskRecord
+from engine.records import ImageRecord, MaskRecord
 from sharding.store import ImageRow, ShardOutput, Store, check_stage, utc_now
 
 MASKS_PER_IMAGE = 1 << 16
@@ -42,6 +42,11 @@ class StageResult:
     masks: list[MaskRecord] = field(default_factory=list)
     image: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: ImageRecord) -> "StageResult":
+        """A stage that already builds SA-1B `ImageRecord`s (e.g. the AMG) hands over its masks."""
+        return cls(masks=list(record.annotations))
 
 
 ProcessFn = Callable[[ImageRow, np.ndarray], StageResult]

@@ -31,6 +31,9 @@ def verify_release(out_dir: str | Path) -> list[str]:
         if line.strip():
             tar_name, member, size, digest = line.split("\t")
             expected.setdefault(tar_name, {})[member] = (int(size), digest)
+    for path in sorted(out_dir.glob("*.tar")):
+        if path.name not in sums and path.name not in expected:
+            problems.append(f"{path.name}: not listed in SHA256SUMS or MEMBERS.tsv (stray file)")
     for tar_name in sorted(set(sums) | set(expected)):
         path = out_dir / tar_name
         if tar_name not in sums:

@@ -101,6 +101,10 @@ def test_verify_names_corrupt_and_missing_members(annotated, tmp_path):
     assert not any("sa_1.jpg" in p or "sa_2.json" in p for p in problems)
     assert "sa_000001.tar: missing" in problems
     assert {"sa_000001.tar/sa_3.jpg: missing", "sa_000001.tar/sa_4.json: missing"} <= set(problems)
+    (rel / "sa_000009.tar").write_bytes(b"")
+    assert "sa_000009.tar: not listed in SHA256SUMS or MEMBERS.tsv (stray file)" in verify_release(rel)
+    export_sa1b(annotated, rel)  # re-export into the release: intact again, stray tar removed
+    assert verify_release(rel) == [] and not (rel / "sa_000009.tar").exists()
 
 
 def test_coco_export_loads_in_pycocotools(annotated, tmp_path):

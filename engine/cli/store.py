@@ -93,6 +93,8 @@ def export_coco(
     """One COCO instances JSON (category "object", RLE segmentation, iscrowd 0)."""
     from sharding.export_coco import export_coco as run_export
 
+    if out.is_dir():
+        fail(f"--out '{out}' is a folder: pass the path of the JSON file to write, e.g. {out}/coco.json")
     try:
         counts = run_export(_open(store), out, stage=stage, round_=round_, short_side=short_side)
     except ValueError as err:
@@ -111,6 +113,8 @@ def export_parquet(
     """Annotation tables (one row per mask) and an images table, in the store frame."""
     from sharding.export_coco import export_parquet as run_export
 
+    if out.is_file():
+        fail(f"--out '{out}' is a file: pass a folder for the Parquet tables")
     try:
         counts = run_export(_open(store), out, stage=stage, round_=round_)
     except ValueError as err:

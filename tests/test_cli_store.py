@@ -1,0 +1,81 @@
+"""`sa-engine ingest/status/export/verify` end to end with CliRunner on real photos."""
+
+import json
+import tarfile
+
+import pytest
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from engine.cli.main import app
+from sharding.runner import run_stage
+from sharding.store import Store
+from store_helpers import blur_stage, classical_stage
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
+    store, rel = tmp_path / "store", tmp_path / "release"
+    result = _invoke("ingest", demo_photos[0].parent, "--store", store, "--shard-size", 2)
+    assert result.exit_code == 0, result.output
+    assert "4 added in 2 new shards" in result.output and "ignored 1 non-image" in result.output
+    again = _invoke("ingest", f"file://{demo_photos[0].parent}", "--store", store)
+    assert "0 added" in again.output and "4 already in the store" in again.output
+
+    result = _invoke("export", "sa1b", store, "--out", rel)
+    assert result.exit_code == 1 and "no stage has finished every shard" in result.output
+    run_stage(Store(store), "classical", 0, classical_stage)
+    result = _invoke("export", "sa1b", store, "--out", rel)
+    assert result.exit_code == 1 and "no privacy output" in result.output and "unblurred" in result.output
+    run_stage(Store(store), "privacy", 0, blur_stage)
+
+    status = _invoke("status", store)
+    assert status.exit_code == 0
+    assert "classical round 0: 2/2 shards done, 4 images" in status.output
+    assert "privacy round 0: 2/2 shards done, 4 images, 0 annotations, 0 quarantined, 4 output images" in status.output
+
+    result = _invoke("export", "sa1b", store, "--out", rel, "--stage", "classical", "--round", 0)
+    assert result.exit_code == 0, result.output
+    assert "2 tars, 4 images" in result.output
+    with tarfile.open(rel / "sa_000001.tar") as tar:
+        assert tar.getnames() == ["sa_3.jpg", "sa_3.json", "sa_4.jpg", "sa_4.json"]
+    assert _invoke("verify", rel).exit_code == 0
+    (rel / "sa_000001.tar").write_bytes((rel / "sa_000001.tar").read_bytes()[:3000])
+    broken = _invoke("verify", rel)
+    assert broken.exit_code == 1 and "sa_000001.tar/sa_4.json: missing" in broken.output
+
+    result = _invoke("export", "coco", store, "--out", tmp_path / "coco.json")
+    assert result.exit_code == 0 and COCO(str(tmp_path / "coco.json")).getAnnIds()
+    result = _invoke("export", "parquet", store, "--out", tmp_path / "pq")
+    assert result.exit_code == 0 and (tmp_path / "pq" / "images.parquet").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ingest", "{tmp}/nowhere", "--store", "{tmp}/s"], "does not exist: pass a folder, a glob"),
+    (["ingest", "{demo}", "--store", "{tmp}/s", "--shard-size", "0"], "--shard-size 0 is invalid"),
+    (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
+    (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),
+    (["verify", "{tmp}/none"], "does not exist: pass the --out folder"),
+    (["verify", "{tmp}"], "SHA256SUMS: missing"),
+    (["export", "coco", "{demo}", "--out", "{tmp}"], "is a folder: pass the path of the JSON file"),
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, demo_photos, args, message):
+    args = [a.format(tmp=tmp_path, demo=demo_photos[0].parent) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_cli_ingest_real_photos(tmp_path, shared_data_dir):
+    photos = shared_data_dir / "images" / "coco"
+    result = _invoke("ingest", photos, "--store", tmp_path / "store", "--shard-size", 16)
+    assert result.exit_code == 0, result.output
+    manifest = Store(tmp_path / "store").manifest()
+    count = len(list(photos.glob("*.jpg")))
+    assert manifest.num_rows + Store(tmp_path / "store").ingest_quarantine().num_rows == count
+    assert len(Store(tmp_path / "store").shards()) == -(-manifest.num_rows // 16)
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["min_side"] == 32
