@@ -31,14 +31,18 @@ def _photos(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     for i in range(count):
-        rgb = cv2.resize(rng.integers(0, 255, (12, 16, 3), np.uint8), (1600, 1200), interpolation=cv2.INTER_CUBIC)
+        rgb = cv2.resize(
+            rng.integers(0, 255, (12, 16, 3), np.uint8), (1600, 1200), interpolation=cv2.INTER_CUBIC
+        )
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
         (folder / f"p{i:05d}.jpg").write_bytes(buffer.getvalue())
 
 
 def _blur(row, rgb):
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 8), cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), 8), cv2.COLOR_RGB2BGR)
+    )
     return StageResult(image=buf.tobytes())
 
 
@@ -51,7 +55,9 @@ def main(count: int = 100) -> None:
         t = time.perf_counter()
         report = ingest(str(tmp / "src"), store, shard_size=50)
         dt = time.perf_counter() - t
-        print(f"ingest {count} x 1600x1200 JPEG: {dt:.2f} s, {count / dt:.1f} images/s ({report.summary()})")
+        print(
+            f"ingest {count} x 1600x1200 JPEG: {dt:.2f} s, {count / dt:.1f} images/s ({report.summary()})"
+        )
         t = time.perf_counter()
         again = ingest(str(tmp / "src"), store, shard_size=50)
         print(f"re-ingest (no change): {time.perf_counter() - t:.2f} s, added {again.added}")
@@ -61,26 +67,36 @@ def main(count: int = 100) -> None:
         bare = sum(len(classical_masks(load_image(r.data))) for r in rows)
         bare_s = time.perf_counter() - t
         t = time.perf_counter()
-        run = run_stage(store, "classical", 0, lambda row, rgb: StageResult(masks=classical_masks(rgb)))
+        run = run_stage(
+            store, "classical", 0, lambda row, rgb: StageResult(masks=classical_masks(rgb))
+        )
         run_s = time.perf_counter() - t
         assert run.annotations == bare
-        print(f"classical stage: bare loop {bare_s:.2f} s, shard runner {run_s:.2f} s "
-              f"({run_s / bare_s:.2f}x; {run.annotations} masks, {count / run_s:.1f} images/s)")
+        print(
+            f"classical stage: bare loop {bare_s:.2f} s, shard runner {run_s:.2f} s "
+            f"({run_s / bare_s:.2f}x; {run.annotations} masks, {count / run_s:.1f} images/s)"
+        )
         t = time.perf_counter()
         skip = run_stage(store, "classical", 0, lambda row, rgb: StageResult())
-        print(f"resume with every shard done (checksums verified): {time.perf_counter() - t:.2f} s, "
-              f"skipped {len(skip.skipped)} shards")
+        print(
+            f"resume with every shard done (checksums verified): {time.perf_counter() - t:.2f} s, "
+            f"skipped {len(skip.skipped)} shards"
+        )
         t = time.perf_counter()
         run_stage(store, "privacy", 0, _blur)
         print(f"blur stand-in stage: {time.perf_counter() - t:.2f} s")
         t = time.perf_counter()
         rel = export_sa1b(store, tmp / "release")
         dt = time.perf_counter() - t
-        print(f"export sa1b (resize to 1500, {rel.annotations} masks rescaled): {dt:.2f} s, {count / dt:.1f} images/s")
+        print(
+            f"export sa1b (resize to 1500, {rel.annotations} masks rescaled): {dt:.2f} s, {count / dt:.1f} images/s"
+        )
         t = time.perf_counter()
         problems = verify_release(tmp / "release")
         size = sum(p.stat().st_size for p in (tmp / "release").glob("*.tar")) / 1e6
-        print(f"verify {size:.0f} MB release: {time.perf_counter() - t:.2f} s, {len(problems)} problems")
+        print(
+            f"verify {size:.0f} MB release: {time.perf_counter() - t:.2f} s, {len(problems)} problems"
+        )
 
 
 if __name__ == "__main__":

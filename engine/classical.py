@@ -13,8 +13,9 @@ from engine import rle
 from engine.records import MaskRecord
 
 
-def classical_masks(image: np.ndarray, *, min_area: int = 100, max_masks: int = 64,
-                    stability_offset: int = 8) -> list[MaskRecord]:
+def classical_masks(
+    image: np.ndarray, *, min_area: int = 100, max_masks: int = 64, stability_offset: int = 8
+) -> list[MaskRecord]:
     """Masks of the connected regions brighter and darker than the Otsu threshold.
 
     Arguments:
@@ -35,12 +36,18 @@ def classical_masks(image: np.ndarray, *, min_area: int = 100, max_masks: int = 
     grey = cv2.GaussianBlur(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (5, 5), 0)
     t, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     candidates = []
-    for polarity, side, strict in ((1, grey > t, grey > t + stability_offset),
-                                   (0, grey <= t, grey <= t - stability_offset)):
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(side.astype(np.uint8), connectivity=8)
+    for polarity, side, strict in (
+        (1, grey > t, grey > t + stability_offset),
+        (0, grey <= t, grey <= t - stability_offset),
+    ):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(
+            side.astype(np.uint8), connectivity=8
+        )
         for label in range(1, n):
             if stats[label, cv2.CC_STAT_AREA] >= min_area:
-                candidates.append((int(stats[label, cv2.CC_STAT_AREA]), polarity, label, labels, strict))
+                candidates.append(
+                    (int(stats[label, cv2.CC_STAT_AREA]), polarity, label, labels, strict)
+                )
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
     records = []
     for area, _, label, labels, strict in candidates[:max_masks]:
@@ -49,10 +56,16 @@ def classical_masks(image: np.ndarray, *, min_area: int = 100, max_masks: int = 
         inner = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
         segmentation = rle.encode(mask)[0]
-        records.append(MaskRecord(
-            id=len(records), segmentation=segmentation,
-            bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]], area=int(area),
-            predicted_iou=stability, stability_score=stability, crop_box=[0.0, 0.0, float(w), float(h)],
-            point_coords=[[float(x), float(y)]],
-        ))
+        records.append(
+            MaskRecord(
+                id=len(records),
+                segmentation=segmentation,
+                bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]],
+                area=int(area),
+                predicted_iou=stability,
+                stability_score=stability,
+                crop_box=[0.0, 0.0, float(w), float(h)],
+                point_coords=[[float(x), float(y)]],
+            )
+        )
     return records

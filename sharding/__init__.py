@@ -13,6 +13,15 @@ from sharding.runner import StageResult, annotation_id, pending_shards, process_
 from sharding.store import PRIVACY_STAGE, ImageRow, ShardOutput, Store
 
 __all__ = [
-    "IngestReport", "ingest", "StageResult", "annotation_id", "pending_shards", "process_shard",
-    "run_stage", "PRIVACY_STAGE", "ImageRow", "ShardOutput", "Store",
+    "IngestReport",
+    "ingest",
+    "StageResult",
+    "annotation_id",
+    "pending_shards",
+    "process_shard",
+    "run_stage",
+    "PRIVACY_STAGE",
+    "ImageRow",
+    "ShardOutput",
+    "Store",
 ]

@@ -28,33 +28,60 @@ from sharding.store import Store, utc_now
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
-def export_coco(store: Store, out_path: str | Path, *, stage: str | None = None, round_: int | None = None,
-                short_side: int = RELEASE_SHORT_SIDE) -> dict[str, Any]:
+def export_coco(
+    store: Store,
+    out_path: str | Path,
+    *,
+    stage: str | None = None,
+    round_: int | None = None,
+    short_side: int = RELEASE_SHORT_SIDE,
+) -> dict[str, Any]:
     """Write one COCO instances JSON of (stage, round) (default: latest completed). Returns counts."""
     stage, round_ = resolve_annotation_source(store, stage, round_)
     images, annotations = [], []
     for shard, record in completed(store, stage, round_).items():
         for image_id, rec in sorted(shard_records(store, stage, round_, shard, record).items()):
             rec = rescale_record(rec, *release_size(rec.image.width, rec.image.height, short_side))
-            images.append({"id": image_id, "file_name": rec.image.file_name,
-                           "width": rec.image.width, "height": rec.image.height})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": rec.image.file_name,
+                    "width": rec.image.width,
+                    "height": rec.image.height,
+                }
+            )
             for m in rec.annotations:
-                annotations.append({
-                    "id": m.id, "image_id": image_id, "category_id": CATEGORY["id"],
-                    "segmentation": m.segmentation, "area": m.area, "bbox": m.bbox, "iscrowd": 0,
-                    "predicted_iou": m.predicted_iou, "stability_score": m.stability_score,
-                })
+                annotations.append(
+                    {
+                        "id": m.id,
+                        "image_id": image_id,
+                        "category_id": CATEGORY["id"],
+                        "segmentation": m.segmentation,
+                        "area": m.area,
+                        "bbox": m.bbox,
+                        "iscrowd": 0,
+                        "predicted_iou": m.predicted_iou,
+                        "stability_score": m.stability_score,
+                    }
+                )
     coco = {
-        "info": {"description": f"sa-engine export of {stage} round {round_}", "date_created": utc_now(),
-                 "version": "1"},
-        "licenses": [], "categories": [CATEGORY], "images": images, "annotations": annotations,
+        "info": {
+            "description": f"sa-engine export of {stage} round {round_}",
+            "date_created": utc_now(),
+            "version": "1",
+        },
+        "licenses": [],
+        "categories": [CATEGORY],
+        "images": images,
+        "annotations": annotations,
     }
     atomic_write_bytes(out_path, json.dumps(coco).encode("utf-8"))
     return {"stage": stage, "round": round_, "images": len(images), "annotations": len(annotations)}
 
 
-def export_parquet(store: Store, out_dir: str | Path, *, stage: str | None = None,
-                   round_: int | None = None) -> dict[str, Any]:
+def export_parquet(
+    store: Store, out_dir: str | Path, *, stage: str | None = None, round_: int | None = None
+) -> dict[str, Any]:
     """Write the annotation tables of (stage, round) and an images table. Returns counts."""
     out_dir = Path(out_dir)
     stage, round_ = resolve_annotation_source(store, stage, round_)
@@ -69,9 +96,21 @@ def export_parquet(store: Store, out_dir: str | Path, *, stage: str | None = Non
             pq.write_table(table, tmp)
     manifest = store.manifest()
     keep = pa.array([i in image_ids for i in manifest.column("image_id").to_pylist()])
-    images = manifest.filter(keep).select(["image_id", "width", "height", "shard", "source", "sha256"])
-    images = images.append_column("file_name", pa.array(
-        [f"{release_name(i)}.jpg" for i in images.column("image_id").to_pylist()], pa.string()))
+    images = manifest.filter(keep).select(
+        ["image_id", "width", "height", "shard", "source", "sha256"]
+    )
+    images = images.append_column(
+        "file_name",
+        pa.array(
+            [f"{release_name(i)}.jpg" for i in images.column("image_id").to_pylist()], pa.string()
+        ),
+    )
     with atomic_path(out_dir / "images.parquet") as tmp:
         pq.write_table(images, tmp)
-    return {"stage": stage, "round": round_, "images": images.num_rows, "annotations": rows, "shards": len(done)}
+    return {
+        "stage": stage,
+        "round": round_,
+        "images": images.num_rows,
+        "annotations": rows,
+        "shards": len(done),
+    }

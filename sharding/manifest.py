@@ -43,9 +43,11 @@ class IngestReport:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        text = (f"listed {self.listed} files: {self.added} added in {len(self.shards_added)} new shards, "
-                f"{self.unchanged} already in the store, {self.duplicates} duplicates recorded, "
-                f"{self.quarantined} quarantined")
+        text = (
+            f"listed {self.listed} files: {self.added} added in {len(self.shards_added)} new shards, "
+            f"{self.unchanged} already in the store, {self.duplicates} duplicates recorded, "
+            f"{self.quarantined} quarantined"
+        )
         if self.reasons:
             text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) + ")"
         if self.ignored:
@@ -96,18 +98,27 @@ def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> I
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size {shard_size} is invalid: use a positive number of images per shard")
+        raise ValueError(
+            f"shard_size {shard_size} is invalid: use a positive number of images per shard"
+        )
     listing = list_source(source)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
     manifest = store.manifest()
-    known = {sha: (iid, src) for sha, iid, src in zip(
-        manifest.column("sha256").to_pylist(), manifest.column("image_id").to_pylist(),
-        manifest.column("source").to_pylist())}
+    known = {
+        sha: (iid, src)
+        for sha, iid, src in zip(
+            manifest.column("sha256").to_pylist(),
+            manifest.column("image_id").to_pylist(),
+            manifest.column("source").to_pylist(),
+        )
+    }
     seen = set(zip(manifest.column("source").to_pylist(), manifest.column("sha256").to_pylist()))
     dups = store.duplicates()
     seen |= set(zip(dups.column("source").to_pylist(), dups.column("sha256").to_pylist()))
     old_q = store.ingest_quarantine()
-    quarantined_before = set(zip(old_q.column("source").to_pylist(), old_q.column("sha256").to_pylist()))
+    quarantined_before = set(
+        zip(old_q.column("source").to_pylist(), old_q.column("sha256").to_pylist())
+    )
     next_id = max(manifest.column("image_id").to_pylist(), default=0) + 1
     shard_names = store.shards()
     next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
@@ -123,23 +134,32 @@ def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> I
                 data = read_source(uri)
             except (OSError, ValueError) as exc:
                 if (uri, "") not in quarantined_before:
-                    q_rows.append(_quarantine(uri, "", "unreadable", f"{type(exc).__name__}: {exc}"))
+                    q_rows.append(
+                        _quarantine(uri, "", "unreadable", f"{type(exc).__name__}: {exc}")
+                    )
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if sha in known:
                 if (uri, sha) in seen:
                     report.unchanged += 1
                 else:
-                    dup_rows.append({"source": uri, "sha256": sha, "image_id": known[sha][0],
-                                     "kept_source": known[sha][1]})
+                    dup_rows.append(
+                        {
+                            "source": uri,
+                            "sha256": sha,
+                            "image_id": known[sha][0],
+                            "kept_source": known[sha][1],
+                        }
+                    )
                     seen.add((uri, sha))
                 continue
             if (uri, sha) in quarantined_before:
                 report.unchanged += 1
                 continue
             try:
-                rgb, info = load_image_with_info(data, name=uri, max_pixels=store.max_pixels,
-                                                 min_side=store.min_side)
+                rgb, info = load_image_with_info(
+                    data, name=uri, max_pixels=store.max_pixels, min_side=store.min_side
+                )
             except ImageLoadError as err:
                 q_rows.append(_quarantine(uri, sha, err.reason, f"{err.detail} ({err.fix})"))
                 continue
@@ -150,11 +170,29 @@ def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> I
                 report.shards_added.append(shard)
             known[sha] = (next_id, uri)
             seen.add((uri, sha))
-            writer.add({"image_id": next_id, "source": uri, "sha256": sha, "width": info.width,
-                        "height": info.height, "data": data})
-            new_rows.append({"image_id": next_id, "source": uri, "bytes": len(data), "sha256": sha,
-                             "width": info.width, "height": info.height, "shard": report.shards_added[-1],
-                             "original_mode": info.original_mode, "exif_rotated": info.exif_rotated})
+            writer.add(
+                {
+                    "image_id": next_id,
+                    "source": uri,
+                    "sha256": sha,
+                    "width": info.width,
+                    "height": info.height,
+                    "data": data,
+                }
+            )
+            new_rows.append(
+                {
+                    "image_id": next_id,
+                    "source": uri,
+                    "bytes": len(data),
+                    "sha256": sha,
+                    "width": info.width,
+                    "height": info.height,
+                    "shard": report.shards_added[-1],
+                    "original_mode": info.original_mode,
+                    "exif_rotated": info.exif_rotated,
+                }
+            )
             next_id += 1
             if writer.count >= shard_size:
                 writer.close()
@@ -171,17 +209,39 @@ def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> I
         report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
     if new_rows or dup_rows or q_rows:
         part = f"{batch:06d}"
-        _write_table(store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES)
-        _write_table(store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE)
-        _write_table(store.root / "manifest" / f"part-{part}.parquet", new_rows, tables.MANIFEST)  # commit
-        store.write_run_record("ingest", {"source": source, "finished_at": utc_now(), "batch": batch,
-                                          "shard_size": shard_size, **report.__dict__})
+        _write_table(
+            store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
+        )
+        _write_table(
+            store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE
+        )
+        _write_table(
+            store.root / "manifest" / f"part-{part}.parquet", new_rows, tables.MANIFEST
+        )  # commit
+        store.write_run_record(
+            "ingest",
+            {
+                "source": source,
+                "finished_at": utc_now(),
+                "batch": batch,
+                "shard_size": shard_size,
+                **report.__dict__,
+            },
+        )
     return report
 
 
 def _quarantine(uri: str, sha: str, reason: str, detail: str) -> dict[str, Any]:
-    return {"stage": "ingest", "round": None, "shard": None, "image_id": None, "source": uri,
-            "sha256": sha, "reason": reason, "detail": detail}
+    return {
+        "stage": "ingest",
+        "round": None,
+        "shard": None,
+        "image_id": None,
+        "source": uri,
+        "sha256": sha,
+        "reason": reason,
+        "detail": detail,
+    }
 
 
 def _write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:

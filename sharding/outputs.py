@@ -23,7 +23,9 @@ def completed(store: Store, stage: str, round_: int) -> dict[str, dict[str, Any]
     return records
 
 
-def resolve_annotation_source(store: Store, stage: str | None = None, round_: int | None = None) -> tuple[str, int]:
+def resolve_annotation_source(
+    store: Store, stage: str | None = None, round_: int | None = None
+) -> tuple[str, int]:
     """The (stage, round) an export reads masks from.
 
     Default: the latest completed annotation output (every shard done; latest by completion
@@ -36,12 +38,16 @@ def resolve_annotation_source(store: Store, stage: str | None = None, round_: in
         if round_ is None:
             rounds = [r for r in rounds if completed(store, stage, r)]
             if not rounds:
-                raise ValueError(f"stage '{stage}' has no finished shards in {store.root}: run it first "
-                                 f"or see `sa-engine status {store.root}`")
+                raise ValueError(
+                    f"stage '{stage}' has no finished shards in {store.root}: run it first "
+                    f"or see `sa-engine status {store.root}`"
+                )
             return stage, rounds[-1]
         if not completed(store, stage, round_):
-            raise ValueError(f"{stage} round {round_} has no finished shards in {store.root}: "
-                             f"see `sa-engine status {store.root}` for what exists")
+            raise ValueError(
+                f"{stage} round {round_} has no finished shards in {store.root}: "
+                f"see `sa-engine status {store.root}` for what exists"
+            )
         return stage, round_
     if round_ is not None:
         raise ValueError("--round needs --stage: name the stage whose round to export")
@@ -56,12 +62,16 @@ def resolve_annotation_source(store: Store, stage: str | None = None, round_: in
             if best is None or finished > best[0]:
                 best = (finished, s, r)
     if best is None:
-        raise ValueError(f"no stage has finished every shard of {store.root}: finish a stage, or pass "
-                         "--stage (and --round) to export a partial one")
+        raise ValueError(
+            f"no stage has finished every shard of {store.root}: finish a stage, or pass "
+            "--stage (and --round) to export a partial one"
+        )
     return best[1], best[2]
 
 
-def shard_records(store: Store, stage: str, round_: int, shard: str, record: dict[str, Any]) -> dict[int, ImageRecord]:
+def shard_records(
+    store: Store, stage: str, round_: int, shard: str, record: dict[str, Any]
+) -> dict[int, ImageRecord]:
     """image_id -> ImageRecord (store frame, file_name sa_<id>.jpg) for the images a shard output
     finished, with or without masks."""
     sizes = store.image_sizes()
@@ -69,7 +79,8 @@ def shard_records(store: Store, stage: str, round_: int, shard: str, record: dic
     out = {}
     for image_id in record["images"]:
         width, height = sizes[image_id]
-        meta = ImageMeta(image_id=image_id, width=width, height=height, file_name=f"{release_name(image_id)}.jpg")
+        meta = ImageMeta(
+            image_id=image_id, width=width, height=height, file_name=f"{release_name(image_id)}.jpg"
+        )
         out[image_id] = ImageRecord(meta, masks.get(image_id, []))
     return out
-

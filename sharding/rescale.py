@@ -47,15 +47,26 @@ def rescale_record(record: ImageRecord, width: int, height: int) -> ImageRecord:
     sx, sy = width / w0, height / h0
     masks = []
     for m in record.annotations:
-        small = cv2.resize(rle.decode(m.segmentation).astype(np.uint8), (width, height),
-                           interpolation=cv2.INTER_NEAREST)
+        small = cv2.resize(
+            rle.decode(m.segmentation).astype(np.uint8),
+            (width, height),
+            interpolation=cv2.INTER_NEAREST,
+        )
         segmentation = rle.encode(small)[0]
-        masks.append(dataclasses.replace(
-            m, segmentation=segmentation,
-            bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]],
-            area=int(rle.area([segmentation])[0]),
-            crop_box=[m.crop_box[0] * sx, m.crop_box[1] * sy, m.crop_box[2] * sx, m.crop_box[3] * sy],
-            point_coords=[[p[0] * sx, p[1] * sy] for p in m.point_coords],
-        ))
+        masks.append(
+            dataclasses.replace(
+                m,
+                segmentation=segmentation,
+                bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]],
+                area=int(rle.area([segmentation])[0]),
+                crop_box=[
+                    m.crop_box[0] * sx,
+                    m.crop_box[1] * sy,
+                    m.crop_box[2] * sx,
+                    m.crop_box[3] * sy,
+                ],
+                point_coords=[[p[0] * sx, p[1] * sy] for p in m.point_coords],
+            )
+        )
     meta = ImageMeta(record.image.image_id, width, height, record.image.file_name)
     return ImageRecord(meta, masks)

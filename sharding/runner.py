@@ -67,7 +67,9 @@ class RunReport:
 def annotation_id(image_id: int, index: int) -> int:
     """The id rule (module docstring): image_id * 65536 + index."""
     if not 0 <= index < MASKS_PER_IMAGE:
-        raise ValueError(f"image {image_id}: mask index {index} exceeds {MASKS_PER_IMAGE} masks per image")
+        raise ValueError(
+            f"image {image_id}: mask index {index} exceeds {MASKS_PER_IMAGE} masks per image"
+        )
     if not 0 < image_id < MAX_IMAGE_ID:
         raise ValueError(f"image id {image_id} is outside 1..2**37: annotation ids would not fit")
     return image_id * MASKS_PER_IMAGE + index
@@ -79,7 +81,9 @@ def pending_shards(store: Store, stage: str, round_: int) -> list[str]:
     return [s for s in store.shards() if store.done_record(stage, round_, s) is None]
 
 
-def process_shard(store: Store, stage: str, round_: int, shard: str, process: ProcessFn) -> dict[str, Any]:
+def process_shard(
+    store: Store, stage: str, round_: int, shard: str, process: ProcessFn
+) -> dict[str, Any]:
     """Run `process` over one shard and commit its output. Returns the completion record.
 
     A broken image (undecodable, or `process` raising, or output of the wrong size) is recorded
@@ -88,19 +92,26 @@ def process_shard(store: Store, stage: str, round_: int, shard: str, process: Pr
     out = ShardOutput()
     for row in store.iter_shard(shard):
         try:
-            rgb = load_image(row.data, name=row.source, max_pixels=store.max_pixels, min_side=store.min_side)
+            rgb = load_image(
+                row.data, name=row.source, max_pixels=store.max_pixels, min_side=store.min_side
+            )
         except ImageLoadError as err:
             out.quarantined.append(_entry(row, err.reason, f"{err.detail} ({err.fix})"))
             continue
         try:
             result = process(row, rgb)
-            masks = [dataclasses.replace(m, id=annotation_id(row.image_id, k)) for k, m in enumerate(result.masks)]
+            masks = [
+                dataclasses.replace(m, id=annotation_id(row.image_id, k))
+                for k, m in enumerate(result.masks)
+            ]
             _check_frame(row, rgb, masks)
             if result.image is not None:
                 shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
                 if shown.shape != rgb.shape:
-                    raise ValueError(f"output image is {shown.shape[1]}x{shown.shape[0]}, input "
-                                     f"{rgb.shape[1]}x{rgb.shape[0]}: stages must keep the image size")
+                    raise ValueError(
+                        f"output image is {shown.shape[1]}x{shown.shape[0]}, input "
+                        f"{rgb.shape[1]}x{rgb.shape[0]}: stages must keep the image size"
+                    )
         except Exception as exc:  # one image's failure is recorded, never stops the shard
             out.quarantined.append(_entry(row, "stage_error", f"{type(exc).__name__}: {exc}"))
             continue
@@ -112,9 +123,14 @@ def process_shard(store: Store, stage: str, round_: int, shard: str, process: Pr
     return store.write_shard_output(stage, round_, shard, out)
 
 
-def run_stage(store: Store, stage: str, round_: int, process: ProcessFn,
-              shards: list[str] | None = None,
-              on_shard: Callable[[str, dict[str, Any]], None] | None = None) -> RunReport:
+def run_stage(
+    store: Store,
+    stage: str,
+    round_: int,
+    process: ProcessFn,
+    shards: list[str] | None = None,
+    on_shard: Callable[[str, dict[str, Any]], None] | None = None,
+) -> RunReport:
     """Process every pending shard (or the given ones, if pending) in order; skip finished ones.
 
     Arguments:
@@ -131,8 +147,15 @@ def run_stage(store: Store, stage: str, round_: int, process: ProcessFn,
     wanted = store.shards() if shards is None else shards
     unknown = sorted(set(wanted) - set(store.shards()))
     if unknown:
-        raise ValueError(f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`")
-    record_path = store.root / "runs" / stage / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
+        raise ValueError(
+            f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`"
+        )
+    record_path = (
+        store.root
+        / "runs"
+        / stage
+        / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
+    )
     for shard in wanted:
         if shard not in todo:
             report.skipped.append(shard)
@@ -142,22 +165,35 @@ def run_stage(store: Store, stage: str, round_: int, process: ProcessFn,
         report.images += record["counts"]["images"]
         report.annotations += record["counts"]["annotations"]
         report.quarantined += record["counts"]["quarantined"]
-        store.write_run_record(stage, {"started_at": started, "state": "running", **report.__dict__}, record_path)
+        store.write_run_record(
+            stage, {"started_at": started, "state": "running", **report.__dict__}, record_path
+        )
         if on_shard is not None:
             on_shard(shard, record)
     report.seconds = time.perf_counter() - t0
-    store.write_run_record(stage, {"started_at": started, "finished_at": utc_now(), "state": "finished",
-                                   **report.__dict__}, record_path)
+    store.write_run_record(
+        stage,
+        {"started_at": started, "finished_at": utc_now(), "state": "finished", **report.__dict__},
+        record_path,
+    )
     return report
 
 
 def _entry(row: ImageRow, reason: str, detail: str) -> dict[str, Any]:
-    return {"image_id": row.image_id, "source": row.source, "sha256": row.sha256, "reason": reason, "detail": detail}
+    return {
+        "image_id": row.image_id,
+        "source": row.source,
+        "sha256": row.sha256,
+        "reason": reason,
+        "detail": detail,
+    }
 
 
 def _check_frame(row: ImageRow, rgb: np.ndarray, masks: list[MaskRecord]) -> None:
     size = [rgb.shape[0], rgb.shape[1]]
     for m in masks:
         if list(m.segmentation["size"]) != size:
-            raise ValueError(f"mask {m.id} has size {m.segmentation['size']}, image is {size} (h, w): "
-                             "masks must be in the image's frame")
+            raise ValueError(
+                f"mask {m.id} has size {m.segmentation['size']}, image is {size} (h, w): "
+                "masks must be in the image's frame"
+            )

@@ -48,7 +48,9 @@ def list_source(source: str) -> SourceListing:
             name = p.rsplit("/", 1)[-1]
             if name.startswith("."):
                 continue
-            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(fs.unstrip_protocol(p))
+            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(
+                fs.unstrip_protocol(p)
+            )
     elif fs.isfile(path):
         if path.lower().endswith(LIST_EXTENSIONS):
             uris, ignored = _read_list(fs, path), []
@@ -87,4 +89,3 @@ def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
         else:
             uris.append(fs.unstrip_protocol(f"{base}/{entry}" if base else entry))
     return uris
-

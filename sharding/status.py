@@ -46,8 +46,10 @@ def status_lines(store: Store) -> list[str]:
         f"{store.ingest_quarantine().num_rows} quarantined at ingest",
     ]
     for p in stage_progress(store):
-        line = (f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "
-                f"{p.annotations} annotations, {p.quarantined} quarantined")
+        line = (
+            f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "
+            f"{p.annotations} annotations, {p.quarantined} quarantined"
+        )
         if p.output_images:
             line += f", {p.output_images} output images"
         lines.append(line)

@@ -94,7 +94,9 @@ def utc_now() -> str:
 
 def check_stage(stage: str, round_: int) -> None:
     if not _STAGE_NAME.match(stage):
-        raise ValueError(f"stage name '{stage}' is invalid: use lower-case letters, digits, '-' or '_'")
+        raise ValueError(
+            f"stage name '{stage}' is invalid: use lower-case letters, digits, '-' or '_'"
+        )
     if not isinstance(round_, int) or round_ < 0:
         raise ValueError(f"round {round_!r} is invalid: use a model round number >= 0")
 
@@ -106,7 +108,9 @@ class Store:
         self.root = Path(root)
         info = self.root / "store.json"
         if not info.is_file():
-            raise ValueError(f"'{root}' is not a store (no store.json): run `sa-engine ingest SOURCE --store {root}`")
+            raise ValueError(
+                f"'{root}' is not a store (no store.json): run `sa-engine ingest SOURCE --store {root}`"
+            )
         self.info = json.loads(info.read_text())
         self._manifest: tuple[tuple, pa.Table] | None = None
         self._sizes: tuple[pa.Table, dict[int, tuple[int, int]]] | None = None
@@ -114,19 +118,33 @@ class Store:
             raise ValueError(f"'{root}/store.json' is not a version-{STORE_VERSION} {STORE_FORMAT}")
 
     @classmethod
-    def create(cls, root: str | Path, *, min_side: int = DEFAULT_MIN_SIDE,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> "Store":
+    def create(
+        cls,
+        root: str | Path,
+        *,
+        min_side: int = DEFAULT_MIN_SIDE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> "Store":
         """Open the store at `root`, creating it (with these ingest limits) if it does not exist."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise ValueError(f"store '{root}' is a file: pass a folder path")
         if not (root / "store.json").is_file():
             if root.is_dir() and any(root.iterdir()):
-                raise ValueError(f"'{root}' is a non-empty folder without store.json: pass an empty or new folder")
-            atomic_write_json(root / "store.json", {
-                "format": STORE_FORMAT, "version": STORE_VERSION, "created": utc_now(),
-                "min_side": min_side, "max_pixels": max_pixels,
-            }, indent=1)
+                raise ValueError(
+                    f"'{root}' is a non-empty folder without store.json: pass an empty or new folder"
+                )
+            atomic_write_json(
+                root / "store.json",
+                {
+                    "format": STORE_FORMAT,
+                    "version": STORE_VERSION,
+                    "created": utc_now(),
+                    "min_side": min_side,
+                    "max_pixels": max_pixels,
+                },
+                indent=1,
+            )
         return cls(root)
 
     @property
@@ -155,12 +173,17 @@ class Store:
     def _parts(self, folder: str, prefix: str, schema: pa.Schema) -> pa.Table:
         paths = sorted((self.root / folder).glob(f"{prefix}-*.parquet"))
         committed = {p.stem.split("-")[-1] for p in (self.root / "manifest").glob("part-*.parquet")}
-        tabs = [pq.read_table(p, schema=schema) for p in paths if p.stem.split("-")[-1] in committed]
+        tabs = [
+            pq.read_table(p, schema=schema) for p in paths if p.stem.split("-")[-1] in committed
+        ]
         return pa.concat_tables(tabs) if tabs else schema.empty_table()
 
     def manifest(self) -> pa.Table:
         """Every ingested image, in image_id order (cached until an ingest adds a part)."""
-        key = tuple((p.name, p.stat().st_mtime_ns) for p in sorted((self.root / "manifest").glob("part-*.parquet")))
+        key = tuple(
+            (p.name, p.stat().st_mtime_ns)
+            for p in sorted((self.root / "manifest").glob("part-*.parquet"))
+        )
         if self._manifest is None or self._manifest[0] != key:
             self._manifest = (key, self._parts("manifest", "part", tables.MANIFEST))
         return self._manifest[1]
@@ -186,7 +209,9 @@ class Store:
     def shard_images(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         manifest = self.manifest()
-        for shard, image_id in zip(manifest.column("shard").to_pylist(), manifest.column("image_id").to_pylist()):
+        for shard, image_id in zip(
+            manifest.column("shard").to_pylist(), manifest.column("image_id").to_pylist()
+        ):
             out.setdefault(shard, []).append(image_id)
         return out
 
@@ -194,14 +219,25 @@ class Store:
         """Stream a shard's images (original bytes) without loading the whole shard into memory."""
         path = self.shard_path(shard)
         if not path.is_file():
-            raise ValueError(f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source")
+            raise ValueError(
+                f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source"
+            )
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
             for row in batch.to_pylist():
-                yield ImageRow(row["image_id"], row["source"], row["sha256"], row["width"], row["height"],
-                               shard, row["data"])
+                yield ImageRow(
+                    row["image_id"],
+                    row["source"],
+                    row["sha256"],
+                    row["width"],
+                    row["height"],
+                    shard,
+                    row["data"],
+                )
 
     # ---- stage outputs -----------------------------------------------------------------------
-    def write_shard_output(self, stage: str, round_: int, shard: str, output: ShardOutput) -> dict[str, Any]:
+    def write_shard_output(
+        self, stage: str, round_: int, shard: str, output: ShardOutput
+    ) -> dict[str, Any]:
         """Commit one shard's output: tables first (atomically), then the completion record.
 
         Returns the completion record. Writing the same output twice gives the same files (ids and
@@ -211,36 +247,69 @@ class Store:
         masks = sorted(output.masks, key=lambda pair: pair[1].id)
         ids = [m.id for _, m in masks]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{stage}/round-{round_}/{shard}: annotation ids repeat; ids must be unique per output")
-        kinds: list[tuple[str, pa.Table]] = [("annotations", tables.masks_to_table(masks, stage, round_))]
+            raise ValueError(
+                f"{stage}/round-{round_}/{shard}: annotation ids repeat; ids must be unique per output"
+            )
+        kinds: list[tuple[str, pa.Table]] = [
+            ("annotations", tables.masks_to_table(masks, stage, round_))
+        ]
         if output.images:
             rows = sorted(output.images)
-            kinds.append(("images", pa.Table.from_pydict({
-                "image_id": rows,
-                "width": [output.image_info[i][0] for i in rows],
-                "height": [output.image_info[i][1] for i in rows],
-                "data": [output.images[i] for i in rows],
-                "meta": [tables.meta_json(output.image_info[i][2]) for i in rows],
-            }, schema=tables.OUTPUT_IMAGES)))
+            kinds.append(
+                (
+                    "images",
+                    pa.Table.from_pydict(
+                        {
+                            "image_id": rows,
+                            "width": [output.image_info[i][0] for i in rows],
+                            "height": [output.image_info[i][1] for i in rows],
+                            "data": [output.images[i] for i in rows],
+                            "meta": [tables.meta_json(output.image_info[i][2]) for i in rows],
+                        },
+                        schema=tables.OUTPUT_IMAGES,
+                    ),
+                )
+            )
         for kind, table in kinds:
             path = self.output_path(stage, round_, shard, kind)
             with atomic_path(path) as tmp:
                 pq.write_table(table, tmp, row_group_size=64 if kind == "images" else 10_000)
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rows": table.num_rows}
+            files[path.name] = {
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "rows": table.num_rows,
+            }
         record = {
-            "schema": 1, "stage": stage, "round": round_, "shard": shard, "finished_at": utc_now(),
-            "counts": {"images": len(output.done), "annotations": len(masks),
-                       "output_images": len(output.images), "quarantined": len(output.quarantined)},
+            "schema": 1,
+            "stage": stage,
+            "round": round_,
+            "shard": shard,
+            "finished_at": utc_now(),
+            "counts": {
+                "images": len(output.done),
+                "annotations": len(masks),
+                "output_images": len(output.images),
+                "quarantined": len(output.quarantined),
+            },
             "images": sorted(output.done),
-            "quarantined": sorted(output.quarantined, key=lambda q: (q.get("image_id") or 0, q.get("source", ""))),
-            "files": files, "meta": output.meta,
+            "quarantined": sorted(
+                output.quarantined, key=lambda q: (q.get("image_id") or 0, q.get("source", ""))
+            ),
+            "files": files,
+            "meta": output.meta,
         }
         atomic_write_json(self.done_path(stage, round_, shard), record, indent=1)
         return record
 
-    def write_shard_images(self, stage: str, round_: int, shard: str, images: dict[int, bytes],
-                           metadata: dict[int, dict[str, Any]] | None = None,
-                           quarantined: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def write_shard_images(
+        self,
+        stage: str,
+        round_: int,
+        shard: str,
+        images: dict[int, bytes],
+        metadata: dict[int, dict[str, Any]] | None = None,
+        quarantined: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Commit a shard of output images (e.g. the privacy stage's blurred JPEGs).
 
         Arguments:
@@ -255,11 +324,17 @@ class Store:
         for image_id, data in images.items():
             rgb = load_image(data, name=f"{stage} output image {image_id}")
             info[image_id] = (rgb.shape[1], rgb.shape[0], (metadata or {}).get(image_id, {}))
-        output = ShardOutput(done=sorted(images), images=dict(images), image_info=info,
-                             quarantined=list(quarantined or []))
+        output = ShardOutput(
+            done=sorted(images),
+            images=dict(images),
+            image_info=info,
+            quarantined=list(quarantined or []),
+        )
         return self.write_shard_output(stage, round_, shard, output)
 
-    def done_record(self, stage: str, round_: int, shard: str, verify: bool = True) -> dict[str, Any] | None:
+    def done_record(
+        self, stage: str, round_: int, shard: str, verify: bool = True
+    ) -> dict[str, Any] | None:
         """The completion record of a shard output, or None if it is missing or does not match
         the files on disk (missing file, different sha256): such a shard must be redone."""
         path = self.done_path(stage, round_, shard)
@@ -271,7 +346,11 @@ class Store:
             folder = path.parent
             for name, expect in record.get("files", {}).items():
                 target = folder / name
-                if not target.is_file() or target.stat().st_size != expect["bytes"] or sha256_file(target) != expect["sha256"]:
+                if (
+                    not target.is_file()
+                    or target.stat().st_size != expect["bytes"]
+                    or sha256_file(target) != expect["sha256"]
+                ):
                     return None
         return record
 
@@ -286,9 +365,13 @@ class Store:
         return sorted(out)
 
     def read_annotations(self, stage: str, round_: int, shard: str) -> pa.Table:
-        return pq.read_table(self.output_path(stage, round_, shard, "annotations"), schema=tables.ANNOTATIONS)
+        return pq.read_table(
+            self.output_path(stage, round_, shard, "annotations"), schema=tables.ANNOTATIONS
+        )
 
-    def iter_output_images(self, stage: str, round_: int, shard: str) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    def iter_output_images(
+        self, stage: str, round_: int, shard: str
+    ) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
         path = self.output_path(stage, round_, shard, "images")
         if not path.is_file():
             return
@@ -307,6 +390,8 @@ class Store:
         return pa.concat_tables([self.ingest_quarantine(), tables.quarantine_rows(entries)])
 
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
-        path = path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
+        path = (
+            path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
+        )
         atomic_write_json(path, record, indent=1)
         return path

@@ -21,11 +21,15 @@ def classical_stage(row: ImageRow, rgb: np.ndarray) -> StageResult:
 def blur_stage(row: ImageRow, rgb: np.ndarray) -> StageResult:
     """A whole-image Gaussian blur standing in for the privacy stage (the real one blurs faces)."""
     blurred = cv2.GaussianBlur(rgb, (0, 0), sigmaX=8)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(blurred, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(blurred, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]
+    )
     return StageResult(image=buf.tobytes(), meta={"faces": 0, "plates": 0})
 
 
-def synthetic_photos(folder: Path, count: int, size: tuple[int, int] = (160, 120), seed: int = 0) -> list[Path]:
+def synthetic_photos(
+    folder: Path, count: int, size: tuple[int, int] = (160, 120), seed: int = 0
+) -> list[Path]:
     """`count` distinct JPEGs with a few bright and dark blobs each (so the classical stage finds masks)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +38,11 @@ def synthetic_photos(folder: Path, count: int, size: tuple[int, int] = (160, 120
         w, h = size
         rgb = np.full((h, w, 3), 110, np.uint8)
         for _ in range(4):
-            cx, cy, r = int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10)), int(rng.integers(8, 30))
+            cx, cy, r = (
+                int(rng.integers(10, w - 10)),
+                int(rng.integers(10, h - 10)),
+                int(rng.integers(8, 30)),
+            )
             cv2.circle(rgb, (cx, cy), r, tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
         rgb[0, 0] = (i % 256, i // 256, 7)  # distinct bytes for every image
         path = folder / f"img_{i:03d}.jpg"

@@ -31,13 +31,20 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
     assert result.exit_code == 1 and "no stage has finished every shard" in result.output
     run_stage(Store(store), "classical", 0, classical_stage)
     result = _invoke("export", "sa1b", store, "--out", rel)
-    assert result.exit_code == 1 and "no privacy output" in result.output and "unblurred" in result.output
+    assert (
+        result.exit_code == 1
+        and "no privacy output" in result.output
+        and "unblurred" in result.output
+    )
     run_stage(Store(store), "privacy", 0, blur_stage)
 
     status = _invoke("status", store)
     assert status.exit_code == 0
     assert "classical round 0: 2/2 shards done, 4 images" in status.output
-    assert "privacy round 0: 2/2 shards done, 4 images, 0 annotations, 0 quarantined, 4 output images" in status.output
+    assert (
+        "privacy round 0: 2/2 shards done, 4 images, 0 annotations, 0 quarantined, 4 output images"
+        in status.output
+    )
 
     result = _invoke("export", "sa1b", store, "--out", rel, "--stage", "classical", "--round", 0)
     assert result.exit_code == 0, result.output
@@ -55,15 +62,27 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
     assert result.exit_code == 0 and (tmp_path / "pq" / "images.parquet").is_file()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["ingest", "{tmp}/nowhere", "--store", "{tmp}/s"], "does not exist: pass a folder, a glob"),
-    (["ingest", "{demo}", "--store", "{tmp}/s", "--shard-size", "0"], "--shard-size 0 is invalid"),
-    (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
-    (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),
-    (["verify", "{tmp}/none"], "does not exist: pass the --out folder"),
-    (["verify", "{tmp}"], "SHA256SUMS: missing"),
-    (["export", "coco", "{demo}", "--out", "{tmp}"], "is a folder: pass the path of the JSON file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["ingest", "{tmp}/nowhere", "--store", "{tmp}/s"],
+            "does not exist: pass a folder, a glob",
+        ),
+        (
+            ["ingest", "{demo}", "--store", "{tmp}/s", "--shard-size", "0"],
+            "--shard-size 0 is invalid",
+        ),
+        (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
+        (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),
+        (["verify", "{tmp}/none"], "does not exist: pass the --out folder"),
+        (["verify", "{tmp}"], "SHA256SUMS: missing"),
+        (
+            ["export", "coco", "{demo}", "--out", "{tmp}"],
+            "is a folder: pass the path of the JSON file",
+        ),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(tmp_path, demo_photos, args, message):
     args = [a.format(tmp=tmp_path, demo=demo_photos[0].parent) for a in args]
     result = runner.invoke(app, args)

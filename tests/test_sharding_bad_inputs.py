@@ -13,10 +13,21 @@ from sharding.status import status_lines
 from sharding.store import Store
 from store_helpers import classical_stage
 
-NORMALISED = {"cmyk.jpg": "CMYK", "deep16.png": "I;16", "palette.png": "P", "alpha.png": "RGBA",
-              "grey.jpg": "L", "rotated.jpg": "RGB"}
-QUARANTINED = {"truncated.jpg": "corrupt", "zero.jpg": "empty", "text.jpg": "not_an_image",
-               "tiny.png": "too_small", "huge.png": "too_large"}
+NORMALISED = {
+    "cmyk.jpg": "CMYK",
+    "deep16.png": "I;16",
+    "palette.png": "P",
+    "alpha.png": "RGBA",
+    "grey.jpg": "L",
+    "rotated.jpg": "RGB",
+}
+QUARANTINED = {
+    "truncated.jpg": "corrupt",
+    "zero.jpg": "empty",
+    "text.jpg": "not_an_image",
+    "tiny.png": "too_small",
+    "huge.png": "too_large",
+}
 
 
 def _save(image, fmt, **kwargs) -> bytes:
@@ -33,8 +44,12 @@ def _make_bad_folder(folder):
     photo = Image.fromarray(rgb)
     (folder / "good.jpg").write_bytes(_save(photo, "JPEG", quality=95))
     (folder / "cmyk.jpg").write_bytes(_save(photo.convert("CMYK"), "JPEG"))
-    (folder / "deep16.png").write_bytes(_save(Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), "PNG"))
-    (folder / "palette.png").write_bytes(_save(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"))
+    (folder / "deep16.png").write_bytes(
+        _save(Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), "PNG")
+    )
+    (folder / "palette.png").write_bytes(
+        _save(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+    )
     rgba = photo.convert("RGBA")
     rgba.putalpha(Image.fromarray(np.where(xx < 64, 255, 0).astype(np.uint8)))
     (folder / "alpha.png").write_bytes(_save(rgba, "PNG"))
@@ -42,12 +57,16 @@ def _make_bad_folder(folder):
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise
     (folder / "rotated.jpg").write_bytes(_save(photo, "JPEG", exif=exif.tobytes()))
-    whole = _save(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "JPEG")
+    whole = _save(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "JPEG"
+    )
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("this is a text file, not a JPEG\n")
     (folder / "tiny.png").write_bytes(_save(Image.new("RGB", (20, 300), (9, 9, 9)), "PNG"))
-    (folder / "huge.png").write_bytes(_save(Image.new("1", (12000, 9000)), "PNG"))  # 108 MP declared
+    (folder / "huge.png").write_bytes(
+        _save(Image.new("1", (12000, 9000)), "PNG")
+    )  # 108 MP declared
 
 
 def test_every_bad_kind_through_ingest_and_a_stage(tmp_path):
@@ -56,7 +75,9 @@ def test_every_bad_kind_through_ingest_and_a_stage(tmp_path):
     store = Store.create(tmp_path / "store")
     report = ingest(str(tmp_path / "bad"), store, shard_size=4)
     assert report.listed == 12 and report.added == 7 and report.quarantined == 5
-    reasons = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in store.ingest_quarantine().to_pylist()}
+    reasons = {
+        r["source"].rsplit("/", 1)[1]: r["reason"] for r in store.ingest_quarantine().to_pylist()
+    }
     assert reasons == QUARANTINED
     assert all(r["detail"] for r in store.ingest_quarantine().to_pylist())
     manifest = {r["source"].rsplit("/", 1)[1]: r for r in store.manifest().to_pylist()}
@@ -78,7 +99,9 @@ def test_every_bad_kind_through_ingest_and_a_stage(tmp_path):
     # re-ingest: the quarantined files are not recorded twice
     assert ingest(str(tmp_path / "bad"), store).quarantined == 0
     assert store.ingest_quarantine().num_rows == 5
-    assert any("quarantine reasons:" in line and "too_large 1" in line for line in status_lines(store))
+    assert any(
+        "quarantine reasons:" in line and "too_large 1" in line for line in status_lines(store)
+    )
 
 
 def test_a_broken_image_in_a_shard_never_stops_it(tmp_path, demo_photos):
@@ -88,7 +111,10 @@ def test_a_broken_image_in_a_shard_never_stops_it(tmp_path, demo_photos):
     table = pq.read_table(path)
     data = table.column("data").to_pylist()
     data[1] = data[1][:1000]
-    pq.write_table(table.set_column(table.schema.get_field_index("data"), "data", pa.array(data, pa.binary())), path)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("data"), "data", pa.array(data, pa.binary())),
+        path,
+    )
 
     def stage(row, rgb):
         if row.image_id == 3:
@@ -98,8 +124,16 @@ def test_a_broken_image_in_a_shard_never_stops_it(tmp_path, demo_photos):
     run = run_stage(store, "gear", 1, stage)
     assert (run.images, run.quarantined) == (2, 2)
     q = {r["image_id"]: r for r in store.quarantine().to_pylist() if r["stage"] == "gear"}
-    assert q[2]["reason"] == "corrupt" and q[3]["reason"] == "stage_error" and "detector crashed" in q[3]["detail"]
-    assert q[2]["round"] == 1 and q[2]["shard"] == "shard-000000" and q[2]["source"].endswith("chelsea.jpg")
+    assert (
+        q[2]["reason"] == "corrupt"
+        and q[3]["reason"] == "stage_error"
+        and "detector crashed" in q[3]["detail"]
+    )
+    assert (
+        q[2]["round"] == 1
+        and q[2]["shard"] == "shard-000000"
+        and q[2]["source"].endswith("chelsea.jpg")
+    )
     record = store.done_record("gear", 1, "shard-000000")
     assert record["images"] == [1, 4]
 

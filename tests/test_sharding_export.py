@@ -1,7 +1,6 @@
 """Release export: SA-1B tars from blurred images only, checksums and verify, COCO and Parquet."""
 
 import hashlib
-import io
 import json
 import tarfile
 
@@ -42,10 +41,15 @@ def test_unblurred_images_never_reach_the_release(annotated, tmp_path):
         export_sa1b(annotated, tmp_path / "rel")
     assert not (tmp_path / "rel").exists()  # refused before writing anything
     report = export_sa1b(annotated, tmp_path / "rel", allow_partial=True)
-    assert report.tars == ["sa_000000.tar"] and "never released unblurred" in report.skipped_shards["shard-000001"]
+    assert (
+        report.tars == ["sa_000000.tar"]
+        and "never released unblurred" in report.skipped_shards["shard-000001"]
+    )
     members = _members(tmp_path / "rel" / "sa_000000.tar")
     assert sorted(members) == ["sa_1.jpg", "sa_1.json", "sa_2.jpg", "sa_2.json"]
-    originals = {row.image_id: row for shard in annotated.shards() for row in annotated.iter_shard(shard)}
+    originals = {
+        row.image_id: row for shard in annotated.shards() for row in annotated.iter_shard(shard)
+    }
     blurred = {i: data for i, data, _ in annotated.iter_output_images("privacy", 0, "shard-000000")}
     every_original = {hashlib.sha256(r.data).hexdigest() for r in originals.values()}
     for image_id in (1, 2):
@@ -53,7 +57,9 @@ def test_unblurred_images_never_reach_the_release(annotated, tmp_path):
         assert hashlib.sha256(released).hexdigest() not in every_original
         assert released == blurred[image_id]  # smaller than 1500 px: not upscaled, not re-encoded
         original = load_image(originals[image_id].data).astype(int)
-        assert np.abs(load_image(released).astype(int) - original).mean() > 3  # it is the blurred one
+        assert (
+            np.abs(load_image(released).astype(int) - original).mean() > 3
+        )  # it is the blurred one
 
 
 def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
@@ -67,16 +73,28 @@ def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
     assert load_image(members["sa_1.jpg"]).shape == (200, 200, 3)
     chelsea = json.loads(members["sa_2.json"])["image"]
     assert (chelsea["width"], chelsea["height"]) == (301, 200)  # 451x300 -> short side 200
-    original = {m["id"]: m for m in annotated.read_annotations("classical", 0, "shard-000000").to_pylist()}
+    original = {
+        m["id"]: m for m in annotated.read_annotations("classical", 0, "shard-000000").to_pylist()
+    }
     for ann in record["annotations"]:
-        assert set(ann) == {"id", "segmentation", "bbox", "area", "predicted_iou", "stability_score",
-                            "crop_box", "point_coords"}
+        assert set(ann) == {
+            "id",
+            "segmentation",
+            "bbox",
+            "area",
+            "predicted_iou",
+            "stability_score",
+            "crop_box",
+            "point_coords",
+        }
         mask = rle.decode(ann["segmentation"])
         assert mask.shape == (200, 200) and int(mask.sum()) == ann["area"]
         assert ann["bbox"] == pytest.approx(list(rle.bbox_xywh([ann["segmentation"]])[0]))
         src = original[ann["id"]]
         assert ann["area"] == pytest.approx(src["area"] * (200 / 512) ** 2, rel=0.15, abs=30)
-        assert ann["point_coords"][0] == pytest.approx([v * 200 / 512 for v in src["point_coords"][0]])
+        assert ann["point_coords"][0] == pytest.approx(
+            [v * 200 / 512 for v in src["point_coords"][0]]
+        )
         assert ann["crop_box"] == pytest.approx([0, 0, 200, 200])
 
 
@@ -102,7 +120,9 @@ def test_verify_names_corrupt_and_missing_members(annotated, tmp_path):
     assert "sa_000001.tar: missing" in problems
     assert {"sa_000001.tar/sa_3.jpg: missing", "sa_000001.tar/sa_4.json: missing"} <= set(problems)
     (rel / "sa_000009.tar").write_bytes(b"")
-    assert "sa_000009.tar: not listed in SHA256SUMS or MEMBERS.tsv (stray file)" in verify_release(rel)
+    assert "sa_000009.tar: not listed in SHA256SUMS or MEMBERS.tsv (stray file)" in verify_release(
+        rel
+    )
     export_sa1b(annotated, rel)  # re-export into the release: intact again, stray tar removed
     assert verify_release(rel) == [] and not (rel / "sa_000009.tar").exists()
 
@@ -117,7 +137,9 @@ def test_coco_export_loads_in_pycocotools(annotated, tmp_path):
     mask = coco.annToMask(ann)
     assert mask.shape == (400, 600) and int(mask.sum()) == ann["area"]
     assert coco.loadImgs([3])[0]["file_name"] == "sa_3.jpg"
-    resized = export_coco(annotated, tmp_path / "coco1500.json")  # default release frame: no upscale
+    resized = export_coco(
+        annotated, tmp_path / "coco1500.json"
+    )  # default release frame: no upscale
     assert resized["annotations"] == counts["annotations"]
 
 
@@ -127,8 +149,18 @@ def test_parquet_tables_and_source_selection(annotated, tmp_path, demo_photos):
     counts = export_parquet(later, tmp_path / "pq")  # default: the latest completed output
     assert (counts["stage"], counts["round"]) == ("gear", 2)
     table = pq.read_table(tmp_path / "pq" / "annotations" / "shard-000000.parquet")
-    assert {"image_id", "id", "bbox", "area", "predicted_iou", "stability_score", "rle_counts", "rle_size",
-            "stage", "round"} <= set(table.schema.names)
+    assert {
+        "image_id",
+        "id",
+        "bbox",
+        "area",
+        "predicted_iou",
+        "stability_score",
+        "rle_counts",
+        "rle_size",
+        "stage",
+        "round",
+    } <= set(table.schema.names)
     assert set(table.column("round").to_pylist()) == {2}
     images = pq.read_table(tmp_path / "pq" / "images.parquet").to_pylist()
     assert [i["file_name"] for i in images] == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg", "sa_4.jpg"]

@@ -13,23 +13,40 @@ from store_helpers import synthetic_photos
 
 
 def _files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and "runs" not in p.parts}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "runs" not in p.parts
+    }
 
 
 def test_ingest_folder_ids_manifest_and_original_bytes(tmp_path, demo_photos):
     store = Store.create(tmp_path / "store")
     report = ingest(str(demo_photos[0].parent), store, shard_size=3)
-    assert (report.added, report.quarantined, report.ignored[0].endswith("LICENSES.md")) == (4, 0, True)
+    assert (report.added, report.quarantined, report.ignored[0].endswith("LICENSES.md")) == (
+        4,
+        0,
+        True,
+    )
     manifest = store.manifest().to_pylist()
     assert [r["image_id"] for r in manifest] == [1, 2, 3, 4]  # sorted by source URI
     assert [r["source"].rsplit("/", 1)[1] for r in manifest] == [p.name for p in demo_photos]
     assert [r["shard"] for r in manifest] == ["shard-000000"] * 3 + ["shard-000001"]
-    assert set(store.manifest().schema.names) >= {"image_id", "source", "bytes", "sha256", "width", "height", "shard"}
+    assert set(store.manifest().schema.names) >= {
+        "image_id",
+        "source",
+        "bytes",
+        "sha256",
+        "width",
+        "height",
+        "shard",
+    }
     rows = [row for shard in store.shards() for row in store.iter_shard(shard)]
     for row, path, entry in zip(rows, demo_photos, manifest):
         assert row.data == path.read_bytes()  # the shard holds the original bytes
-        assert hashlib.sha256(row.data).hexdigest() == entry["sha256"] and entry["bytes"] == len(row.data)
+        assert hashlib.sha256(row.data).hexdigest() == entry["sha256"] and entry["bytes"] == len(
+            row.data
+        )
         assert (row.width, row.height) == (entry["width"], entry["height"])
     assert (manifest[0]["width"], manifest[0]["height"]) == (512, 512)
 
@@ -55,7 +72,9 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     assert {k: v for k, v in after.items() if k in before} == before  # old shards/parts untouched
     manifest = store.manifest().to_pylist()
     assert [r["image_id"] for r in manifest] == [1, 2, 3, 4, 5]
-    assert {r["shard"] for r in manifest if r["image_id"] > 3} == {"shard-000002"}  # new images, new shard
+    assert {r["shard"] for r in manifest if r["image_id"] > 3} == {
+        "shard-000002"
+    }  # new images, new shard
     dup = store.duplicates().to_pylist()
     assert dup[0]["source"].endswith("astronaut_copy.jpg") and dup[0]["image_id"] == 1
     assert ingest(str(src), store, shard_size=2).added == 0 and _files(tmp_path / "store") == after
@@ -74,11 +93,16 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     synthetic_photos(tmp_path / "src" / "sub", 4)
     glob = list_source(str(tmp_path / "src" / "**" / "img_00[12].jpg"))
     assert [u.rsplit("/", 1)[1] for u in glob.uris] == ["img_001.jpg", "img_002.jpg"]
-    (tmp_path / "src" / "list.txt").write_text("# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\n")
+    (tmp_path / "src" / "list.txt").write_text(
+        "# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\n"
+    )
     store = Store.create(tmp_path / "store")
     report = ingest(str(tmp_path / "src" / "list.txt"), store)
     assert report.added == 2
-    assert [r.rsplit("/", 1)[1] for r in store.manifest().column("source").to_pylist()] == ["img_000.jpg", "img_003.jpg"]
+    assert [r.rsplit("/", 1)[1] for r in store.manifest().column("source").to_pylist()] == [
+        "img_000.jpg",
+        "img_003.jpg",
+    ]
 
     memory = fsspec.filesystem("memory")
     for path in sorted((tmp_path / "src" / "sub").glob("*.jpg")):

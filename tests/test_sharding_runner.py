@@ -33,11 +33,20 @@ def test_ids_are_deterministic_and_unique(demo_store):
     ids = []
     for shard in demo_store.shards():
         table = demo_store.read_annotations("classical", 0, shard)
-        for image_id, ann_id in zip(table.column("image_id").to_pylist(), table.column("id").to_pylist()):
+        for image_id, ann_id in zip(
+            table.column("image_id").to_pylist(), table.column("id").to_pylist()
+        ):
             assert image_id == ann_id // 65536
         ids += table.column("id").to_pylist()
-        masks = rle.decode([{"size": s, "counts": c} for s, c in zip(
-            table.column("rle_size").to_pylist()[:3], table.column("rle_counts").to_pylist()[:3])])
+        masks = rle.decode(
+            [
+                {"size": s, "counts": c}
+                for s, c in zip(
+                    table.column("rle_size").to_pylist()[:3],
+                    table.column("rle_counts").to_pylist()[:3],
+                )
+            ]
+        )
         assert masks.dtype == bool and masks.any()
     assert len(ids) == len(set(ids)) and annotation_id(1, 0) in ids and max(ids) < 2**53
     assert set(table.column("stage").to_pylist()) == {"classical"}
@@ -74,10 +83,18 @@ def test_write_shard_images_api_and_status(demo_store):
     record = demo_store.write_shard_images("privacy", 0, shard, images, meta)
     assert record["counts"]["output_images"] == 2 and record["images"] == [1, 2]
     out = list(demo_store.iter_output_images("privacy", 0, shard))
-    assert [(i, m) for i, _, m in out] == [(1, {"faces": 0, "plates": 0}), (2, {"faces": 0, "plates": 0})]
+    assert [(i, m) for i, _, m in out] == [
+        (1, {"faces": 0, "plates": 0}),
+        (2, {"faces": 0, "plates": 0}),
+    ]
     assert out[0][1] == images[1]
     progress = stage_progress(demo_store)[0]
-    assert (progress.stage, progress.shards_done, progress.shards_total, progress.output_images) == ("privacy", 1, 2, 2)
+    assert (
+        progress.stage,
+        progress.shards_done,
+        progress.shards_total,
+        progress.output_images,
+    ) == ("privacy", 1, 2, 2)
 
 
 _KILLABLE = """
@@ -98,10 +115,14 @@ run_stage(Store(sys.argv[1]), "classical", 0, slow)
 
 def _outputs(store):
     folder = store.stage_dir("classical", 0)
-    tables = {p.name: store.read_annotations("classical", 0, p.name.split(".")[0]).to_pylist()
-              for p in sorted(folder.glob("*.annotations.parquet"))}
-    records = {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "finished_at"}
-               for p in sorted(folder.glob("*.done.json"))}
+    tables = {
+        p.name: store.read_annotations("classical", 0, p.name.split(".")[0]).to_pylist()
+        for p in sorted(folder.glob("*.annotations.parquet"))
+    }
+    records = {
+        p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "finished_at"}
+        for p in sorted(folder.glob("*.done.json"))
+    }
     return tables, records
 
 
@@ -118,7 +139,11 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     folder = killed.root / "stages" / "classical" / "round-0"
     deadline = time.time() + 120
     try:
-        while len(list(folder.glob("*.done.json"))) < 2 and time.time() < deadline and proc.poll() is None:
+        while (
+            len(list(folder.glob("*.done.json"))) < 2
+            and time.time() < deadline
+            and proc.poll() is None
+        ):
             time.sleep(0.01)
         time.sleep(0.15)  # into the next shard
     finally:
@@ -129,7 +154,13 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     resumed = run_stage(killed, "classical", 0, classical_stage)
     assert resumed.skipped == done_before and len(resumed.processed) == 8 - len(done_before)
     assert _outputs(killed) == _outputs(clean)
-    ids = [i for shard in killed.shards() for i in killed.read_annotations("classical", 0, shard).column("id").to_pylist()]
+    ids = [
+        i
+        for shard in killed.shards()
+        for i in killed.read_annotations("classical", 0, shard).column("id").to_pylist()
+    ]
     assert len(ids) == len(set(ids)) and len(ids) > 24
-    images = [i for shard in killed.shards() for i in killed.done_record("classical", 0, shard)["images"]]
+    images = [
+        i for shard in killed.shards() for i in killed.done_record("classical", 0, shard)["images"]
+    ]
     assert sorted(images) == list(range(1, 25))

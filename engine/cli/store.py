@@ -10,9 +10,15 @@ import typer
 from engine.cli.common import fail
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
-StageOpt = Annotated[Optional[str], typer.Option(help="annotation stage to export (default: latest completed)")]
-RoundOpt = Annotated[Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")]
-ShortSideOpt = Annotated[int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")]
+StageOpt = Annotated[
+    Optional[str], typer.Option(help="annotation stage to export (default: latest completed)")
+]
+RoundOpt = Annotated[
+    Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")
+]
+ShortSideOpt = Annotated[
+    int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")
+]
 
 
 def _open(store: Path):
@@ -25,7 +31,10 @@ def _open(store: Path):
 
 
 def ingest(
-    source: Annotated[str, typer.Argument(help="folder, glob, list file (.txt) or URI (file://, s3://, memory://)")],
+    source: Annotated[
+        str,
+        typer.Argument(help="folder, glob, list file (.txt) or URI (file://, s3://, memory://)"),
+    ],
     store: Annotated[Path, typer.Option(help="store folder (created if new)")],
     shard_size: Annotated[int, typer.Option(help="images per new shard")] = 1000,
 ) -> None:
@@ -41,7 +50,9 @@ def ingest(
         fail(str(err))
     typer.echo(report.summary())
     if report.quarantined:
-        typer.echo(f"quarantined inputs and reasons: `sa-engine status {store}` (table: {store}/quarantine/)")
+        typer.echo(
+            f"quarantined inputs and reasons: `sa-engine status {store}` (table: {store}/quarantine/)"
+        )
 
 
 def status(store: StoreArg) -> None:
@@ -52,8 +63,10 @@ def status(store: StoreArg) -> None:
         typer.echo(line)
 
 
-export_app = typer.Typer(help="export one annotation output: SA-1B tar shards, COCO JSON or Parquet tables",
-                         no_args_is_help=True)
+export_app = typer.Typer(
+    help="export one annotation output: SA-1B tar shards, COCO JSON or Parquet tables",
+    no_args_is_help=True,
+)
 
 
 @export_app.command("sa1b")
@@ -62,20 +75,33 @@ def export_sa1b(
     out: Annotated[Path, typer.Option(help="release folder (new or a previous release)")],
     stage: StageOpt = None,
     round_: RoundOpt = None,
-    privacy_round: Annotated[Optional[int], typer.Option(help="privacy output round (default: latest)")] = None,
+    privacy_round: Annotated[
+        Optional[int], typer.Option(help="privacy output round (default: latest)")
+    ] = None,
     short_side: ShortSideOpt = 1500,
-    allow_partial: Annotated[bool, typer.Option(help="skip shards without privacy output instead of refusing")] = False,
+    allow_partial: Annotated[
+        bool, typer.Option(help="skip shards without privacy output instead of refusing")
+    ] = False,
 ) -> None:
     """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv."""
     from sharding.export_sa1b import export_sa1b as run_export
 
     try:
-        report = run_export(_open(store), out, stage=stage, round_=round_, privacy_round=privacy_round,
-                            short_side=short_side, allow_partial=allow_partial)
+        report = run_export(
+            _open(store),
+            out,
+            stage=stage,
+            round_=round_,
+            privacy_round=privacy_round,
+            short_side=short_side,
+            allow_partial=allow_partial,
+        )
     except ValueError as err:
         fail(str(err))
-    typer.echo(f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars, "
-               f"{report.images} images, {report.annotations} annotations")
+    typer.echo(
+        f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars, "
+        f"{report.images} images, {report.annotations} annotations"
+    )
     for shard, why in report.skipped_shards.items():
         typer.echo(f"skipped {shard}: {why}")
     for image_id, why in report.skipped_images.items():
@@ -94,19 +120,25 @@ def export_coco(
     from sharding.export_coco import export_coco as run_export
 
     if out.is_dir():
-        fail(f"--out '{out}' is a folder: pass the path of the JSON file to write, e.g. {out}/coco.json")
+        fail(
+            f"--out '{out}' is a folder: pass the path of the JSON file to write, e.g. {out}/coco.json"
+        )
     try:
         counts = run_export(_open(store), out, stage=stage, round_=round_, short_side=short_side)
     except ValueError as err:
         fail(str(err))
-    typer.echo(f"{counts['stage']} round {counts['round']} -> {out}: {counts['images']} images, "
-               f"{counts['annotations']} annotations")
+    typer.echo(
+        f"{counts['stage']} round {counts['round']} -> {out}: {counts['images']} images, "
+        f"{counts['annotations']} annotations"
+    )
 
 
 @export_app.command("parquet")
 def export_parquet(
     store: StoreArg,
-    out: Annotated[Path, typer.Option(help="folder for annotations/<shard>.parquet and images.parquet")],
+    out: Annotated[
+        Path, typer.Option(help="folder for annotations/<shard>.parquet and images.parquet")
+    ],
     stage: StageOpt = None,
     round_: RoundOpt = None,
 ) -> None:
@@ -119,11 +151,15 @@ def export_parquet(
         counts = run_export(_open(store), out, stage=stage, round_=round_)
     except ValueError as err:
         fail(str(err))
-    typer.echo(f"{counts['stage']} round {counts['round']} -> {out}: {counts['shards']} shards, "
-               f"{counts['images']} images, {counts['annotations']} annotations")
+    typer.echo(
+        f"{counts['stage']} round {counts['round']} -> {out}: {counts['shards']} shards, "
+        f"{counts['images']} images, {counts['annotations']} annotations"
+    )
 
 
-def verify(release: Annotated[Path, typer.Argument(help="a folder written by `export sa1b`")]) -> None:
+def verify(
+    release: Annotated[Path, typer.Argument(help="a folder written by `export sa1b`")],
+) -> None:
     """Check every tar and every member of a release against SHA256SUMS and MEMBERS.tsv."""
     from sharding.verify import verify_release
 
