@@ -168,3 +168,17 @@ def test_parquet_tables_and_source_selection(annotated, tmp_path, demo_photos):
     assert (chosen["stage"], chosen["round"]) == ("classical", 0)
     with pytest.raises(ValueError, match="no finished shards"):
         export_parquet(later, tmp_path / "pq1", stage="classical", round_=5)
+
+
+def test_an_image_the_privacy_stage_failed_on_is_not_released(annotated, tmp_path):
+    def privacy(row, rgb):
+        if row.image_id == 2:
+            raise RuntimeError("face detector failed")
+        return blur_stage(row, rgb)
+
+    run_stage(annotated, "privacy", 0, privacy)
+    report = export_sa1b(annotated, tmp_path / "rel")
+    assert "no image" in report.skipped_images[2] and report.images == 3
+    assert sorted(_members(tmp_path / "rel" / "sa_000000.tar")) == ["sa_1.jpg", "sa_1.json"]
+    release = json.loads((tmp_path / "rel" / "release.json").read_text())
+    assert release["skipped_images"] == {"2": report.skipped_images[2]}

@@ -13,10 +13,11 @@ from store_helpers import synthetic_photos
 
 
 def _files(root):
+    """Every committed file (temporary `.*.tmp` files a killed writer leaves are never read)."""
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "runs" not in p.parts
+        if p.is_file() and "runs" not in p.parts and not p.name.startswith(".")
     }
 
 
@@ -128,3 +129,50 @@ def test_bad_sources_name_the_fix(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="non-empty folder"):
         Store.create(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    synthetic_photos(tmp_path / "src", 60, size=(640, 480))
+    ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5)
+    command = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "ingest",
+        str(tmp_path / "src"),
+        "--store",
+        str(tmp_path / "killed"),
+        "--shard-size",
+        "5",
+    ]
+    proc = subprocess.Popen(command, cwd=root)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 60
+    try:
+        while (
+            not list(shards.glob("shard-*.parquet"))
+            and time.time() < deadline
+            and proc.poll() is None
+        ):
+            time.sleep(0.005)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    written = list(shards.glob("shard-*.parquet"))
+    assert 1 <= len(written) < 12, "the kill must land mid-ingest"
+    killed = Store(tmp_path / "killed")
+    assert killed.manifest().num_rows == 0  # the manifest part is the commit: nothing half-visible
+    report = ingest(str(tmp_path / "src"), killed, shard_size=5)
+    assert report.added == 60
+    clean_files, killed_files = _files(tmp_path / "clean"), _files(tmp_path / "killed")
+    del clean_files["store.json"], killed_files["store.json"]  # differ only in creation time
+    assert killed_files == clean_files
