@@ -19,14 +19,15 @@ class StageProgress:
     quarantined: int
 
 
-def stage_progress(store: Store) -> list[StageProgress]:
-    """One entry per (stage, round) folder; a shard counts only if its completion record is valid."""
+def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
+    """One entry per (stage, round) folder; a shard counts only if its completion record is valid
+    (`check`: "sha256" re-hashes every output, "size" only compares sizes)."""
     shards = store.shards()
     out = []
     for stage, round_ in store.stage_rounds():
         progress = StageProgress(stage, round_, 0, len(shards), 0, 0, 0, 0)
         for shard in shards:
-            record = store.done_record(stage, round_, shard)
+            record = store.done_record(stage, round_, shard, check)
             if record is None:
                 continue
             progress.shards_done += 1
@@ -38,14 +39,14 @@ def stage_progress(store: Store) -> list[StageProgress]:
     return out
 
 
-def status_lines(store: Store) -> list[str]:
+def status_lines(store: Store, check: str = "sha256") -> list[str]:
     manifest = store.manifest()
     lines = [
         f"store {store.root}: {manifest.num_rows} images in {len(store.shards())} shards, "
         f"{store.duplicates().num_rows} duplicates recorded, "
         f"{store.ingest_quarantine().num_rows} quarantined at ingest",
     ]
-    for p in stage_progress(store):
+    for p in stage_progress(store, check):
         line = (
             f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "
             f"{p.annotations} annotations, {p.quarantined} quarantined"

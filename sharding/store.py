@@ -16,7 +16,7 @@ Layout (all tables are Parquet; every file is written atomically: temporary name
     STORE/stages/<stage>/round-<k>/<shard>.done.json             completion record: counts, the
                                                       images done, the quarantined ones with reasons,
                                                       and the sha256 of every output file
-    STORE/runs/<stage>/<utc-time>-<pid>.json          one record per run (ingest or stage)
+    STORE/runs/<stage>/<utc-time>-<pid>[-round-<k>].json   one record per run (ingest or stage)
 
 A shard output counts as done only when its `.done.json` exists AND every file it lists has the
 recorded sha256; anything else (output without record, record with a wrong checksum) is redone.
@@ -333,25 +333,27 @@ class Store:
         return self.write_shard_output(stage, round_, shard, output)
 
     def done_record(
-        self, stage: str, round_: int, shard: str, verify: bool = True
+        self, stage: str, round_: int, shard: str, check: str = "sha256"
     ) -> dict[str, Any] | None:
         """The completion record of a shard output, or None if it is missing or does not match
-        the files on disk (missing file, different sha256): such a shard must be redone."""
+        the files on disk (missing file, different size or sha256): such a shard must be redone.
+
+        check: "sha256" (runs and exports: every output byte is re-hashed) or "size" (a quick
+        look for `status --quick` on large stores).
+        """
+        if check not in ("sha256", "size"):
+            raise ValueError(f"check '{check}' is invalid: use 'sha256' or 'size'")
         path = self.done_path(stage, round_, shard)
         try:
             record = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        if verify:
-            folder = path.parent
-            for name, expect in record.get("files", {}).items():
-                target = folder / name
-                if (
-                    not target.is_file()
-                    or target.stat().st_size != expect["bytes"]
-                    or sha256_file(target) != expect["sha256"]
-                ):
-                    return None
+        for name, expect in record.get("files", {}).items():
+            target = path.parent / name
+            if not target.is_file() or target.stat().st_size != expect["bytes"]:
+                return None
+            if check == "sha256" and sha256_file(target) != expect["sha256"]:
+                return None
         return record
 
     def stage_rounds(self) -> list[tuple[str, int]]:

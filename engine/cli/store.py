@@ -55,11 +55,16 @@ def ingest(
         )
 
 
-def status(store: StoreArg) -> None:
+def status(
+    store: StoreArg,
+    quick: Annotated[
+        bool, typer.Option(help="compare output sizes only, not sha256 (fast on large stores)")
+    ] = False,
+) -> None:
     """Progress per stage and round: shards done/total, images, annotations, quarantined."""
     from sharding.status import status_lines
 
-    for line in status_lines(_open(store)):
+    for line in status_lines(_open(store), "size" if quick else "sha256"):
         typer.echo(line)
 
 
