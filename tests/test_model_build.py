@@ -53,8 +53,12 @@ def test_unknown_model_and_bad_config_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'vit_x'.*vit_b, vit_l, vit_h"):
         build_sam("vit_x")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"encoder_depth": 2, "encoder_dept": 3}))
-    with pytest.raises(ValueError, match="unknown keys \\['encoder_dept'\\]"):
+    bad.write_text(json.dumps({"encoder_depth": 2, "encoder_global_attn_indexes": [1], "encoder_dept": 3,
+                               "perturbation": {"seed": 1}}))
+    with pytest.warns(UserWarning, match="ignoring unknown keys \\['encoder_dept'\\]"):
+        assert build_sam(bad).config.encoder_depth == 2
+    bad.write_text(json.dumps({"encoder_depth": 2}))
+    with pytest.raises(ValueError, match="encoder_global_attn_indexes \\[2, 5, 8, 11\\] outside 0..1"):
         build_sam(bad)
     bad.write_text(json.dumps({"encoder_type": "resnet"}))
     with pytest.raises(ValueError, match="encoder_type 'resnet' is not registered"):

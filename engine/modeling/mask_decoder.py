@@ -20,6 +20,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        layernorm2d_eps: float = 1e-6,
     ) -> None:
         """
         Arguments:
@@ -28,6 +29,7 @@ class MaskDecoder(nn.Module):
           num_multimask_outputs (int): masks returned when ambiguous (3); one more token makes the
             single-mask output.
           iou_head_depth, iou_head_hidden_dim: the MLP predicting each mask's IoU.
+          layernorm2d_eps (float): eps of the LayerNorm2d inside the output upscaling.
         """
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -38,7 +40,7 @@ class MaskDecoder(nn.Module):
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
+            LayerNorm2d(transformer_dim // 4, eps=layernorm2d_eps),
             activation(),
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             activation(),
