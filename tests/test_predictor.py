@@ -124,3 +124,17 @@ def test_other_input_sizes_work_end_to_end(image):
     assert masks.shape == (1, *image.shape[:2]) and low_res.shape == (1, 64, 64)
     masks, scores, low_res = predictor.predict(box=np.array([5, 5, 300, 200]), mask_input=low_res)
     assert masks.shape == (3, *image.shape[:2]) and scores.shape == (3,)
+
+
+def test_bf16_autocast_runs_and_returns_float32(predictor, image):
+    fast = SamPredictor(predictor.model, autocast_dtype=torch.bfloat16)
+    fast.set_image(image)
+    assert fast.features.dtype == torch.float32
+    reference = predictor.get_image_embedding()
+    assert (fast.features - reference).abs().max() < 0.1 * reference.abs().max()
+    point, label = np.array([[530.0, 250.0]]), np.array([1])
+    masks, scores, low_res = fast.predict(point, label)
+    expected_masks, expected_scores, _ = predictor.predict(point, label)
+    assert scores.dtype == np.float32 and low_res.dtype == np.float32 and masks.dtype == bool
+    assert np.abs(scores - expected_scores).max() < 0.1
+    assert (masks != expected_masks).mean() < 0.01
