@@ -9,6 +9,7 @@ into another predictor, so encoding and interactive decoding can run in differen
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,14 @@ class ImageEmbedding:
       features (torch.Tensor): 1xCxHxW float32 image embedding (1x256x64x64 for SAM).
       input_size (tuple[int, int]): (h, w) of the image after the longest-side resize.
       original_size (tuple[int, int]): (H, W) of the original image.
+      encoder_fingerprint (str | None): identifies the image encoder's weights (see
+        `encoder_fingerprint`), so an embedding is never decoded against another encoder.
     """
 
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    encoder_fingerprint: str | None = None
 
     def save(self, path: str | Path) -> None:
         """Write to an .npz file (atomically)."""
@@ -44,6 +48,7 @@ class ImageEmbedding:
             features=self.features.detach().to("cpu", torch.float32).numpy(),
             input_size=np.asarray(self.input_size, np.int64),
             original_size=np.asarray(self.original_size, np.int64),
+            encoder_fingerprint=np.asarray(self.encoder_fingerprint or ""),
         )
         atomic_write_bytes(path, buffer.getvalue())
 
@@ -54,11 +59,25 @@ class ImageEmbedding:
                 features = torch.from_numpy(np.array(data["features"], np.float32))
                 input_size = tuple(int(v) for v in data["input_size"])
                 original_size = tuple(int(v) for v in data["original_size"])
+                fingerprint = str(data["encoder_fingerprint"]) if "encoder_fingerprint" in data else ""
         except (OSError, KeyError, ValueError) as exc:
             raise ValueError(f"{path}: not an image-embedding file written by ImageEmbedding.save ({exc})") from None
         if features.ndim != 4 or features.shape[0] != 1 or len(input_size) != 2 or len(original_size) != 2:
             raise ValueError(f"{path}: malformed image embedding (features {list(features.shape)})")
-        return cls(features, input_size, original_size)
+        return cls(features, input_size, original_size, fingerprint or None)
+
+
+def encoder_fingerprint(sam: Sam, tensors: int = 4) -> str:
+    """Short hash of the image encoder's last `tensors` parameters (its output layers).
+
+    Cheap (a few MB hashed for vit_h) and changes whenever the encoder is retrained or swapped;
+    a decoder-only fine-tune keeps it, and embeddings stay valid then.
+    """
+    digest = hashlib.sha256()
+    for name, param in list(sam.image_encoder.named_parameters())[-tensors:]:
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class SamPredictor:
@@ -228,7 +247,9 @@ class SamPredictor:
     def get_image_state(self) -> ImageEmbedding:
         """The current image state, to save or to hand to another predictor."""
         self._require_image()
-        return ImageEmbedding(self.features.detach().cpu().clone(), self.input_size, self.original_size)
+        return ImageEmbedding(
+            self.features.detach().cpu().clone(), self.input_size, self.original_size, encoder_fingerprint(self.model)
+        )
 
     def set_image_state(self, state: ImageEmbedding) -> None:
         """Restore an image state taken from a predictor with the same model (skips the encoder)."""
@@ -238,6 +259,11 @@ class SamPredictor:
             raise ValueError(
                 f"image embedding has shape {list(state.features.shape)} but this model expects "
                 f"{list(expected)}: it was computed with another model"
+            )
+        if state.encoder_fingerprint and state.encoder_fingerprint != encoder_fingerprint(self.model):
+            raise ValueError(
+                f"image embedding was computed with another image encoder (fingerprint "
+                f"{state.encoder_fingerprint}, this model's is {encoder_fingerprint(self.model)}): re-encode the image"
             )
         if max(state.input_size) != self.model.img_size:
             raise ValueError(f"image embedding input_size {state.input_size} does not fit img_size {self.model.img_size}")

@@ -69,7 +69,9 @@ def test_saved_image_state_restores_identical_outputs(parity_dir, predictor, tmp
     path = tmp_path / "embedding.npz"
     predictor.get_image_state().save(path)
     fresh = SamPredictor(build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth"))
-    fresh.set_image_state(ImageEmbedding.load(path))
+    loaded = ImageEmbedding.load(path)
+    assert loaded.encoder_fingerprint == predictor.get_image_state().encoder_fingerprint
+    fresh.set_image_state(loaded)
     assert fresh.input_size == predictor.input_size and fresh.original_size == predictor.original_size
     prompts = dict(point_coords=np.array([[530.0, 250.0], [900.0, 100.0]]), point_labels=np.array([1, 0]),
                    box=np.array([100.0, 170.0, 900.0, 672.0]))
@@ -82,6 +84,12 @@ def test_image_state_from_another_model_is_refused(predictor, tmp_path):
                                encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=(0,)))
     with pytest.raises(ValueError, match="another model"):
         SamPredictor(tiny).set_image_state(predictor.get_image_state())
+    retrained = build_sam(predictor.model.config)
+    retrained.load_state_dict(predictor.model.state_dict())
+    with torch.no_grad():
+        retrained.image_encoder.neck[3].bias.add_(0.01)
+    with pytest.raises(ValueError, match="another image encoder"):
+        SamPredictor(retrained).set_image_state(predictor.get_image_state())
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="junk.npz"):
         ImageEmbedding.load(tmp_path / "junk.npz")
