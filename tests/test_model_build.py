@@ -81,3 +81,36 @@ def test_config_roundtrip_builds_any_dims(tmp_path):
         embedding = model.image_encoder(torch.zeros(1, 3, 512, 512))
     assert embedding.shape == (1, 256, 32, 32)
     assert set(MODEL_REGISTRY) == {"vit_b", "vit_l", "vit_h"}
+
+
+class _PoolEncoder(torch.nn.Module):
+    """A stand-in light encoder: strided pooling + 1x1 conv to the prompt embedding width."""
+
+    def __init__(self, out_chans: int, stride: int) -> None:
+        super().__init__()
+        self.pool = torch.nn.AvgPool2d(stride)
+        self.proj = torch.nn.Conv2d(3, out_chans, 1)
+
+    def forward(self, x):
+        return self.proj(self.pool(x))
+
+
+def test_other_encoder_types_plug_in_through_the_registry(monkeypatch, tmp_path):
+    import numpy as np
+
+    from engine.model import ENCODER_BUILDERS
+    from engine.predictor import SamPredictor
+
+    monkeypatch.setitem(
+        ENCODER_BUILDERS, "pool", lambda c: _PoolEncoder(c.prompt_embed_dim, c.encoder_options["stride"])
+    )
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps({"encoder_type": "pool", "encoder_options": {"stride": 16},
+                                "decoder_transformer_mlp_dim": 64}))
+    model = build_sam(path)
+    assert isinstance(model.image_encoder, _PoolEncoder)
+    assert "image_encoder.proj.weight" in model.state_dict()
+    predictor = SamPredictor(model)
+    predictor.set_image(np.full((60, 80, 3), 128, np.uint8))
+    masks, scores, _ = predictor.predict(np.array([[10.0, 10.0]]), np.array([1]))
+    assert masks.shape == (3, 60, 80) and scores.shape == (3,)
