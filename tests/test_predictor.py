@@ -146,3 +146,19 @@ def test_bf16_autocast_runs_and_returns_float32(predictor, image):
     assert scores.dtype == np.float32 and low_res.dtype == np.float32 and masks.dtype == bool
     assert np.abs(scores - expected_scores).max() < 0.1
     assert (masks != expected_masks).mean() < 0.01
+
+
+def test_model_forward_matches_the_predictor(predictor, image):
+    model = predictor.model
+    resized = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)
+    coords = torch.as_tensor(predictor.transform.apply_coords(np.array([[[530.0, 250.0]]]), image.shape[:2]))
+    labels = torch.ones(1, 1, dtype=torch.int)
+    box = torch.as_tensor(predictor.transform.apply_boxes(np.array([100.0, 170.0, 900.0, 672.0]), image.shape[:2]))
+    with torch.no_grad():
+        (out,) = model([{"image": resized, "original_size": image.shape[:2], "point_coords": coords,
+                         "point_labels": labels, "boxes": box}], multimask_output=False)
+    masks, scores, low_res = predictor.predict_torch(coords, labels, boxes=box, multimask_output=False)
+    assert out["masks"].shape == (1, 1, *image.shape[:2])
+    torch.testing.assert_close(out["low_res_logits"], low_res, rtol=0, atol=2e-3)
+    torch.testing.assert_close(out["iou_predictions"], scores, rtol=0, atol=1e-4)
+    assert (out["masks"] != masks).float().mean() <= 1e-4
