@@ -87,11 +87,12 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        count = tokens.shape[0]
-        if image_embeddings.shape[0] != count:
-            image_embeddings = torch.repeat_interleave(image_embeddings, count, dim=0)
+        # One image embedding and one positional encoding serve every prompt: broadcasting them
+        # (instead of materialising B copies) gives the same numbers with less memory traffic.
         src = image_embeddings + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, count, dim=0)
+        if src.shape[0] != tokens.shape[0]:
+            src = src.expand(tokens.shape[0], -1, -1, -1)
+        pos_src = image_pe
         batch, channels, height, width = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)

@@ -53,7 +53,7 @@ class TwoWayTransformer(nn.Module):
         """
         Arguments:
           image_embedding (torch.Tensor): BxCxHxW.
-          image_pe (torch.Tensor): BxCxHxW positional encoding of the image tokens.
+          image_pe (torch.Tensor): 1xCxHxW (or BxCxHxW) positional encoding of the image tokens.
           point_embedding (torch.Tensor): BxNxC prompt (and output) tokens.
         Returns:
           (torch.Tensor): BxNxC processed tokens.
