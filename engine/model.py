@@ -202,6 +202,8 @@ def resolve_config(model: str | Path | SamConfig) -> tuple[SamConfig, str]:
     path = Path(key)
     if path.is_file():
         return SamConfig.from_json(path), f"the model of {path}"
+    if path.suffix or "/" in key:
+        raise ValueError(f"model config {path} does not exist: pass a JSON model config or one of {', '.join(MODEL_REGISTRY)}")
     raise ValueError(
         f"unknown model '{key}': use one of {', '.join(MODEL_REGISTRY)} or the path of a JSON model config"
     )
@@ -253,8 +255,9 @@ def load_checkpoint(sam: nn.Module, checkpoint: str | Path, expected: str = "the
     except Exception as exc:  # pickle, zip and weights_only errors all mean "not a state dict we can read"
         raise CheckpointMismatchError(f"checkpoint {path} cannot be read as a torch state dict ({exc})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        hint = " (it holds a 'model' entry: save checkpoint['model'] on its own)" if isinstance(state, dict) and "model" in state else ""
         raise CheckpointMismatchError(
-            f"checkpoint {path} is not a plain state dict (name -> tensor); save model.state_dict()"
+            f"checkpoint {path} is not a plain state dict (name -> tensor){hint}; save model.state_dict()"
         )
     own = sam.state_dict()
     missing = sorted(set(own) - set(state))

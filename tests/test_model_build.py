@@ -63,6 +63,11 @@ def test_unknown_model_and_bad_config_are_clear_errors(tmp_path):
     bad.write_text(json.dumps({"encoder_type": "resnet"}))
     with pytest.raises(ValueError, match="encoder_type 'resnet' is not registered"):
         build_sam(bad)
+    with pytest.raises(ValueError, match="model config .*missing.json does not exist"):
+        build_sam(tmp_path / "missing.json")
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 3}, tmp_path / "train.pth")
+    with pytest.raises(CheckpointMismatchError, match="not a plain state dict.*'model' entry"):
+        build_sam("vit_b", checkpoint=tmp_path / "train.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_sam(SamConfig(encoder_depth=1, encoder_global_attn_indexes=(0,)), checkpoint=tmp_path / "nope.pth")
 
