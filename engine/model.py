@@ -111,10 +111,19 @@ class SamConfig:
             )
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
-            raise ValueError(f"model config {source}: encoder_global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}")
+            raise ValueError(
+                f"model config {source}: encoder_global_attn_indexes {bad} outside 0..{self.encoder_depth - 1}"
+            )
 
 
-_PROVENANCE_PREFIXES = ("construction_", "perturbation", "decoder_crafting", "state_dict_", "notes", "comment")
+_PROVENANCE_PREFIXES = (
+    "construction_",
+    "perturbation",
+    "decoder_crafting",
+    "state_dict_",
+    "notes",
+    "comment",
+)
 
 
 def _tuples(value: Any) -> Any:
@@ -124,17 +133,25 @@ def _tuples(value: Any) -> Any:
 MODEL_REGISTRY: dict[str, SamConfig] = {
     "vit_b": SamConfig(),
     "vit_l": SamConfig(
-        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
+        encoder_embed_dim=1024,
+        encoder_depth=24,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(5, 11, 17, 23),
     ),
     "vit_h": SamConfig(
-        encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)
+        encoder_embed_dim=1280,
+        encoder_depth=32,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(7, 15, 23, 31),
     ),
 }
 
 
 def _build_vit_encoder(config: SamConfig) -> nn.Module:
     if config.encoder_options:
-        raise ValueError(f"encoder_options {sorted(config.encoder_options)} are not used by the ViT encoder")
+        raise ValueError(
+            f"encoder_options {sorted(config.encoder_options)} are not used by the ViT encoder"
+        )
     return ImageEncoderViT(
         img_size=config.image_size,
         patch_size=config.patch_size,
@@ -182,7 +199,9 @@ def build_sam(
     device = torch.device(device if device is not None else "cpu")
     if device.type == "meta":
         if checkpoint is not None:
-            raise ValueError("device='meta' builds without weights: drop the checkpoint or pick a real device")
+            raise ValueError(
+                "device='meta' builds without weights: drop the checkpoint or pick a real device"
+            )
         with torch.device("meta"):
             return _build(config).eval()
     sam = _build(config)
@@ -203,7 +222,9 @@ def resolve_config(model: str | Path | SamConfig) -> tuple[SamConfig, str]:
     if path.is_file():
         return SamConfig.from_json(path), f"the model of {path}"
     if path.suffix or "/" in key:
-        raise ValueError(f"model config {path} does not exist: pass a JSON model config or one of {', '.join(MODEL_REGISTRY)}")
+        raise ValueError(
+            f"model config {path} does not exist: pass a JSON model config or one of {', '.join(MODEL_REGISTRY)}"
+        )
     raise ValueError(
         f"unknown model '{key}': use one of {', '.join(MODEL_REGISTRY)} or the path of a JSON model config"
     )
@@ -249,13 +270,23 @@ def load_checkpoint(sam: nn.Module, checkpoint: str | Path, expected: str = "the
     """Load a plain state dict strictly (CPU first, tensors only), naming every mismatch."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a .pth state dict")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: pass the path of a .pth state dict"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a state dict we can read"
-        raise CheckpointMismatchError(f"checkpoint {path} cannot be read as a torch state dict ({exc})") from None
+    except (
+        Exception
+    ) as exc:  # pickle, zip and weights_only errors all mean "not a state dict we can read"
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read as a torch state dict ({exc})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        hint = " (it holds a 'model' entry: save checkpoint['model'] on its own)" if isinstance(state, dict) and "model" in state else ""
+        hint = (
+            " (it holds a 'model' entry: save checkpoint['model'] on its own)"
+            if isinstance(state, dict) and "model" in state
+            else ""
+        )
         raise CheckpointMismatchError(
             f"checkpoint {path} is not a plain state dict (name -> tensor){hint}; save model.state_dict()"
         )

@@ -59,10 +59,19 @@ class ImageEmbedding:
                 features = torch.from_numpy(np.array(data["features"], np.float32))
                 input_size = tuple(int(v) for v in data["input_size"])
                 original_size = tuple(int(v) for v in data["original_size"])
-                fingerprint = str(data["encoder_fingerprint"]) if "encoder_fingerprint" in data else ""
+                fingerprint = (
+                    str(data["encoder_fingerprint"]) if "encoder_fingerprint" in data else ""
+                )
         except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: not an image-embedding file written by ImageEmbedding.save ({exc})") from None
-        if features.ndim != 4 or features.shape[0] != 1 or len(input_size) != 2 or len(original_size) != 2:
+            raise ValueError(
+                f"{path}: not an image-embedding file written by ImageEmbedding.save ({exc})"
+            ) from None
+        if (
+            features.ndim != 4
+            or features.shape[0] != 1
+            or len(input_size) != 2
+            or len(original_size) != 2
+        ):
             raise ValueError(f"{path}: malformed image embedding (features {list(features.shape)})")
         return cls(features, input_size, original_size, fingerprint or None)
 
@@ -101,22 +110,42 @@ class SamPredictor:
         """Compute the embedding of an HxWx3 uint8 image ("RGB" or "BGR" channel order)."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        if (
+            not isinstance(image, np.ndarray)
+            or image.ndim != 3
+            or image.shape[2] != 3
+            or image.dtype != np.uint8
+        ):
+            described = (
+                f"{image.dtype} {image.shape}"
+                if isinstance(image, np.ndarray)
+                else type(image).__name__
+            )
             raise ValueError(f"set_image expects an HxWx3 uint8 numpy array, got {described}")
         if min(image.shape[:2]) < 1:
             raise ValueError(f"set_image got an empty image of shape {image.shape}")
         if image_format != self.model.image_format:
             image = image[..., ::-1]
         resized = self.transform.apply_image(np.ascontiguousarray(image))
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None, :, :, :]
+        tensor = (
+            torch.as_tensor(resized, device=self.device)
+            .permute(2, 0, 1)
+            .contiguous()[None, :, :, :]
+        )
         self.set_torch_image(tensor, image.shape[:2])
 
     @torch.no_grad()
-    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+    def set_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> None:
         """Compute the embedding of a 1x3xhxw image already resized so that max(h, w) == img_size."""
         shape = tuple(transformed_image.shape)
-        if len(shape) != 4 or shape[0] != 1 or shape[1] != 3 or max(shape[2:]) != self.model.img_size:
+        if (
+            len(shape) != 4
+            or shape[0] != 1
+            or shape[1] != 3
+            or max(shape[2:]) != self.model.img_size
+        ):
             raise ValueError(
                 f"set_torch_image expects 1x3xhxw with max(h, w) == {self.model.img_size}, got {list(shape)}; "
                 "resize with predictor.transform.apply_image first"
@@ -157,12 +186,16 @@ class SamPredictor:
         if point_coords is not None or point_labels is not None:
             coords, labels = _check_points(point_coords, point_labels)
             coords = self.transform.apply_coords(coords, self.original_size)
-            coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None, :, :]
+            coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[
+                None, :, :
+            ]
             labels_torch = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None, :]
         if box is not None:
             box = np.asarray(box, dtype=float)
             if box.size != 4 or not np.isfinite(box).all():
-                raise ValueError(f"box must hold 4 finite numbers XYXY (one box), got shape {box.shape}")
+                raise ValueError(
+                    f"box must hold 4 finite numbers XYXY (one box), got shape {box.shape}"
+                )
             box = self.transform.apply_boxes(box.reshape(4), self.original_size)
             box_torch = torch.as_tensor(box, dtype=torch.float, device=self.device)[None, :]
         if mask_input is not None:
@@ -173,9 +206,16 @@ class SamPredictor:
                     f"mask_input must be {'x'.join(map(str, expected))} low-res logits (one row of a previous "
                     f"call's low_res_logits, e.g. logits[best][None]), got shape {mask_input.shape}"
                 )
-            mask_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None, :, :, :]
+            mask_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[
+                None, :, :, :
+            ]
         masks, iou_predictions, low_res = self.predict_torch(
-            coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits=return_logits
+            coords_torch,
+            labels_torch,
+            box_torch,
+            mask_torch,
+            multimask_output,
+            return_logits=return_logits,
         )
         return (
             masks[0].detach().cpu().numpy(),
@@ -214,7 +254,11 @@ class SamPredictor:
         if point_coords is not None or point_labels is not None:
             if point_coords is None or point_labels is None:
                 raise ValueError("point_coords and point_labels must be given together")
-            if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+            if (
+                point_coords.ndim != 3
+                or point_coords.shape[-1] != 2
+                or point_labels.shape != point_coords.shape[:2]
+            ):
                 raise ValueError(
                     f"point_coords must be BxNx2 and point_labels BxN, got {list(point_coords.shape)} "
                     f"and {list(point_labels.shape)}"
@@ -248,7 +292,10 @@ class SamPredictor:
         """The current image state, to save or to hand to another predictor."""
         self._require_image()
         return ImageEmbedding(
-            self.features.detach().cpu().clone(), self.input_size, self.original_size, encoder_fingerprint(self.model)
+            self.features.detach().cpu().clone(),
+            self.input_size,
+            self.original_size,
+            encoder_fingerprint(self.model),
         )
 
     def set_image_state(self, state: ImageEmbedding) -> None:
@@ -260,13 +307,17 @@ class SamPredictor:
                 f"image embedding has shape {list(state.features.shape)} but this model expects "
                 f"{list(expected)}: it was computed with another model"
             )
-        if state.encoder_fingerprint and state.encoder_fingerprint != encoder_fingerprint(self.model):
+        if state.encoder_fingerprint and state.encoder_fingerprint != encoder_fingerprint(
+            self.model
+        ):
             raise ValueError(
                 f"image embedding was computed with another image encoder (fingerprint "
                 f"{state.encoder_fingerprint}, this model's is {encoder_fingerprint(self.model)}): re-encode the image"
             )
         if max(state.input_size) != self.model.img_size:
-            raise ValueError(f"image embedding input_size {state.input_size} does not fit img_size {self.model.img_size}")
+            raise ValueError(
+                f"image embedding input_size {state.input_size} does not fit img_size {self.model.img_size}"
+            )
         self.reset_image()
         self.features = state.features.to(self.device, torch.float32)
         self.input_size = (int(state.input_size[0]), int(state.input_size[1]))
@@ -282,7 +333,9 @@ class SamPredictor:
 
     def _require_image(self) -> None:
         if not self.is_image_set:
-            raise RuntimeError("no image is set: call set_image() (or set_image_state()) before predicting")
+            raise RuntimeError(
+                "no image is set: call set_image() (or set_image_state()) before predicting"
+            )
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -293,17 +346,25 @@ class SamPredictor:
             yield
 
 
-def _check_points(point_coords: np.ndarray | None, point_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_points(
+    point_coords: np.ndarray | None, point_labels: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     if point_coords is None or point_labels is None:
-        raise ValueError("point_coords and point_labels must be given together (labels: 1 foreground, 0 background)")
+        raise ValueError(
+            "point_coords and point_labels must be given together (labels: 1 foreground, 0 background)"
+        )
     coords = np.asarray(point_coords, dtype=float)
     labels = np.asarray(point_labels)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
         raise ValueError(f"point_coords must be Nx2 (x, y) with N >= 1, got shape {coords.shape}")
     if labels.shape != (coords.shape[0],):
-        raise ValueError(f"point_labels must hold one label per point ({coords.shape[0]}), got shape {labels.shape}")
+        raise ValueError(
+            f"point_labels must hold one label per point ({coords.shape[0]}), got shape {labels.shape}"
+        )
     if not np.isfinite(coords).all():
         raise ValueError("point_coords must be finite numbers")
     if not np.isin(labels, (-1, 0, 1)).all():
-        raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding, ignored), got {sorted(set(labels.tolist()))}")
+        raise ValueError(
+            f"point_labels must be 1 (foreground), 0 (background) or -1 (padding, ignored), got {sorted(set(labels.tolist()))}"
+        )
     return coords, labels

@@ -25,7 +25,9 @@ class ResizeLongestSide:
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 -> hxwx3 uint8 with max(h, w) == target_length."""
-        height, width = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        height, width = self.get_preprocess_shape(
+            image.shape[0], image.shape[1], self.target_length
+        )
         resized = Image.fromarray(image).resize((width, height), Image.BILINEAR)
         return np.array(resized)
 
@@ -42,7 +44,9 @@ class ResizeLongestSide:
         """...x4 XYXY boxes -> Nx4 float64 in the resized frame."""
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
-    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+    def apply_coords_torch(
+        self, coords: torch.Tensor, original_size: tuple[int, ...]
+    ) -> torch.Tensor:
         """Torch version of `apply_coords`; returns float32 (as Meta's does)."""
         old_h, old_w = original_size
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
@@ -51,11 +55,16 @@ class ResizeLongestSide:
         coords[..., 1] = coords[..., 1] * (new_h / old_h)
         return coords
 
-    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+    def apply_boxes_torch(
+        self, boxes: torch.Tensor, original_size: tuple[int, ...]
+    ) -> torch.Tensor:
         """Torch version of `apply_boxes`: ...x4 XYXY -> Nx4 float32."""
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
         """Bx3xHxW uint8 tensor -> resized with the same PIL filter as `apply_image` (exact parity)."""
-        out = [torch.from_numpy(self.apply_image(x.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1) for x in image]
+        out = [
+            torch.from_numpy(self.apply_image(x.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1)
+            for x in image
+        ]
         return torch.stack(out).to(image.device)

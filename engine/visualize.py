@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-PALETTE = [(30, 144, 255), (255, 140, 0), (186, 85, 211), (0, 206, 209), (255, 215, 0), (220, 20, 60)]
+PALETTE = [
+    (30, 144, 255),
+    (255, 140, 0),
+    (186, 85, 211),
+    (0, 206, 209),
+    (255, 215, 0),
+    (220, 20, 60),
+]
 FOREGROUND = (0, 220, 0)
 BACKGROUND = (230, 0, 0)
 BOX = (255, 255, 0)
@@ -44,22 +51,42 @@ def draw_masks(
         panel = image.astype(np.float32)
         panel[mask] = (1 - alpha) * panel[mask] + alpha * colour
         panel = np.ascontiguousarray(panel.round().clip(0, 255).astype(np.uint8))
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contours, _ = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
         cv2.drawContours(panel, contours, -1, tuple(int(c) for c in colour), thickness)
         if box is not None:
             x0, y0, x1, y1 = (int(round(v)) for v in np.asarray(box).reshape(4))
             cv2.rectangle(panel, (x0, y0), (x1, y1), BOX, thickness + 1)
         if points is not None:
-            for (x, y), label in zip(np.asarray(points).reshape(-1, 2), np.asarray(labels).reshape(-1)):
+            for (x, y), label in zip(
+                np.asarray(points).reshape(-1, 2), np.asarray(labels).reshape(-1)
+            ):
                 centre = (int(round(x)), int(round(y)))
                 cv2.circle(panel, centre, radius + thickness, (255, 255, 255), -1)
                 cv2.circle(panel, centre, radius, FOREGROUND if label == 1 else BACKGROUND, -1)
         if captions is not None:
             origin = (10, int(30 * max(scale, 0.5)))
-            cv2.putText(panel, captions[i], origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8 * max(scale, 0.5), (0, 0, 0),
-                        thickness + 2, cv2.LINE_AA)
-            cv2.putText(panel, captions[i], origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8 * max(scale, 0.5),
-                        (255, 255, 255), thickness, cv2.LINE_AA)
+            cv2.putText(
+                panel,
+                captions[i],
+                origin,
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.8 * max(scale, 0.5),
+                (0, 0, 0),
+                thickness + 2,
+                cv2.LINE_AA,
+            )
+            cv2.putText(
+                panel,
+                captions[i],
+                origin,
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.8 * max(scale, 0.5),
+                (255, 255, 255),
+                thickness,
+                cv2.LINE_AA,
+            )
         panels.append(panel)
     return np.concatenate(panels, axis=1) if panels else image.copy()
 

@@ -20,29 +20,67 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model_args(parity_dir):
-    return ["--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth")]
+    return [
+        "--model",
+        str(parity_dir / "config.json"),
+        "--checkpoint",
+        str(parity_dir / "sam_small.pth"),
+    ]
 
 
-def test_predict_writes_record_masks_and_overlay_matching_the_predictor(parity_dir, model_args, tmp_path):
+def test_predict_writes_record_masks_and_overlay_matching_the_predictor(
+    parity_dir, model_args, tmp_path
+):
     image_path = parity_dir / "image.png"
-    result = runner.invoke(app, ["predict", str(image_path), *model_args, "--point", "530,250",
-                                 "--point", "900,100,0", "--multimask", "--device", "cpu",
-                                 "--out", str(tmp_path), "--save-embedding", str(tmp_path / "emb.npz")])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(image_path),
+            *model_args,
+            "--point",
+            "530,250",
+            "--point",
+            "900,100,0",
+            "--multimask",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--save-embedding",
+            str(tmp_path / "emb.npz"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "image.json").read_text())
-    assert record["image"] == {"image_id": 0, "width": 1201, "height": 673, "file_name": "image.png"}
+    assert record["image"] == {
+        "image_id": 0,
+        "width": 1201,
+        "height": 673,
+        "file_name": "image.png",
+    }
     annotations = record["annotations"]
     assert len(annotations) == 3
 
-    predictor = SamPredictor(build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth"))
+    predictor = SamPredictor(
+        build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    )
     predictor.set_image(load_image(image_path))
     points, labels = np.array([[530.0, 250.0], [900.0, 100.0]]), np.array([1, 0])
     masks, scores, _ = predictor.predict(points, labels, multimask_output=True)
     logits, _, _ = predictor.predict(points, labels, multimask_output=True, return_logits=True)
     stability = stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy()
 
-    decoded = mask_utils.decode([{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
-                                 for a in annotations]).transpose(2, 0, 1).astype(bool)
+    decoded = (
+        mask_utils.decode(
+            [
+                {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+                for a in annotations
+            ]
+        )
+        .transpose(2, 0, 1)
+        .astype(bool)
+    )
     assert np.array_equal(decoded, masks)
     for i, annotation in enumerate(annotations):
         ys, xs = np.nonzero(masks[i])
@@ -60,9 +98,25 @@ def test_predict_writes_record_masks_and_overlay_matching_the_predictor(parity_d
 
     # The saved embedding decodes the same masks without running the encoder.
     again = tmp_path / "again"
-    result = runner.invoke(app, ["predict", str(image_path), *model_args, "--point", "530,250",
-                                 "--point", "900,100,0", "--multimask", "--device", "cpu", "--out", str(again),
-                                 "--embedding", str(tmp_path / "emb.npz")])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(image_path),
+            *model_args,
+            "--point",
+            "530,250",
+            "--point",
+            "900,100,0",
+            "--multimask",
+            "--device",
+            "cpu",
+            "--out",
+            str(again),
+            "--embedding",
+            str(tmp_path / "emb.npz"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((again / "image.json").read_text()) == record
 
@@ -70,12 +124,26 @@ def test_predict_writes_record_masks_and_overlay_matching_the_predictor(parity_d
 def test_box_prompt_on_a_demo_photo(demo_photos, model_args, tmp_path):
     photo = demo_photos[0]
     height, width = load_image(photo).shape[:2]
-    result = runner.invoke(app, ["predict", str(photo), *model_args, "--box", f"10,10,{width // 2},{height // 2}",
-                                 "--device", "cpu", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(photo),
+            *model_args,
+            "--box",
+            f"10,10,{width // 2},{height // 2}",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / f"{photo.stem}.json").read_text())
     (annotation,) = record["annotations"]
-    assert annotation["segmentation"]["size"] == [height, width] and annotation["point_coords"] == []
+    assert (
+        annotation["segmentation"]["size"] == [height, width] and annotation["point_coords"] == []
+    )
     assert (tmp_path / f"{photo.stem}_overlay.png").is_file()
 
 
@@ -90,7 +158,9 @@ def test_box_prompt_on_a_demo_photo(demo_photos, model_args, tmp_path):
     ],
 )
 def test_bad_prompts_fail_with_one_line(parity_dir, model_args, tmp_path, extra, message):
-    result = runner.invoke(app, ["predict", str(parity_dir / "image.png"), *model_args, *extra, "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["predict", str(parity_dir / "image.png"), *model_args, *extra, "--out", str(tmp_path)]
+    )
     assert result.exit_code == 1
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -98,13 +168,31 @@ def test_bad_prompts_fail_with_one_line(parity_dir, model_args, tmp_path, extra,
 def test_unreadable_image_and_wrong_checkpoint_fail_clearly(parity_dir, model_args, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is not a picture")
-    result = runner.invoke(app, ["predict", str(broken), *model_args, "--point", "1,1", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["predict", str(broken), *model_args, "--point", "1,1", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 1 and str(broken) in result.output
     assert len(result.output.strip().splitlines()) == 1
 
-    result = runner.invoke(app, ["predict", str(parity_dir / "image.png"), "--model", "vit_b", "--checkpoint",
-                                 str(parity_dir / "sam_small.pth"), "--point", "1,1", "--device", "cpu",
-                                 "--out", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(parity_dir / "image.png"),
+            "--model",
+            "vit_b",
+            "--checkpoint",
+            str(parity_dir / "sam_small.pth"),
+            "--point",
+            "1,1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 1 and "does not fit vit_b" in result.output
-    result = runner.invoke(app, ["predict", str(parity_dir / "image.png"), "--point", "1,1", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["predict", str(parity_dir / "image.png"), "--point", "1,1", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 1 and "--checkpoint is required" in result.output

@@ -37,8 +37,14 @@ def test_image_embedding(parity_dir, predictor):
 @pytest.mark.parametrize("case", CASES)
 def test_predict_cases(parity_dir, predictor, case):
     reference = np.load(parity_dir / f"predict_{case}.npz")
-    prompts = {k: reference[k] for k in ("point_coords", "point_labels", "box", "mask_input") if k in reference}
-    masks, scores, low_res = predictor.predict(**prompts, multimask_output=bool(reference["multimask_output"]))
+    prompts = {
+        k: reference[k]
+        for k in ("point_coords", "point_labels", "box", "mask_input")
+        if k in reference
+    }
+    masks, scores, low_res = predictor.predict(
+        **prompts, multimask_output=bool(reference["multimask_output"])
+    )
     assert masks.dtype == bool and masks.shape == reference["masks"].shape
     assert scores.dtype == np.float32 and low_res.dtype == np.float32
     np.testing.assert_allclose(low_res, reference["low_res_logits"], rtol=0, atol=2e-3)

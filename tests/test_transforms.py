@@ -31,4 +31,6 @@ def test_image_points_and_boxes_follow_the_same_scale(demo_photos):
     boxes_t = transform.apply_boxes_torch(torch.as_tensor(boxes), size)
     np.testing.assert_allclose(boxes_t.numpy(), transform.apply_boxes(boxes, size), rtol=1e-6)
     batch = torch.as_tensor(image.copy()).permute(2, 0, 1)[None]
-    assert torch.equal(transform.apply_image_torch(batch)[0].permute(1, 2, 0), torch.as_tensor(resized))
+    assert torch.equal(
+        transform.apply_image_torch(batch)[0].permute(1, 2, 0), torch.as_tensor(resized)
+    )

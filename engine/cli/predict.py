@@ -26,7 +26,9 @@ def parse_point(text: str) -> tuple[float, float, int]:
         x, y = float(parts[0]), float(parts[1])
         label = int(parts[2]) if len(parts) == 3 else 1
     except ValueError:
-        raise ValueError(f"--point '{text}': expected x,y or x,y,label with label 1 (foreground) or 0 (background)") from None
+        raise ValueError(
+            f"--point '{text}': expected x,y or x,y,label with label 1 (foreground) or 0 (background)"
+        ) from None
     if label not in (0, 1):
         raise ValueError(f"--point '{text}': label must be 1 (foreground) or 0 (background)")
     return x, y, label
@@ -37,7 +39,9 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     try:
         x0, y0, x1, y1 = (float(p) for p in text.split(","))
     except ValueError:
-        raise ValueError(f"--box '{text}': expected x0,y0,x1,y1 (top-left and bottom-right corners, pixels)") from None
+        raise ValueError(
+            f"--box '{text}': expected x0,y0,x1,y1 (top-left and bottom-right corners, pixels)"
+        ) from None
     if not (x0 < x1 and y0 < y1):
         raise ValueError(f"--box '{text}': need x0 < x1 and y0 < y1")
     return x0, y0, x1, y1
@@ -45,17 +49,36 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 def predict(
     image: Annotated[Path, typer.Argument(help="Image file (JPEG, PNG, ...).")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="SAM state dict (.pth), e.g. sam_vit_b_01ec64.pth.")] = None,
-    model: Annotated[str, typer.Option(help="vit_b, vit_l, vit_h, or a JSON model config path.")] = "vit_b",
-    point: Annotated[Optional[list[str]], typer.Option(help="x,y[,label] in pixels; label 1 fg (default), 0 bg. Repeatable.")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="SAM state dict (.pth), e.g. sam_vit_b_01ec64.pth.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="vit_b, vit_l, vit_h, or a JSON model config path.")
+    ] = "vit_b",
+    point: Annotated[
+        Optional[list[str]],
+        typer.Option(help="x,y[,label] in pixels; label 1 fg (default), 0 bg. Repeatable."),
+    ] = None,
     box: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 box in pixels (XYXY).")] = None,
-    multimask: Annotated[bool, typer.Option("--multimask", help="Return 3 masks (ambiguous prompts) instead of 1.")] = False,
+    multimask: Annotated[
+        bool, typer.Option("--multimask", help="Return 3 masks (ambiguous prompts) instead of 1.")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/predict"),
-    device: Annotated[Device, typer.Option(help="auto: CUDA when present, else CPU.")] = Device.auto,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (GPU, and CPUs with bf16 support).")] = False,
-    embedding: Annotated[Optional[Path], typer.Option(help="Use a saved image embedding (.npz) instead of encoding.")] = None,
-    save_embedding: Annotated[Optional[Path], typer.Option(help="Also save the image embedding (.npz) here.")] = None,
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Run without a checkpoint (tests, benchmarks).")] = False,
+    device: Annotated[
+        Device, typer.Option(help="auto: CUDA when present, else CPU.")
+    ] = Device.auto,
+    bf16: Annotated[
+        bool, typer.Option("--bf16", help="bfloat16 autocast (GPU, and CPUs with bf16 support).")
+    ] = False,
+    embedding: Annotated[
+        Optional[Path], typer.Option(help="Use a saved image embedding (.npz) instead of encoding.")
+    ] = None,
+    save_embedding: Annotated[
+        Optional[Path], typer.Option(help="Also save the image embedding (.npz) here.")
+    ] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Run without a checkpoint (tests, benchmarks).")
+    ] = False,
 ) -> None:
     """Prompt SAM with points and/or a box on one image.
 
@@ -70,7 +93,9 @@ def predict(
     if not points and box_xyxy is None:
         fail("give at least one --point x,y[,label] or a --box x0,y0,x1,y1")
     if checkpoint is None and not random_weights:
-        fail("--checkpoint is required (e.g. sam_vit_b_01ec64.pth); --random-weights runs an untrained model")
+        fail(
+            "--checkpoint is required (e.g. sam_vit_b_01ec64.pth); --random-weights runs an untrained model"
+        )
 
     from engine.image_io import ImageLoadError, load_image
 
@@ -98,8 +123,10 @@ def predict(
     predictor = SamPredictor(sam, autocast_dtype=torch.bfloat16 if bf16 else None)
     if state is not None:
         if tuple(state.original_size) != (height, width):
-            fail(f"--embedding {embedding} was computed for a {state.original_size[1]}x{state.original_size[0]} "
-                 f"image, not {image} ({width}x{height})")
+            fail(
+                f"--embedding {embedding} was computed for a {state.original_size[1]}x{state.original_size[0]} "
+                f"image, not {image} ({width}x{height})"
+            )
         try:
             predictor.set_image_state(state)
         except ValueError as exc:
@@ -112,7 +139,9 @@ def predict(
     coords = np.array([[x, y] for x, y, _ in points], float) if points else None
     labels = np.array([label for _, _, label in points], np.int64) if points else None
     box_array = np.array(box_xyxy, float) if box_xyxy is not None else None
-    logits, scores, _ = predictor.predict(coords, labels, box_array, multimask_output=multimask, return_logits=True)
+    logits, scores, _ = predictor.predict(
+        coords, labels, box_array, multimask_output=multimask, return_logits=True
+    )
     record = _record(image, logits, scores, coords, box_array, sam.mask_threshold)
     masks = logits > sam.mask_threshold
 
@@ -124,13 +153,20 @@ def predict(
     record.write(out / f"{stem}.json")
     for i, mask in enumerate(masks):
         atomic_write_bytes(out / f"{stem}_mask{i}.png", encode_png(mask.astype(np.uint8) * 255))
-    captions = [f"mask {a.id}  iou {a.predicted_iou:.3f}  stability {a.stability_score:.3f}" for a in record.annotations]
+    captions = [
+        f"mask {a.id}  iou {a.predicted_iou:.3f}  stability {a.stability_score:.3f}"
+        for a in record.annotations
+    ]
     overlay = draw_masks(pixels, masks, coords, labels, box_array, captions)
     atomic_write_bytes(out / f"{stem}_overlay.png", encode_png(overlay))
     for a in record.annotations:
-        typer.echo(f"mask {a.id}: predicted_iou {a.predicted_iou:.3f} stability {a.stability_score:.3f} "
-                   f"area {a.area} bbox {a.bbox}")
-    typer.echo(f"wrote {out / f'{stem}.json'}, {len(masks)} mask PNG(s) and {out / f'{stem}_overlay.png'}")
+        typer.echo(
+            f"mask {a.id}: predicted_iou {a.predicted_iou:.3f} stability {a.stability_score:.3f} "
+            f"area {a.area} bbox {a.bbox}"
+        )
+    typer.echo(
+        f"wrote {out / f'{stem}.json'}, {len(masks)} mask PNG(s) and {out / f'{stem}_overlay.png'}"
+    )
 
 
 def _record(image_path: Path, logits, scores, coords, box, mask_threshold: float):

@@ -156,7 +156,9 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(3, batch * self.num_heads, tokens, -1).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
-            attn = add_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
+            attn = add_rel_pos(
+                attn, q, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width)
+            )
         attn = attn.softmax(dim=-1)
         x = (attn @ v).view(batch, self.num_heads, height, width, -1)
         x = x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
@@ -200,8 +202,9 @@ def relative_positions(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch
     """
     span = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != span:
-        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=span,
-                                mode="linear")
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=span, mode="linear"
+        )
         rel_pos = resized.reshape(-1, span).permute(1, 0)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)

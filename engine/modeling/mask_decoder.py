@@ -46,9 +46,12 @@ class MaskDecoder(nn.Module):
             activation(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
         )
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
 
     def forward(
         self,
@@ -102,10 +105,13 @@ class MaskDecoder(nn.Module):
         src = src.transpose(1, 2).reshape(batch, channels, height, width)
         upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
         )
         batch, channels, height, width = upscaled.shape
-        masks = (hyper_in @ upscaled.view(batch, channels, height * width)).view(batch, -1, height, width)
+        masks = (hyper_in @ upscaled.view(batch, channels, height * width)).view(
+            batch, -1, height, width
+        )
         return masks, self.iou_prediction_head(iou_token_out)
 
 
@@ -113,7 +119,12 @@ class MLP(nn.Module):
     """`num_layers` linear layers with ReLU between them (none after the last)."""
 
     def __init__(
-        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, sigmoid_output: bool = False
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        sigmoid_output: bool = False,
     ) -> None:
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)

@@ -76,7 +76,9 @@ class PromptEncoder(nn.Module):
         sparse = torch.empty((batch, 0, self.embed_dim), device=device)
         if points is not None:
             coords, labels = points
-            sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)
+            sparse = torch.cat(
+                [sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1
+            )
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
         if masks is not None:
@@ -129,7 +131,9 @@ class PositionEmbeddingRandom(nn.Module):
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0.0 else scale
-        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
+        self.register_buffer(
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
+        )
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         """...x2 coordinates in [0, 1] -> ...x(2*num_pos_feats)."""
@@ -147,7 +151,9 @@ class PositionEmbeddingRandom(nn.Module):
         x = (ones.cumsum(dim=1) - 0.5) / width
         return self._encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
 
-    def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def forward_with_coords(
+        self, coords: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
         """BxNx2 pixel coordinates (x, y) of an image of `image_size` (H, W) -> BxNxC.
 
         Normalisation runs in the input's dtype (float64 on the automatic-generator path) and the

@@ -47,14 +47,20 @@ class Sam(nn.Module):
         self.mask_threshold = mask_threshold
         self.image_format = image_format
         # Non-persistent: the official checkpoints do not hold them.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False
+        )
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
         """End-to-end prediction for a batch of images, each with its own prompts (Meta's interface).
 
         Arguments:
@@ -73,7 +79,9 @@ class Sam(nn.Module):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
-            sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
+            sparse, dense = self.prompt_encoder(
+                points, record.get("boxes"), record.get("mask_inputs")
+            )
             low_res, iou = self.mask_decoder(
                 image_embeddings=embedding.unsqueeze(0),
                 image_pe=self.prompt_encoder.get_dense_pe(),
@@ -81,8 +89,16 @@ class Sam(nn.Module):
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
             )
-            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
-            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
+            masks = self.postprocess_masks(
+                low_res, record["image"].shape[-2:], record["original_size"]
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
         return outputs
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +115,13 @@ class Sam(nn.Module):
         Upscale to the padded input square, drop the padding, then resize to the original size
         (bilinear, align_corners=False, as the model was trained).
         """
-        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(
+            masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False
+        )
         masks = masks[..., : int(input_size[0]), : int(input_size[1])]
-        return F.interpolate(masks, (int(original_size[0]), int(original_size[1])), mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            masks,
+            (int(original_size[0]), int(original_size[1])),
+            mode="bilinear",
+            align_corners=False,
+        )
