@@ -90,19 +90,22 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        # One image embedding and one positional encoding serve every prompt: broadcasting them
-        # (instead of materialising B copies) gives the same numbers with less memory traffic.
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != tokens.shape[0]:
-            src = src.expand(tokens.shape[0], -1, -1, -1)
-        pos_src = image_pe
-        batch, channels, height, width = src.shape
+        # One image embedding and one positional encoding serve every prompt. Without mask prompts
+        # the dense embedding is one vector broadcast over the batch, so the image side enters the
+        # transformer once (batch 1) and becomes per-prompt only where prompts make it differ
+        # (after the first image->token attention); broadcasting replaces Meta's B copies.
+        batch = tokens.shape[0]
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
+            dense = dense[:1]
+        src = image_embeddings + dense
+        _, channels, height, width = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        src = src.transpose(1, 2).reshape(batch, channels, height, width)
+        src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
         upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
