@@ -1,0 +1,142 @@
+"""The SAM mask decoder: output tokens + prompt tokens through the two-way transformer, then masks
+from a hypernetwork dot product with the upscaled image tokens, and one predicted IoU per mask."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.modeling.common import LayerNorm2d
+
+
+class MaskDecoder(nn.Module):
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: nn.Module,
+        num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+        layernorm2d_eps: float = 1e-6,
+    ) -> None:
+        """
+        Arguments:
+          transformer_dim (int): token / image embedding width (256).
+          transformer (nn.Module): the two-way transformer.
+          num_multimask_outputs (int): masks returned when ambiguous (3); one more token makes the
+            single-mask output.
+          iou_head_depth, iou_head_hidden_dim: the MLP predicting each mask's IoU.
+          layernorm2d_eps (float): eps of the LayerNorm2d inside the output upscaling.
+        """
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4, eps=layernorm2d_eps),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Arguments:
+          image_embeddings (torch.Tensor): 1xCxHxW (shared by every prompt) or BxCxHxW.
+          image_pe (torch.Tensor): 1xCxHxW.
+          sparse_prompt_embeddings (torch.Tensor): BxNxC.
+          dense_prompt_embeddings (torch.Tensor): BxCxHxW.
+          multimask_output (bool): return masks 1..3 (ambiguity-aware) instead of mask 0.
+        Returns:
+          (torch.Tensor): BxKx(4H)x(4W) mask logits, K = 3 or 1.
+          (torch.Tensor): BxK predicted IoU (not squashed: may leave [0, 1]).
+        """
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selected, :, :], iou_pred[:, selected]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All 1 + num_multimask_outputs masks and IoU predictions, token order [iou, masks, prompts]."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+
+        # One image embedding and one positional encoding serve every prompt. Without mask prompts
+        # the dense embedding is one vector broadcast over the batch, so the image side enters the
+        # transformer once (batch 1) and becomes per-prompt only where prompts make it differ
+        # (after the first image->token attention); broadcasting replaces Meta's B copies.
+        batch = tokens.shape[0]
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
+            dense = dense[:1]
+        src = image_embeddings + dense
+        _, channels, height, width = src.shape
+
+        hs, src = self.transformer(src, image_pe, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
+        upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        batch, channels, height, width = upscaled.shape
+        masks = (hyper_in @ upscaled.view(batch, channels, height * width)).view(
+            batch, -1, height, width
+        )
+        return masks, self.iou_prediction_head(iou_token_out)
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with ReLU between them (none after the last)."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        sigmoid_output: bool = False,
+    ) -> None:
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+        self.sigmoid_output = sigmoid_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == last else F.relu(layer(x))
+        return torch.sigmoid(x) if self.sigmoid_output else x

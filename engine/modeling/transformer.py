@@ -1,0 +1,162 @@
+"""The two-way transformer of the mask decoder: prompt tokens and image tokens attend to each other."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.modeling.common import MLPBlock
+
+
+class TwoWayTransformer(nn.Module):
+    def __init__(
+        self,
+        depth: int,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        activation: type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+    ) -> None:
+        """
+        Arguments:
+          depth (int): number of two-way blocks (2 in SAM).
+          embedding_dim (int): token width (256).
+          num_heads (int): attention heads (8).
+          mlp_dim (int): hidden width of the token MLP (2048 in the official models).
+          attention_downsample_rate (int): cross-attentions project to embedding_dim / rate.
+        """
+        super().__init__()
+        self.depth = depth
+        self.embedding_dim = embedding_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(
+                embedding_dim=embedding_dim,
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                activation=activation,
+                attention_downsample_rate=attention_downsample_rate,
+                skip_first_layer_pe=(i == 0),
+            )
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(
+            embedding_dim, num_heads, attention_downsample_rate
+        )
+        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+
+    def forward(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Arguments:
+          image_embedding (torch.Tensor): BxCxHxW.
+          image_pe (torch.Tensor): 1xCxHxW (or BxCxHxW) positional encoding of the image tokens.
+          point_embedding (torch.Tensor): BxNxC prompt (and output) tokens.
+        Returns:
+          (torch.Tensor): BxNxC processed tokens.
+          (torch.Tensor): Bx(H*W)xC processed image tokens.
+        """
+        keys = image_embedding.flatten(2).permute(0, 2, 1)
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        attn_out = self.final_attn_token_to_image(
+            q=queries + point_embedding, k=keys + key_pe, v=keys
+        )
+        queries = self.norm_final_attn(queries + attn_out)
+        return queries, keys
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Token self-attention, token->image attention, token MLP, image->token attention."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        activation: type[nn.Module],
+        attention_downsample_rate: int,
+        skip_first_layer_pe: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(embedding_dim, num_heads)
+        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_token_to_image = Attention(
+            embedding_dim, num_heads, attention_downsample_rate
+        )
+        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
+        self.norm3 = nn.LayerNorm(embedding_dim)
+        self.norm4 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_image_to_token = Attention(
+            embedding_dim, num_heads, attention_downsample_rate
+        )
+        self.skip_first_layer_pe = skip_first_layer_pe
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.skip_first_layer_pe:
+            # The first layer's tokens ARE the prompt encodings: replace, no residual, no PE re-added.
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+
+        q = queries + query_pe
+        k = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q = queries + query_pe
+        k = keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        return queries, keys
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.internal_dim = embedding_dim // downsample_rate
+        self.num_heads = num_heads
+        if self.internal_dim % num_heads != 0:
+            raise ValueError(
+                f"attention width {self.internal_dim} is not divisible by num_heads={num_heads}: "
+                "pick a head count that divides embedding_dim / downsample_rate"
+            )
+        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+        batch, heads, tokens, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self._split_heads(self.q_proj(q))
+        k = self._split_heads(self.k_proj(k))
+        v = self._split_heads(self.v_proj(v))
+        attn = q @ k.permute(0, 1, 3, 2)
+        attn = (attn / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        return self.out_proj(self._merge_heads(attn @ v))
