@@ -323,3 +323,47 @@ def _guess_variant(state: dict[str, torch.Tensor]) -> str | None:
         if config.encoder_embed_dim == pos.shape[-1] and config.encoder_depth == depth:
             return name
     return f"a ViT encoder of width {pos.shape[-1]} and depth {depth}"
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` config block: which SAM to run and where.
+
+    Attributes:
+      model (str): a `MODEL_REGISTRY` key (vit_b, vit_l, vit_h, ...) or a JSON model config path.
+      checkpoint (str | None): the state dict; None keeps random weights unless the registry entry
+        brings its own packaged checkpoint.
+      device (str): "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+      bf16 (bool): run under bfloat16 autocast (callers that honour it: predictor, generator).
+    """
+
+    model: str = "vit_b"
+    checkpoint: str | None = None
+    device: str = "auto"
+    bf16: bool = False
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given (CUDA checked)."""
+    name = "auto" if device in (None, "") else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device '{name}' is not a torch device: use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}': no CUDA device is available (use cpu or auto)")
+    return resolved
+
+
+# Registry keys whose packaged checkpoint is used when ModelConfig.checkpoint is None.
+PACKAGED_CHECKPOINTS: dict[str, Path] = {}
+
+
+def load_model(cfg: ModelConfig) -> Sam:
+    """Build the model of a `model:` block: resolve the device, load the checkpoint, eval mode."""
+    checkpoint = cfg.checkpoint
+    if checkpoint is None and str(cfg.model) in PACKAGED_CHECKPOINTS:
+        checkpoint = PACKAGED_CHECKPOINTS[str(cfg.model)]
+    return build_sam(cfg.model, checkpoint=checkpoint, device=resolve_device(cfg.device))

@@ -100,3 +100,36 @@ def encode_png(image: np.ndarray) -> bytes:
     if not ok:
         raise ValueError(f"cannot encode an image of shape {image.shape} as PNG")
     return data.tobytes()
+
+
+def overlay_masks(
+    image: np.ndarray, masks, alpha: float = 0.5, seed: int = 0
+) -> np.ndarray:
+    """Every mask on one picture, one colour per mask, outlined (the automatic generator's view).
+
+    Arguments:
+      image (np.ndarray): HxWx3 uint8 RGB.
+      masks (Iterable[np.ndarray]): HxW bool masks, drawn in the given order (pass large masks
+        first so small ones stay visible); consumed one at a time, so a generator keeps memory flat.
+      alpha (float): tint strength; seed (int): colour choice.
+    Returns:
+      (np.ndarray): HxWx3 uint8 RGB.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    canvas = image.astype(np.float32)
+    outlines = []
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        colour = rng.integers(40, 256, size=3).astype(np.float32)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
+        contours, _ = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
+        outlines.append((contours, tuple(int(c) for c in colour)))
+    out = np.ascontiguousarray(canvas.round().clip(0, 255).astype(np.uint8))
+    thickness = max(1, int(round(max(image.shape[:2]) / 1000.0)))
+    for contours, colour in outlines:
+        cv2.drawContours(out, contours, -1, colour, thickness)
+    return out

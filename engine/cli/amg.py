@@ -1,5 +1,206 @@
-from engine.cli.common import placeholder
+"""`sa-engine amg`: the automatic mask generator over images, one SA-1B JSON per image.
+
+Settings come from a config (`--config sa1b | meta-default | FILE`, blocks `model:` and `amg:`)
+plus `--set block.key=value`; the model flags are shorthands for `model.*` keys. Re-runs skip
+images whose JSON exists; unreadable inputs are listed in `OUT/skipped.jsonl` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.cli.common import fail
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+SKIPPED_FILE = "skipped.jsonl"
 
 
-def register(app):
-    placeholder(app, "amg", 3, "automatic mask generation with SA-1B settings")
+def list_inputs(source: Path) -> list[tuple[Path, Path]]:
+    """INPUT -> [(image path, output path relative to OUT without suffix)], sorted.
+
+    An image file; a folder (searched recursively for image suffixes; outputs mirror its tree);
+    or a list file (.txt/.lst: one path per line, relative paths from the list's folder, '#'
+    comments). Listed paths are taken as given, so unreadable ones reach the skipped file.
+    """
+    if source.is_dir():
+        files = sorted(
+            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        return [(p, p.relative_to(source).with_suffix("")) for p in files]
+    if not source.exists():
+        raise ValueError(f"{source} does not exist: pass an image, a folder or a list file")
+    if source.suffix.lower() in LIST_SUFFIXES:
+        entries = []
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = Path(line)
+            entries.append(path if path.is_absolute() else source.parent / path)
+        names: dict[str, int] = {}
+        out = []
+        for path in entries:
+            stem = path.stem
+            names[stem] = names.get(stem, 0) + 1
+            out.append((path, Path(stem if names[stem] == 1 else f"{stem}-{names[stem]}")))
+        return out
+    return [(source, Path(source.stem))]
+
+
+def amg(
+    input: Annotated[Path, typer.Argument(help="An image, a folder (recursive) or a list file.")],
+    out: Annotated[Path, typer.Option(help="Output folder: <name>.json per image.")] = Path(
+        "out/amg"
+    ),
+    config: Annotated[
+        str, typer.Option(help="sa1b (paper settings), meta-default, or a YAML file.")
+    ] = "sa1b",
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a config key, e.g. amg.points_per_side=16."),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="model.model: vit_b | vit_l | vit_h | JSON config.")
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="model.checkpoint: SAM state dict (.pth).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="model.device: auto | cpu | cuda.")] = None,
+    bf16: Annotated[
+        Optional[bool], typer.Option("--bf16/--no-bf16", help="model.bf16: bfloat16 autocast.")
+    ] = None,
+    overlay: Annotated[
+        bool, typer.Option("--overlay", help="Also write <name>_overlay.png, one colour per mask.")
+    ] = False,
+) -> None:
+    """Generate masks automatically (gear 3) with the SA-1B settings or any config.
+
+    Writes OUT/<name>.json ({"image": {...}, "annotations": [...]}, COCO RLE) per image, skips
+    images already done, and lists unreadable inputs with their reason in OUT/skipped.jsonl.
+    """
+    from engine.cli.config import load_config, section
+
+    overrides = list(set_ or [])
+    for key, value in (
+        ("model", model),
+        ("checkpoint", checkpoint),
+        ("device", device),
+        ("bf16", bf16),
+    ):
+        if value is not None:
+            overrides.append(f"model.{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+    from engine.amg import AmgConfig
+    from engine.model import ModelConfig
+
+    try:
+        settings = load_config(config, overrides)
+        model_cfg = section(settings, "model", ModelConfig)
+        amg_cfg = section(settings, "amg", AmgConfig)
+        inputs = list_inputs(input)
+    except ValueError as exc:
+        fail(str(exc))
+    if not inputs:
+        fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    if model_cfg.checkpoint is None:
+        fail(
+            "no checkpoint: pass --checkpoint (e.g. sam_vit_b_01ec64.pth) or set model.checkpoint "
+            "in the config"
+        )
+
+    import torch
+
+    from engine.amg import SamAutomaticMaskGenerator, image_record
+    from engine.model import load_model
+
+    try:
+        sam = load_model(model_cfg)
+        generator = SamAutomaticMaskGenerator.from_config(sam, amg_cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(i, src, out / rel.with_suffix(".json")) for i, (src, rel) in enumerate(inputs, 1)]
+    pending = [item for item in todo if not _done(item[2])]
+    typer.echo(
+        f"{len(todo)} image(s), {len(todo) - len(pending)} already done, {len(pending)} to run "
+        f"(config {config}, model {model_cfg.model} on {sam.device})",
+        err=True,
+    )
+    stats = {"images": 0, "masks": 0, "skipped": 0, "start": time.perf_counter()}
+
+    def show(item) -> str:
+        if item is None or not stats["images"]:
+            return ""
+        rate = stats["images"] / (time.perf_counter() - stats["start"])
+        return f"{rate:.2f} images/s, {stats['masks'] / stats['images']:.1f} masks/image"
+
+    autocast = (
+        torch.autocast(device_type=sam.device.type, dtype=torch.bfloat16)
+        if model_cfg.bf16
+        else None
+    )
+    with typer.progressbar(pending, label="amg", item_show_func=show, file=None) as bar:
+        for image_id, source, target in bar:
+            _one(generator, image_id, source, target, out, overlay, autocast, stats)
+    typer.echo(
+        f"done: {stats['images']} image(s), {stats['masks']} masks, {stats['skipped']} skipped"
+        + (f" (see {out / SKIPPED_FILE})" if stats["skipped"] else ""),
+        err=True,
+    )
+
+
+def _done(target: Path) -> bool:
+    try:
+        data = json.loads(target.read_text())
+        return isinstance(data, dict) and "annotations" in data
+    except (OSError, ValueError):
+        return False
+
+
+def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> None:
+    import contextlib
+
+    from engine.amg import image_record
+    from engine.image_io import ImageLoadError, load_image
+
+    try:
+        pixels = load_image(source)
+    except (ImageLoadError, OSError) as exc:
+        _skip(out, source, getattr(exc, "reason", type(exc).__name__), str(exc))
+        stats["skipped"] += 1
+        return
+    with autocast if autocast is not None else contextlib.nullcontext():
+        records = generator.generate(pixels)
+    height, width = pixels.shape[:2]
+    record = image_record(records, image_id, width, height, source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if overlay:
+        _write_overlay(pixels, record, target.with_name(target.stem + "_overlay.png"))
+    record.write(target)
+    stats["images"] += 1
+    stats["masks"] += len(record.annotations)
+
+
+def _skip(out: Path, source: Path, reason: str, detail: str) -> None:
+    line = json.dumps({"input": str(source), "reason": reason, "detail": detail})
+    with open(out / SKIPPED_FILE, "a") as handle:
+        handle.write(line + "\n")
+
+
+def _write_overlay(pixels, record, path: Path) -> None:
+    from engine import rle
+    from engine.atomic import atomic_write_bytes
+    from engine.visualize import encode_png, overlay_masks
+
+    ordered = sorted(record.annotations, key=lambda a: -a.area)
+    masks = (rle.decode(a.segmentation) for a in ordered)
+    atomic_write_bytes(path, encode_png(overlay_masks(pixels, masks)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="amg")(amg)

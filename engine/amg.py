@@ -1,0 +1,427 @@
+"""The automatic mask generator (gear 3): a grid of point prompts over the image and its crops,
+quality filters, NMS, optional small-region cleanup, SA-1B records.
+
+`SamAutomaticMaskGenerator(model, **params)` takes Meta's parameter names and gives Meta's output
+(same masks, same order, same scores) for the same parameters, plus the paper's filter that Meta's
+code lacks (`max_mask_area_fraction`: drop masks covering >= that fraction of the image). Library
+defaults are Meta's; `configs/sa1b.yaml` holds the paper's settings.
+
+What makes it fast and bounded in memory without changing the output:
+- only low-resolution logits leave the decoder; each candidate is upsampled inside its own window
+  (`engine.amg_masks`), bit-identical to `Sam.postprocess_masks` there, and nowhere else;
+- the predicted-IoU filter runs before any upsampling, the stability filter before binarising;
+- candidates are kept as full-image column-major run lengths (COCO's layout), never as HxW arrays;
+- small-region cleanup works on each mask's box (`engine.amg_regions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.amg_crops import build_all_layer_point_grids, generate_crop_boxes, near_crop_edge
+from engine.amg_masks import (
+    MaskUpsampler,
+    runs_area,
+    runs_to_mask,
+    runs_to_window,
+    tight_box,
+    window_to_runs,
+)
+from engine.amg_nms import nms
+from engine.amg_regions import clean_mask, clean_window
+from engine.predictor import SamPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+@dataclass
+class AmgConfig:
+    """The `amg:` config block: the generator's parameters. Defaults are Meta's library defaults.
+
+    Fields are `SamAutomaticMaskGenerator`'s keyword arguments (see there for their meaning).
+    """
+
+    points_per_side: int | None = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    point_grids: list[list[list[float]]] | None = None
+    min_mask_region_area: int = 0
+    output_mode: str = "binary_mask"
+    max_mask_area_fraction: float | None = None
+    decoder_batch: int = 4
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Candidates:
+    """Masks that passed the per-batch filters; boxes are inclusive XYXY in the image frame."""
+
+    runs: list[np.ndarray] = field(default_factory=list)
+    boxes: list[list[int]] = field(default_factory=list)
+    iou_preds: list[float] = field(default_factory=list)
+    stability: list[float] = field(default_factory=list)
+    points: list[list[float]] = field(default_factory=list)
+    crop_boxes: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def extend(self, other: "_Candidates") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+    def select(self, keep: torch.Tensor | np.ndarray | list[int]) -> "_Candidates":
+        index = [int(i) for i in keep]
+        return _Candidates(
+            **{name: [getattr(self, name)[i] for i in index] for name in self.__dataclass_fields__}
+        )
+
+
+class SamAutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        max_mask_area_fraction: float | None = None,
+        decoder_batch: int = 4,
+    ) -> None:
+        """
+        Arguments:
+          model (Sam): the model.
+          points_per_side (int | None): an n x n grid of point prompts on the full image (layer k
+            crops get int(n / crop_n_points_downscale_factor**k)). None when point_grids is given.
+          points_per_batch (int): point prompts per post-processing batch (memory ~ this).
+          pred_iou_thresh (float): keep masks with predicted IoU > this (0 disables).
+          stability_score_thresh (float): keep masks with stability >= this (0 disables).
+          stability_score_offset (float): logit offset of the stability score (SA-1B: 1.0).
+          box_nms_thresh (float): box IoU above which NMS drops a mask within a crop.
+          crop_n_layers (int): crop layers; layer k cuts the image into 2^k x 2^k crops.
+          crop_nms_thresh (float): box IoU of the NMS across crops (the most zoomed-in wins).
+          crop_overlap_ratio (float): crop overlap as a fraction of the short side (SA-1B 512/1500).
+          crop_n_points_downscale_factor (int): grid shrink factor per crop layer.
+          point_grids (list[np.ndarray] | None): per layer, Nx2 points in [0, 1] (x, y).
+          min_mask_region_area (int): fill holes / drop islands smaller than this (0 disables),
+            then re-run NMS (SA-1B: 100).
+          output_mode (str): "binary_mask" (HxW bool), "uncompressed_rle" or "coco_rle".
+          max_mask_area_fraction (float | None): drop masks covering >= this fraction of the image
+            (SA-1B: 0.95; None disables, as in Meta's code).
+          decoder_batch (int): prompts per mask-decoder call (small batches stay in CPU cache;
+            results do not depend on it).
+        """
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if points_per_side is not None:
+            if int(points_per_side) < 1:
+                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
+            if int(crop_n_points_downscale_factor) < 1:
+                raise ValueError("crop_n_points_downscale_factor must be >= 1")
+            grids = build_all_layer_point_grids(
+                int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor)
+            )
+            if any(len(g) == 0 for g in grids):
+                raise ValueError(
+                    f"points_per_side={points_per_side} leaves no points on crop layer "
+                    f"{crop_n_layers} with downscale {crop_n_points_downscale_factor}"
+                )
+        else:
+            grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
+            if len(grids) != int(crop_n_layers) + 1:
+                raise ValueError(
+                    f"point_grids has {len(grids)} grids; crop_n_layers={crop_n_layers} needs "
+                    f"{int(crop_n_layers) + 1} (one per layer)"
+                )
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        if int(points_per_batch) < 1 or int(decoder_batch) < 1:
+            raise ValueError("points_per_batch and decoder_batch must be >= 1")
+        if int(crop_n_layers) < 0:
+            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+        if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
+            raise ValueError(
+                f"max_mask_area_fraction must be in (0, 1] or None, got {max_mask_area_fraction}"
+            )
+        self.point_grids = grids
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = int(points_per_batch)
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = int(crop_n_layers)
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.min_mask_region_area = int(min_mask_region_area)
+        self.output_mode = output_mode
+        self.max_mask_area_fraction = max_mask_area_fraction
+        self.decoder_batch = int(decoder_batch)
+        self.upsample_chunk = 8  # masks upsampled together: bounds the full-resolution memory
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, config: AmgConfig) -> "SamAutomaticMaskGenerator":
+        return cls(model, **config.kwargs())
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Masks for an HxWx3 uint8 RGB image.
+
+        Returns:
+          (list[dict]): one record per mask, in Meta's generator order: id (int, index),
+            segmentation (HxW bool, or RLE {"size": [H, W], "counts": ...}: COCO compressed
+            string for coco_rle, column-major run lengths for uncompressed_rle), bbox XYWH (int),
+            area (int), predicted_iou (float), stability_score (float), point_coords [[x, y]]
+            (image pixels), crop_box XYWH (int).
+        """
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError("generate expects an HxWx3 uint8 RGB numpy array")
+        if image.dtype != np.uint8:
+            raise ValueError(f"generate expects a uint8 image, got {image.dtype}")
+        size = (int(image.shape[0]), int(image.shape[1]))
+        crop_boxes, layers = generate_crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = _Candidates()
+        for crop_box, layer in zip(crop_boxes, layers):
+            data.extend(self._process_crop(image, crop_box, layer, size))
+        if len(crop_boxes) > 1 and len(data):
+            crops = torch.as_tensor(data.crop_boxes, dtype=torch.int64)
+            scores = 1 / ((crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1]))
+            data = data.select(nms(torch.as_tensor(data.boxes), scores, self.crop_nms_thresh))
+        if self.min_mask_region_area > 0 and len(data):
+            data = self._clean_small_regions(data, size)
+        return self._records(data, size)
+
+    # -- one crop -------------------------------------------------------------------------------
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: list[int], layer: int, size: tuple[int, int]
+    ) -> _Candidates:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = (int(crop.shape[0]), int(crop.shape[1]))
+        self.predictor.set_image(crop)
+        upsampler = MaskUpsampler(
+            tuple(self.predictor.model.prompt_encoder.mask_input_size),
+            self.predictor.model.img_size,
+            self.predictor.input_size,
+            crop_size,
+        )
+        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        data = _Candidates()
+        local_boxes = []
+        for start in range(0, len(points), self.points_per_batch):
+            batch, boxes = self._process_batch(
+                points[start : start + self.points_per_batch], upsampler, crop_box, size
+            )
+            data.extend(batch)
+            local_boxes.extend(boxes)
+        self.predictor.reset_image()
+        if not len(data):
+            return data
+        keep = nms(torch.as_tensor(local_boxes), torch.as_tensor(data.iou_preds), self.box_nms_thresh)
+        return data.select(keep)
+
+    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits Bx3x256x256 and predicted IoUs Bx3 for single foreground points."""
+        predictor = self.predictor
+        coords = predictor.transform.apply_coords(points, predictor.original_size)
+        coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
+        model = predictor.model
+        dense_pe = model.prompt_encoder.get_dense_pe()
+        logits, ious = [], []
+        for start in range(0, coords.shape[0], self.decoder_batch):
+            part = slice(start, start + self.decoder_batch)
+            sparse, dense = model.prompt_encoder(points=(coords[part], labels[part]), boxes=None, masks=None)
+            low_res, iou = model.mask_decoder(
+                image_embeddings=predictor.features,
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+            logits.append(low_res.float())
+            ious.append(iou.float())
+        return torch.cat(logits), torch.cat(ious)
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        upsampler: MaskUpsampler,
+        crop_box: list[int],
+        size: tuple[int, int],
+    ) -> tuple[_Candidates, list[list[int]]]:
+        low_res, iou_preds = self._decode(points)
+        per_point = low_res.shape[1]
+        low_res = low_res.flatten(0, 1).cpu()
+        iou_preds = iou_preds.flatten(0, 1).cpu()
+        points = points.repeat(per_point, axis=0)
+        order = torch.arange(low_res.shape[0])
+        if self.pred_iou_thresh > 0.0:
+            order = order[iou_preds > self.pred_iou_thresh]
+        threshold = float(self.predictor.model.mask_threshold)
+        offset = self.stability_score_offset
+        x0, y0 = crop_box[0], crop_box[1]
+        image_area = size[0] * size[1]
+        out = _Candidates()
+        local_boxes = []
+        selected = order.tolist()
+        for start in range(0, len(selected), self.upsample_chunk):
+            chunk = selected[start : start + self.upsample_chunk]
+            logits = upsampler.logits(low_res[chunk])
+            high = (logits > threshold + offset).sum((1, 2), dtype=torch.int32)
+            low = (logits > threshold - offset).sum((1, 2), dtype=torch.int32)
+            stability = high / low  # float32; 0/0 = NaN, as in Meta's code
+            masks = (logits > threshold).numpy()
+            del logits
+            for k, i in enumerate(chunk):
+                score = float(stability[k])
+                if self.stability_score_thresh > 0.0 and not score >= self.stability_score_thresh:
+                    continue
+                box = tight_box(masks[k])
+                local = [0, 0, 0, 0] if box is None else list(box)
+                image_box = [local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0]
+                if near_crop_edge(np.asarray([image_box]), crop_box, size)[0]:
+                    continue
+                if box is None:
+                    window = masks[k][:0, :0]
+                else:
+                    window = masks[k][box[1] : box[3] + 1, box[0] : box[2] + 1]
+                runs = window_to_runs(window, local[1] + y0, local[0] + x0, size)
+                if (
+                    self.max_mask_area_fraction is not None
+                    and runs_area(runs) >= self.max_mask_area_fraction * image_area
+                ):
+                    continue
+                out.runs.append(runs)
+                out.boxes.append(image_box)
+                out.iou_preds.append(float(iou_preds[i]))
+                out.stability.append(score)
+                out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
+                out.crop_boxes.append(list(crop_box))
+                local_boxes.append(local)
+        return out, local_boxes
+
+    # -- after all crops ------------------------------------------------------------------------
+
+    def _clean_small_regions(self, data: _Candidates, size: tuple[int, int]) -> _Candidates:
+        """Meta's postprocess_small_regions: clean each mask, re-run NMS preferring unchanged masks."""
+        min_area = self.min_mask_region_area
+        boxes, scores, cleaned = [], [], {}
+        for i, (runs, box) in enumerate(zip(data.runs, data.boxes)):
+            if runs_area(runs) == 0:
+                boxes.append([0, 0, 0, 0])
+                scores.append(1.0)
+                continue
+            window, top, left = runs_to_window(runs, size, tuple(box), margin=1)
+            result = clean_window(window, top, left, size, min_area)
+            if result is None:
+                mask, changed = clean_mask(runs_to_mask(runs, size), min_area)
+                top = left = 0
+            else:
+                mask, changed = result
+            new_box = tight_box(mask)
+            if new_box is None:  # cannot happen (the largest island stays), kept for safety
+                new_box, changed = (0, 0, -left, -top), True
+            boxes.append([new_box[0] + left, new_box[1] + top, new_box[2] + left, new_box[3] + top])
+            scores.append(0.0 if changed else 1.0)
+            if changed:
+                cleaned[i] = (mask, top, left)
+        keep = nms(torch.as_tensor(boxes), torch.as_tensor(scores), max(self.box_nms_thresh, self.crop_nms_thresh))
+        for i in keep.tolist():
+            if i in cleaned:
+                mask, top, left = cleaned[i]
+                data.runs[i] = window_to_runs(mask, top, left, size)
+                data.boxes[i] = boxes[i]
+        return data.select(keep)
+
+    def _records(self, data: _Candidates, size: tuple[int, int]) -> list[dict[str, Any]]:
+        from engine import rle
+
+        records = []
+        for i in range(len(data)):
+            runs = data.runs[i]
+            if self.output_mode == "coco_rle":
+                segmentation: Any = rle.from_uncompressed(size, runs.tolist())
+            elif self.output_mode == "uncompressed_rle":
+                segmentation = {"size": [size[0], size[1]], "counts": runs.tolist()}
+            else:
+                segmentation = runs_to_mask(runs, size)
+            x0, y0, x1, y1 = data.boxes[i]
+            cx0, cy0, cx1, cy1 = data.crop_boxes[i]
+            records.append(
+                {
+                    "id": i,
+                    "segmentation": segmentation,
+                    "area": runs_area(runs),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "predicted_iou": data.iou_preds[i],
+                    "point_coords": [data.points[i]],
+                    "stability_score": data.stability[i],
+                    "crop_box": [cx0, cy0, cx1 - cx0, cy1 - cy0],
+                }
+            )
+        return records
+
+
+def mask_records(records: list[dict[str, Any]]) -> list["MaskRecord"]:
+    """Generator records -> SA-1B `MaskRecord`s (binary masks are encoded to COCO RLE here).
+
+    Ids are the records' ids (their index); the shard runner renumbers them per image.
+    """
+    from engine import rle
+    from engine.records import MaskRecord
+
+    out = []
+    for record in records:
+        segmentation = record["segmentation"]
+        if isinstance(segmentation, np.ndarray):
+            segmentation = rle.encode(segmentation)[0]
+        elif isinstance(segmentation.get("counts"), list):
+            segmentation = rle.from_uncompressed(segmentation["size"], segmentation["counts"])
+        out.append(
+            MaskRecord(
+                id=int(record["id"]),
+                segmentation=segmentation,
+                bbox=[int(v) for v in record["bbox"]],
+                area=int(record["area"]),
+                predicted_iou=float(record["predicted_iou"]),
+                stability_score=float(record["stability_score"]),
+                crop_box=[int(v) for v in record["crop_box"]],
+                point_coords=[[float(x), float(y)] for x, y in record["point_coords"]],
+            )
+        )
+    return out
+
+
+def image_record(
+    records: list[dict[str, Any]], image_id: int, width: int, height: int, file_name: str
+) -> "ImageRecord":
+    """Generator records of one image -> an SA-1B `ImageRecord` ({"image": ..., "annotations": ...})."""
+    from engine.records import ImageMeta, ImageRecord
+
+    meta = ImageMeta(image_id=int(image_id), width=int(width), height=int(height), file_name=file_name)
+    return ImageRecord(meta, mask_records(records))

@@ -1,0 +1,221 @@
+"""Automatic mask generator: the exactness-critical helpers against reference computations, the
+generator on the parity fixture, and the `amg` CLI on a real photo."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from engine import rle
+from engine.amg import AmgConfig, SamAutomaticMaskGenerator, image_record
+from engine.amg_crops import generate_crop_boxes, near_crop_edge
+from engine.amg_masks import MaskUpsampler, runs_area, runs_to_mask, runs_to_window, window_to_runs
+from engine.amg_nms import nms
+from engine.amg_regions import clean_mask, clean_window
+
+
+def _reference_nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep, dead = [], set()
+    for pos, i in enumerate(order):
+        if i in dead:
+            continue
+        keep.append(i)
+        for j in order[pos + 1 :]:
+            w = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
+            h = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
+            inter = np.float32(w * h)
+            if inter / np.float32(area[i] + area[j] - inter) > np.float32(thresh):
+                dead.add(j)
+    return keep
+
+
+def test_nms_matches_greedy_reference_with_ties():
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, 50, size=(300, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(1, 30, size=(300, 2))], 1).astype(np.float32)
+    scores = rng.integers(0, 5, size=300).astype(np.float32)  # many exact ties
+    got = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).tolist()
+    assert got == _reference_nms(boxes, scores, 0.5)
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.7).numel() == 0
+
+
+def test_crop_boxes_and_edge_filter():
+    boxes, layers = generate_crop_boxes((673, 1201), 1, 512 / 1500 * 1.0)
+    assert boxes[0] == [0, 0, 1201, 673] and layers == [0, 1, 1, 1, 1]
+    # the parity fixture's crops for overlap ratio 0.3413...: x outer, y inner
+    boxes, _ = generate_crop_boxes((673, 1201), 1, 0.3413333333333333)
+    assert boxes[1:] == [[0, 0, 715, 451], [0, 222, 715, 673], [486, 0, 1201, 451], [486, 222, 1201, 673]]
+    assert len(generate_crop_boxes((1500, 2000), 2, 512 / 1500)[0]) == 21
+    crop = [486, 0, 1201, 451]
+    drop = near_crop_edge(np.array([[500, 10, 600, 100], [600, 10, 700, 440], [600, 0, 1200, 100]]), crop, (673, 1201))
+    assert drop.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("input_size,size", [((574, 1024), (673, 1201)), ((1024, 683), (1500, 1000)), ((1024, 1024), (451, 451))])
+def test_upsampler_is_bit_identical_to_postprocess_masks(input_size, size):
+    low = torch.randn(3, 256, 256) * 5
+    ref = F.interpolate(low[:, None], (1024, 1024), mode="bilinear", align_corners=False)
+    ref = ref[..., : input_size[0], : input_size[1]]
+    ref = F.interpolate(ref, size, mode="bilinear", align_corners=False)[:, 0]
+    got = MaskUpsampler((256, 256), 1024, input_size, size).logits(low)
+    assert torch.equal(got, ref)
+
+
+def test_runs_match_pycocotools_and_decode_back():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        h, w = rng.integers(1, 40, size=2)
+        mask = rng.random((h, w)) > rng.random()
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        sub = mask[y0:, x0:]
+        full = np.zeros((h, w), bool)
+        full[y0:, x0:] = sub
+        runs = window_to_runs(sub, y0, x0, (h, w))
+        expected = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode()
+        assert rle.from_uncompressed((h, w), runs.tolist())["counts"] == expected
+        assert np.array_equal(runs_to_mask(runs, (h, w)), full)
+        assert runs_area(runs) == full.sum()
+        if full.any():
+            rows, cols = np.nonzero(full)
+            box = (cols.min(), rows.min(), cols.max(), rows.max())
+            window, top, left = runs_to_window(runs, (h, w), box, margin=1)
+            assert np.array_equal(window, full[top : top + window.shape[0], left : left + window.shape[1]])
+
+
+def test_window_cleanup_equals_whole_image_cleanup():
+    import cv2
+
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        h, w = 60, 80
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(rng.integers(1, 5)):
+            cv2.circle(mask, tuple(int(v) for v in rng.integers(0, 80, 2)), int(rng.integers(1, 12)), 1, -1)
+        mask = mask.astype(bool) ^ (rng.random((h, w)) > 0.97)  # holes and specks
+        if not mask.any():
+            continue
+        expected, changed = clean_mask(mask, 20)
+        rows, cols = np.nonzero(mask)
+        x0, y0, x1, y1 = cols.min(), rows.min(), cols.max(), rows.max()
+        top, left = max(y0 - 1, 0), max(x0 - 1, 0)
+        window = mask[top : min(y1 + 2, h), left : min(x1 + 2, w)]
+        result = clean_window(window, top, left, (h, w), 20)
+        if result is None:
+            continue
+        got = np.zeros_like(mask)
+        got[top : top + window.shape[0], left : left + window.shape[1]] = result[0]
+        assert result[1] == changed and np.array_equal(got, expected), trial
+
+
+@pytest.fixture(scope="module")
+def small_sam(parity_dir):
+    from engine.model import ModelConfig, load_model
+
+    return load_model(
+        ModelConfig(model=str(parity_dir / "config.json"), checkpoint=str(parity_dir / "sam_small.pth"), device="cpu")
+    )
+
+
+def test_generator_records_and_filters(small_sam, parity_dir):
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")[::4, ::4].copy()  # 169 x 301: quick
+    params = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="coco_rle")
+    records = SamAutomaticMaskGenerator(small_sam, **params).generate(image)
+    assert records and [r["id"] for r in records] == list(range(len(records)))
+    for r in records:
+        mask = rle.decode(r["segmentation"])
+        assert mask.shape == image.shape[:2] and mask.sum() == r["area"]
+        ys, xs = np.nonzero(mask)
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert r["crop_box"] == [0, 0, image.shape[1], image.shape[0]]
+    binary = SamAutomaticMaskGenerator(small_sam, **{**params, "output_mode": "binary_mask"}).generate(image)
+    assert [b["area"] for b in binary] == [r["area"] for r in records]
+    assert all(np.array_equal(b["segmentation"], rle.decode(r["segmentation"])) for b, r in zip(binary, records))
+    # the paper's 95% filter drops exactly the masks covering >= the fraction
+    fraction = float(np.median([r["area"] for r in records])) / (image.shape[0] * image.shape[1])
+    kept = SamAutomaticMaskGenerator(small_sam, **params, max_mask_area_fraction=fraction).generate(image)
+    assert all(r["area"] < fraction * image.shape[0] * image.shape[1] for r in kept)
+    assert 0 < len(kept) < len(records)
+    record = image_record(records, 7, image.shape[1], image.shape[0], "x.png").to_json()
+    assert record["image"]["image_id"] == 7 and len(record["annotations"]) == len(records)
+    with pytest.raises(ValueError, match="points_per_side"):
+        SamAutomaticMaskGenerator(small_sam, points_per_side=None)
+    with pytest.raises(ValueError, match="output_mode"):
+        SamAutomaticMaskGenerator(small_sam, output_mode="png")
+
+
+def test_configs_are_the_documented_settings():
+    from engine.cli.config import load_config, section
+    from engine.model import ModelConfig
+
+    sa1b = section(load_config("sa1b"), "amg", AmgConfig)
+    assert (sa1b.points_per_side, sa1b.crop_n_layers, sa1b.crop_n_points_downscale_factor) == (32, 2, 2)
+    assert (sa1b.pred_iou_thresh, sa1b.stability_score_thresh, sa1b.min_mask_region_area) == (0.88, 0.95, 100)
+    assert sa1b.max_mask_area_fraction == 0.95 and abs(sa1b.crop_overlap_ratio - 512 / 1500) < 1e-12
+    meta = section(load_config("meta-default"), "amg", AmgConfig)
+    assert (meta.crop_n_layers, meta.min_mask_region_area, meta.max_mask_area_fraction) == (0, 0, None)
+    assert section(load_config("sa1b"), "model", ModelConfig).device == "auto"
+
+
+@pytest.mark.skipif(not os.environ.get("SA_ENGINE_SLOW"), reason="parity run B takes ~1-3 min on 2 CPUs: bench/bench_amg.py runs it (or set SA_ENGINE_SLOW=1)")
+def test_parity_set_b(small_sam, parity_dir):
+    from engine.image_io import load_image
+
+    meta = json.loads((parity_dir / "amg_binary_mask_meta.json").read_text())
+    ref = np.load(parity_dir / "amg_binary_mask.npz")
+    image = load_image(parity_dir / "image.png")
+    out = SamAutomaticMaskGenerator(small_sam, **meta["params"]).generate(image)
+    assert len(out) == len(ref["area"])
+    h, w = image.shape[:2]
+    masks = np.unpackbits(ref["masks_packed"], axis=1, count=h * w).reshape(-1, h, w).astype(bool)
+    for i, r in enumerate(out):
+        assert r["bbox"] == ref["bbox_xywh"][i].tolist() and r["crop_box"] == ref["crop_box_xywh"][i].tolist()
+        assert abs(r["predicted_iou"] - ref["predicted_iou"][i]) < 1e-3
+        assert abs(r["stability_score"] - ref["stability_score"][i]) < 1e-3
+        inter, union = (r["segmentation"] & masks[i]).sum(), (r["segmentation"] | masks[i]).sum()
+        assert inter / union >= 0.999
+
+
+def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos):
+    from typer.testing import CliRunner
+
+    from engine.cli.main import app
+
+    if not demo_photos:
+        pytest.skip("demo/photos has no photos")
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / demo_photos[0].name).write_bytes(demo_photos[0].read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = [
+        "amg", str(folder), "--out", str(out), "--config", "sa1b",
+        "--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth"),
+        "--device", "cpu", "--set", "amg.points_per_side=4", "--set", "amg.crop_n_layers=0",
+        "--set", "amg.pred_iou_thresh=0.0", "--set", "amg.stability_score_thresh=0.0", "--overlay",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    target = out / "sub" / (demo_photos[0].stem + ".json")
+    record = json.loads(target.read_text())
+    assert record["image"]["file_name"] == demo_photos[0].name and record["annotations"]
+    first = record["annotations"][0]
+    assert rle.decode(first["segmentation"]).sum() == first["area"]
+    assert (out / "sub" / (demo_photos[0].stem + "_overlay.png")).stat().st_size > 0
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 1 and skipped[0]["input"].endswith("broken.jpg") and skipped[0]["reason"]
+    stamp = target.stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "1 already done" in again.output
+    assert target.stat().st_mtime_ns == stamp
+    bad = CliRunner().invoke(app, args[:-1] + ["--set", "amg.no_such_key=1"])
+    assert bad.exit_code != 0 and "no_such_key" in bad.output
