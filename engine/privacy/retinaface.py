@@ -326,12 +326,15 @@ def ensure_converted(graph_path: str | Path, cache_dir: str | Path) -> Converted
             and record.get("sha256") == actual
         ):
             return ConvertedWeights(target, actual)
-    from engine.atomic import atomic_path, atomic_write_json
+    import io
+
+    from engine.atomic import atomic_write_bytes, atomic_write_json
 
     state = convert_graph(graph_path)
-    with atomic_path(target) as tmp:
-        torch.save(state, tmp)
-    actual = hashlib.sha256(target.read_bytes()).hexdigest()
+    buffer = io.BytesIO()  # saved from memory: torch names the archive after the file it writes
+    torch.save(state, buffer)
+    atomic_write_bytes(target, buffer.getvalue())
+    actual = hashlib.sha256(buffer.getvalue()).hexdigest()
     atomic_write_json(
         sums,
         {"graph_sha256": GRAPH_SHA256, "converter": CONVERTER_VERSION, "sha256": actual},
