@@ -101,7 +101,11 @@ def run_dataset(privacy: PrivacyFilter, data: Path, name: str, kind: str, limit:
     hits = np.array([c for _, c in rows], bool)
 
     def recall(sel: np.ndarray) -> str:
-        return f"{hits[sel].mean():.3f} ({int(hits[sel].sum())}/{int(sel.sum())})" if sel.any() else "n/a"
+        return (
+            f"{hits[sel].mean():.3f} ({int(hits[sel].sum())}/{int(sel.sum())})"
+            if sel.any()
+            else "n/a"
+        )
 
     out = {
         "dataset": name,

@@ -132,5 +132,7 @@ def test_blur_cli_errors(tmp_path, photos):
     assert missing.exit_code == 1 and "does not exist" in missing.output
     same = runner.invoke(app, ["blur", str(photos), "--out", str(photos)])
     assert same.exit_code == 1 and "overwrite the originals" in same.output
-    bad = runner.invoke(app, ["blur", str(photos), "--out", str(tmp_path / "o"), "--set", "privacy.margin=0.5"])
+    bad = runner.invoke(
+        app, ["blur", str(photos), "--out", str(tmp_path / "o"), "--set", "privacy.margin=0.5"]
+    )
     assert bad.exit_code == 1 and "privacy.margin" in bad.output

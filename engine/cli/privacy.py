@@ -59,7 +59,9 @@ def encode_like(image, name: str, jpeg_quality: int) -> bytes:
 
 
 def blur(
-    input: Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).")],
+    input: Annotated[
+        Path, typer.Argument(help="An image file or a folder (searched recursively).")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder (blurred images, detections.jsonl).")],
     config: Annotated[
         str, typer.Option(help="Config name in configs/ (sa1b, meta-default) or a YAML path.")
@@ -80,7 +82,8 @@ def blur(
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out '{out}' is a file: pass a folder")
         if input.exists() and (
-            out.resolve() == input.resolve() or (input.is_file() and out.resolve() == input.parent.resolve())
+            out.resolve() == input.resolve()
+            or (input.is_file() and out.resolve() == input.parent.resolve())
         ):
             raise ValueError(
                 f"--out '{out}' would overwrite the originals: pass a different folder"
@@ -99,11 +102,15 @@ def blur(
             result = privacy.blur(rgb)
             data = encode_like(result.image, rel, cfg.jpeg_quality)
         except ImageLoadError as err:
-            skipped.append({"file": rel, "reason": err.reason, "detail": f"{err.detail} ({err.fix})"})
+            skipped.append(
+                {"file": rel, "reason": err.reason, "detail": f"{err.detail} ({err.fix})"}
+            )
             typer.echo(f"skipped {rel}: {err.detail} ({err.fix})", err=True)
             continue
         except Exception as exc:  # one bad image never stops the run
-            skipped.append({"file": rel, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"})
+            skipped.append(
+                {"file": rel, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
+            )
             typer.echo(f"skipped {rel}: {type(exc).__name__}: {exc}", err=True)
             continue
         atomic_write_bytes(out / rel, data)

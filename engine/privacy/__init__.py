@@ -11,4 +11,11 @@ from engine.privacy.config import PrivacyConfig
 from engine.privacy.detectors import Detection
 from engine.privacy.stage import BlurResult, PrivacyFilter, PrivacyStage, run_privacy
 
-__all__ = ["PrivacyConfig", "Detection", "BlurResult", "PrivacyFilter", "PrivacyStage", "run_privacy"]
+__all__ = [
+    "PrivacyConfig",
+    "Detection",
+    "BlurResult",
+    "PrivacyFilter",
+    "PrivacyStage",
+    "run_privacy",
+]

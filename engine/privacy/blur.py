@@ -18,7 +18,9 @@ from engine.privacy.detectors import Detection
 PIXELATE_CELLS = 6
 
 
-def enlarge(box: Iterable[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+def enlarge(
+    box: Iterable[float], margin: float, width: int, height: int
+) -> tuple[int, int, int, int]:
     """Scale an XYXY box by `margin` about its centre, round outwards and clip to the image."""
     x0, y0, x1, y1 = (float(v) for v in box)
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * margin / 2, (y1 - y0) * margin / 2
@@ -82,7 +84,9 @@ def blur_regions(
         if mode == "pixelate":
             cells = max(1.0, min(rh, rw) / PIXELATE_CELLS)
             small = cv2.resize(
-                crop, (max(1, round(rw / cells)), max(1, round(rh / cells))), interpolation=cv2.INTER_AREA
+                crop,
+                (max(1, round(rw / cells)), max(1, round(rh / cells))),
+                interpolation=cv2.INTER_AREA,
             )
             crop = cv2.resize(small, (rw, rh), interpolation=cv2.INTER_NEAREST)
         sigma = max(1.0, strength * min(rh, rw))

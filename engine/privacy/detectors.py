@@ -188,7 +188,10 @@ class PlatedetDetector:
         self.cfg = cfg
         path = package_file("platedet", "artifacts/platedet.onnx")
         providers = ["CPUExecutionProvider"]
-        if _device(cfg.device) == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if (
+            _device(cfg.device) == "cuda"
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -231,7 +234,9 @@ class PlatedetDetector:
         nw, nh = max(1, round(w * r)), max(1, round(h * r))
         left, top = (self.INPUT - nw) // 2, (self.INPUT - nh) // 2
         canvas = np.full((self.INPUT, self.INPUT, 3), 114, np.uint8)  # Ultralytics letterbox grey
-        canvas[top : top + nh, left : left + nw] = cv2.resize(window, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        canvas[top : top + nh, left : left + nw] = cv2.resize(
+            window, (nw, nh), interpolation=cv2.INTER_LINEAR
+        )
         x = (canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0).astype(np.float16)
         pred = self.session.run(None, {self.input: x})[0][0].astype(np.float32)  # 37 x 8400
         score = pred[4]

@@ -103,9 +103,11 @@ def tensor_to_numpy(tensor: Any) -> np.ndarray:
         if len(values):
             flat = np.asarray(list(values), dtype=dtype)
             count = int(np.prod(shape)) if shape else 1
-            return (np.broadcast_to(flat[-1:], (count,)) if flat.size == 1 else flat).reshape(
-                shape
-            ).copy()
+            return (
+                (np.broadcast_to(flat[-1:], (count,)) if flat.size == 1 else flat)
+                .reshape(shape)
+                .copy()
+            )
     return np.zeros(shape, dtype=dtype)
 
 

