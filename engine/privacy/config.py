@@ -35,7 +35,7 @@ class PrivacyConfig:
 
     face_backend: str = "retinaface"
     plate_backend: str = "platedet"
-    face_score: float = 0.6
+    face_score: float = 0.5
     plate_score: float = 0.35
     face_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
     upscaled_max_face: float = 40.0
@@ -49,7 +49,7 @@ class PrivacyConfig:
     blur_strength: float = 0.2
     jpeg_quality: int = 92
     cache_dir: str = "~/.cache/sa-engine"
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("face_score", "plate_score"):
