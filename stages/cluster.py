@@ -31,12 +31,10 @@ def ray_session(config: RayConfig) -> Iterator[str]:
     if ray.is_initialized():
         yield f"the Ray already running in this process ({_nodes()} node(s))"
         return
-    address = resolve_address(config)
     if address:
         ray.init(address=address, log_to_driver=False)
         where = f"cluster {address} ({_nodes()} node(s))"
     else:
-        os.environ[LOOPBACK_ENV] = "0"  # inherited by every Ray process this driver starts
         ray.init(
             address="local",
             num_cpus=config.num_cpus,
@@ -48,6 +46,18 @@ def ray_session(config: RayConfig) -> Iterator[str]:
         yield where
     finally:
         ray.shutdown()
+
+
+def local_only() -> None:
+    """Keep the Ray this process starts on 127.0.0.1: the variable is read by every Ray process
+    it starts, and by `ray` itself when first imported (if it already was, its constant is set
+    to the same value, which is what the variable would have done)."""
+    import sys
+
+    os.environ[LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _nodes() -> int:

@@ -114,10 +114,13 @@ def auto(
             fail(f"--checkpoint {checkpoint} does not exist: pass a SAM state dict (.pth)")
         sets.append(f"model.checkpoint={checkpoint.resolve()}")
     st, cfg, ray_cfg = _setup(store, config, sets, address)
+    from engine.amg import AmgConfig
+    from engine.cli.config import section
+    from engine.model import ModelConfig
     from stages.auto import auto_spec
 
     try:
-        spec, meta = auto_spec(cfg)
+        spec, meta = auto_spec(section(cfg, "model", ModelConfig), section(cfg, "amg", AmgConfig))
     except ValueError as err:
         fail(str(err))
     _run(st, spec, round_, ray_cfg, shard, meta)
