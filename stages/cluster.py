@@ -26,6 +26,9 @@ def ray_session(config: RayConfig) -> Iterator[str]:
     advertise and listen on 127.0.0.1 only; it stops when the command ends. A Ray already
     initialised in this process (tests, notebooks) is used as it is.
     """
+    address = resolve_address(config)
+    if not address:
+        local_only()
     import ray
 
     if ray.is_initialized():
