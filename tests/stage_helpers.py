@@ -34,3 +34,14 @@ def finish_raw(row, raw):
     if row.image_id == 2:
         raise ValueError("post-processing failed on image 2")
     return StageResult(masks=[MaskRecord.from_json(r) for r in raw])
+
+
+def make_fails_once(flag: str):
+    """Classical masks; the first model actor ever built fails in its constructor (a node that
+    cannot load the model), which fails the whole pipeline attempt. `flag`: a file marking it."""
+    import os
+
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        raise RuntimeError("model actor failed to start (first attempt)")
+    return make_failing([])

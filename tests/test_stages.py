@@ -156,3 +156,22 @@ def test_pipeline_matches_single_process_runner(tmp_path, local_ray, demo_photos
     redo = run_pipeline(store, spec, 0, RayConfig(progress=False))
     assert redo["processed"] == ["shard-000002"]
     assert (folder / "shard-000002.annotations.parquet").read_bytes() == table
+
+
+@pytest.mark.slow
+def test_failed_attempt_is_retried_over_unfinished_shards(tmp_path, local_ray, small_store):
+    from stage_helpers import make_fails_once
+
+    flag = tmp_path / "failed-once"
+    spec = StageSpec("classical", make_fails_once, {"flag": str(flag)}, uses_model=False)
+    record = run_pipeline(small_store, spec, 0, RayConfig(progress=False))
+    assert flag.exists() and record["state"] == "finished" and record["attempts"] == 2
+    assert "failed to start" in record["failures"][0]["error"]
+    assert sorted(record["processed"]) == small_store.shards() and record["images"] == 6
+    flag.unlink()  # every attempt fails now: a clear error, and the run record says so
+    (small_store.stage_dir("classical", 0) / "shard-000001.done.json").unlink()
+    bad = StageSpec("classical", make_fails_once, {"flag": str(flag)}, uses_model=False)
+    with pytest.raises(RuntimeError, match="1 shard\\(s\\) unfinished after 1 attempt"):
+        run_pipeline(small_store, bad, 0, RayConfig(progress=False, max_attempts=1))
+    failed = sorted((small_store.root / "runs" / "classical").glob("*.json"))[-1]
+    assert json.loads(failed.read_text())["state"] == "failed"
