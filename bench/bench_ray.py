@@ -1,0 +1,203 @@
+"""Ray pipeline vs one plain process: the automatic gear (gear 3) on real photos.
+
+    python bench/bench_ray.py                      # 20, 50, 200 images, parity fixture model
+    python bench/bench_ray.py --sizes 20 200 --points-per-side 8 --stage classical
+
+For each image count N it builds a store of N real photos (demo/photos + ../shared/data/images/coco,
+downscaled to --short-side px and, where N exceeds the photos at hand, repeated with a one-pixel
+change so the store keeps every copy), then runs the same per-image work twice, each in a fresh
+subprocess: `sharding.run_stage` in one plain process, and `stages.run_pipeline` on an embedded
+local Ray (model actors sized from the machine). It prints the throughput of both, their ratio
+(target >= 0.9) and the peak memory of each run's whole process tree (sum of PSS, so Ray's shared
+object store is counted once), which should stay flat as N grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "sam_parity"
+
+
+def photos() -> list[Path]:
+    found = sorted((ROOT / "demo" / "photos").glob("*.jpg"))
+    found += sorted((SHARED / "data" / "images").glob("*/*.jpg"))
+    return found
+
+
+def make_folder(folder: Path, count: int, short_side: int) -> None:
+    """`count` distinct JPEGs made from the real photos (downscaled; copies differ by one pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.image_io import load_image
+
+    sources = photos()
+    if len(sources) < 20:
+        raise SystemExit(f"need >= 20 real photos, found {len(sources)} (is {SHARED} there?)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        source = sources[i % len(sources)]
+        rgb = load_image(source.read_bytes(), name=str(source)).copy()
+        h, w = rgb.shape[:2]
+        scale = short_side / min(h, w)
+        if scale < 1:
+            rgb = np.asarray(
+                Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            ).copy()
+        rgb[0, 0] = (i % 256, (i // 256) % 256, 17)  # copies of a photo stay distinct images
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "JPEG", quality=92)
+        (folder / f"photo_{i:04d}.jpg").write_bytes(buffer.getvalue())
+
+
+def stage_parts(args):
+    """(stage name, StageSpec, factory of the plain per-image function) for --stage."""
+    from sharding.runner import StageResult
+    from stages.classical import classical_spec, make_classical
+
+    if args.stage == "classical":
+        return "classical", classical_spec(), make_classical
+    from engine.amg import AmgConfig
+    from engine.model import ModelConfig
+    from stages.auto import auto_spec, finish_auto, make_auto
+
+    model = ModelConfig(model=str(FIXTURE / "config.json"), checkpoint=str(FIXTURE / "sam_small.pth"))
+    amg = AmgConfig(points_per_side=args.points_per_side, pred_iou_thresh=0.5,
+                    stability_score_thresh=0.5)
+    spec, _ = auto_spec(model, amg)
+
+    def plain():
+        fn = make_auto(**spec.make_kwargs)
+        return lambda row, rgb: finish_auto(row, fn(row, rgb))
+
+    return "auto", spec, plain
+
+
+def one_run(args) -> None:
+    """Child process: one measured run; prints a JSON line."""
+    from sharding.manifest import ingest
+    from sharding.store import Store
+
+    store = Store.create(Path(args.store))
+    if not store.shards():
+        ingest(args.folder, store, shard_size=args.shard_size)
+    images = len(store.manifest())
+    t0 = time.perf_counter()
+    name, spec, plain = stage_parts(args)
+    if args.one == "plain":
+        from sharding.runner import run_stage
+
+        process = plain()
+        setup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        report = run_stage(store, name, 0, process)
+        seconds, masks = time.perf_counter() - t1, report.annotations
+    else:
+        from stages.cluster import ray_session
+        from stages.config import RayConfig
+        from stages.pipeline import run_pipeline
+
+        config = RayConfig(progress=False)
+        with ray_session(config) as where:
+            setup = time.perf_counter() - t0
+            record = run_pipeline(store, spec, 0, config, where=where)
+        seconds, masks = record["seconds"], record["annotations"]
+    print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "masks": masks}))
+
+
+def peak_pss(proc: subprocess.Popen) -> tuple[dict, float]:
+    """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB)."""
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_pss(proc.pid))
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, err = proc.communicate()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20
+
+
+def tree_pss(root: int) -> int:
+    """Summed PSS (KiB) of `root` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 50, 200])
+    parser.add_argument("--stage", choices=["auto", "classical"], default="auto")
+    parser.add_argument("--points-per-side", type=int, default=4)
+    parser.add_argument("--short-side", type=int, default=320)
+    parser.add_argument("--shard-size", type=int, default=10)
+    parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one_run(args)
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    print(f"stage {args.stage}, points_per_side {args.points_per_side}, photos downscaled to "
+          f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}")
+    print(f"{'images':>6} {'plain img/s':>11} {'ray img/s':>9} {'ratio':>6} "
+          f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8}")
+    with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
+        for n in args.sizes:
+            folder = Path(tmp) / f"photos-{n}"
+            make_folder(folder, n, args.short_side)
+            results = {}
+            for mode in ("plain", "ray"):
+                cmd = [sys.executable, __file__, "--one", mode, "--store", f"{tmp}/{mode}-{n}",
+                       "--folder", str(folder), "--stage", args.stage,
+                       "--points-per-side", str(args.points_per_side),
+                       "--shard-size", str(args.shard_size)]
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                results[mode] = peak_pss(proc)
+            (plain, plain_gib), (ray, ray_gib) = results["plain"], results["ray"]
+            assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
+            p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
+            r_init = n / (ray["seconds"] + ray["setup"])
+            print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
+                  f"{r_init / p_rate:>8.2f} {plain_gib:>9.2f} {ray_gib:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
