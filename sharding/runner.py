@@ -37,11 +37,14 @@ class StageResult:
     masks: in the image's store frame (manifest width x height); their ids are replaced.
     image: an encoded output image (JPEG/PNG bytes) of the same size, e.g. the blurred photo.
     meta: per-image facts kept beside the output image (e.g. {"faces": 2, "plates": 0}).
+    effort: one dict per mask, in the order of `masks`, for the gears with annotators (clicks,
+      iou, seconds, prefilled, annotator; see `sharding.tables.ANNOTATIONS`); empty otherwise.
     """
 
     masks: list[MaskRecord] = field(default_factory=list)
     image: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    effort: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: ImageRecord) -> "StageResult":
@@ -82,12 +85,19 @@ def pending_shards(store: Store, stage: str, round_: int) -> list[str]:
 
 
 def process_shard(
-    store: Store, stage: str, round_: int, shard: str, process: ProcessFn
+    store: Store,
+    stage: str,
+    round_: int,
+    shard: str,
+    process: ProcessFn,
+    meta: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run `process` over one shard and commit its output. Returns the completion record.
 
     A broken image (undecodable, or `process` raising, or output of the wrong size) is recorded
-    in the shard's quarantine list with its reason and the shard goes on.
+    in the shard's quarantine list with its reason and the shard goes on. `meta`, called once the
+    shard's images are done, gives the completion record's `meta` (e.g. an annotator's settings
+    and the masks it gave up on).
     """
     out = ShardOutput()
     for row in store.iter_shard(shard):
@@ -105,6 +115,10 @@ def process_shard(
                 for k, m in enumerate(result.masks)
             ]
             _check_frame(row, rgb, masks)
+            if result.effort and len(result.effort) != len(masks):
+                raise ValueError(
+                    f"{len(result.effort)} effort entries for {len(masks)} masks: give one per mask"
+                )
             if result.image is not None:
                 shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
                 if shown.shape != rgb.shape:
@@ -117,9 +131,12 @@ def process_shard(
             continue
         out.done.append(row.image_id)
         out.masks.extend((row.image_id, m) for m in masks)
+        out.effort.update((m.id, spent) for m, spent in zip(masks, result.effort))
         if result.image is not None:
             out.images[row.image_id] = result.image
             out.image_info[row.image_id] = (rgb.shape[1], rgb.shape[0], result.meta)
+    if meta is not None:
+        out.meta = meta()
     return store.write_shard_output(stage, round_, shard, out)
 
 
@@ -130,6 +147,7 @@ def run_stage(
     process: ProcessFn,
     shards: list[str] | None = None,
     on_shard: Callable[[str, dict[str, Any]], None] | None = None,
+    meta: Callable[[], dict[str, Any]] | None = None,
 ) -> RunReport:
     """Process every pending shard (or the given ones, if pending) in order; skip finished ones.
 
@@ -139,6 +157,7 @@ def run_stage(
       process (ProcessFn): (ImageRow, HxWx3 uint8 RGB) -> StageResult.
       shards (list[str] | None): restrict to these shards.
       on_shard: called with (shard, completion record) after each shard is committed.
+      meta: called after each shard's images, gives its completion record's `meta`.
     """
     check_stage(stage, round_)
     started, t0 = utc_now(), time.perf_counter()
@@ -160,7 +179,7 @@ def run_stage(
         if shard not in todo:
             report.skipped.append(shard)
             continue
-        record = process_shard(store, stage, round_, shard, process)
+        record = process_shard(store, stage, round_, shard, process, meta)
         report.processed.append(shard)
         report.images += record["counts"]["images"]
         report.annotations += record["counts"]["annotations"]
