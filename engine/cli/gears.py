@@ -159,5 +159,26 @@ def assisted(
     )
 
 
+def report(
+    store: StoreArg,
+    out: Annotated[
+        Optional[Path], typer.Option(help="also write effort.json, effort.txt and effort.png here")
+    ] = None,
+) -> None:
+    """Annotation effort per gear and model round: masks per image, clicks per mask, IoU at
+    acceptance, seconds per mask, prefilled vs added (a table; --out adds a PNG plot)."""
+    from engine.gears.effort import effort_rows, format_table, write_report
+
+    s = open_store(store)
+    rows = effort_rows(s)
+    if not rows:
+        fail(f"{store} has no finished gear 1 or 2 shards: run `sa-engine assisted` first")
+    typer.echo(format_table(rows))
+    if out is not None:
+        for path in write_report(rows, out):
+            typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command(name="assisted")(assisted)
+    app.command(name="report")(report)
