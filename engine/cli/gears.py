@@ -159,6 +159,65 @@ def assisted(
     )
 
 
+def semi(
+    store: StoreArg,
+    references: ReferencesOpt = None,
+    round_: RoundOpt = 0,
+    detector: Annotated[
+        Optional[Path],
+        typer.Option(help="a trained detector (.pt); default: the round's, trained if absent"),
+    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+    model: ModelOpt = "vit_b",
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    shard: ShardOpt = None,
+) -> None:
+    """Gear 2 (semi-automatic): prefill images with detector boxes turned into SAM masks, then
+    the simulated annotator adds only the references no prefilled mask covers.
+
+    The object detector is trained on the store's gear-1 masks (stages/assisted) on the stored
+    embeddings and saved as STORE/detectors/semi-round-N.pt (reused by later runs of the round).
+    Output: stages/semi/round-N/, every mask marked prefilled or added.
+    """
+    cfg = annotator_config(config, set_)
+    from engine.cli.config import load_config, section
+    from engine.gears.semi import SemiConfig
+
+    try:
+        semi_cfg = section(load_config(config, set_), "semi", SemiConfig)
+    except ValueError as exc:
+        fail(str(exc))
+    s = open_store(store)
+    refs = load_references(references, Annotator.simulated)
+    predictor = load_predictor(model, checkpoint, device, random_weights)
+    from engine.gears.semi import load_or_train, run_semi
+
+    try:
+        trained = load_or_train(s, predictor, semi_cfg, round_, detector, log=typer.echo)
+        report = run_semi(
+            s, predictor, refs, cfg, semi_cfg, round_, trained, shard, on_shard=_echo_semi
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(
+        f"semi round {round_}: {len(report.processed)} shards done, {len(report.skipped)} "
+        f"already done; {report.images} images, {report.annotations} masks, "
+        f"{report.quarantined} quarantined in {report.seconds:.1f} s"
+    )
+
+
+def _echo_semi(shard: str, record: dict) -> None:
+    meta = record.get("meta", {})
+    typer.echo(
+        f"{shard}: {meta.get('prefilled', 0)} prefilled masks ({meta.get('covered_by_prefill', 0)} "
+        f"references covered by them), {record['counts']['annotations'] - meta.get('prefilled', 0)} "
+        f"added, {meta.get('given_up', 0)} given up"
+    )
+
+
 def report(
     store: StoreArg,
     out: Annotated[
@@ -181,4 +240,5 @@ def report(
 
 def register(app: typer.Typer) -> None:
     app.command(name="assisted")(assisted)
+    app.command(name="semi")(semi)
     app.command(name="report")(report)
