@@ -84,6 +84,96 @@ def pending_shards(store: Store, stage: str, round_: int) -> list[str]:
     return [s for s in store.shards() if store.done_record(stage, round_, s) is None]
 
 
+@dataclass
+class ImageOutcome:
+    """One image's share of its shard's output: done (masks with final ids, optional output
+    image) or quarantined (an entry with reason and detail). Both runners (this module's loop and
+    the Ray pipeline in `stages/`) build these with `decode_row` / `apply_stage` and fold them
+    into a `ShardOutput` with `add_outcome`, so the per-image rules live in one place.
+    """
+
+    image_id: int
+    masks: list[MaskRecord] = field(default_factory=list)
+    image: bytes | None = None
+    info: tuple[int, int, dict[str, Any]] | None = None
+    quarantined: dict[str, Any] | None = None
+    effort: list[dict[str, Any]] = field(default_factory=list)  # one per mask, or none
+
+
+def decode_row(row: ImageRow, *, max_pixels: int, min_side: int) -> np.ndarray | ImageOutcome:
+    """Decode a shard row with the one image loader; a broken image becomes a quarantine outcome.
+
+    Returns:
+      (np.ndarray | ImageOutcome): HxWx3 uint8 RGB, or the quarantined outcome with its reason.
+    """
+    try:
+        return load_image(row.data, name=row.source, max_pixels=max_pixels, min_side=min_side)
+    except ImageLoadError as err:
+        return ImageOutcome(
+            row.image_id, quarantined=_entry(row, err.reason, f"{err.detail} ({err.fix})")
+        )
+
+
+def apply_stage(stage: str, row: ImageRow, rgb: np.ndarray, process: ProcessFn) -> ImageOutcome:
+    """Run a stage's per-image function and check what it returned (see `check_result`)."""
+    try:
+        result = process(row, rgb)
+    except Exception as exc:  # one image's failure is recorded, never stops the shard
+        return stage_error(row, exc)
+    return check_result(stage, row, rgb.shape, result)
+
+
+def stage_error(row: ImageRow, exc: Exception) -> ImageOutcome:
+    """The quarantine outcome of an image whose stage function raised `exc`."""
+    return ImageOutcome(
+        row.image_id, quarantined=_entry(row, "stage_error", f"{type(exc).__name__}: {exc}")
+    )
+
+
+def check_result(
+    stage: str, row: ImageRow, shape: tuple[int, ...], result: StageResult
+) -> ImageOutcome:
+    """Give a stage's masks their final ids and check they (and any output image) are in the
+    image's frame `shape` (H, W, 3); a violation quarantines the image as `stage_error`.
+    """
+    try:
+        masks = [
+            dataclasses.replace(m, id=annotation_id(row.image_id, k))
+            for k, m in enumerate(result.masks)
+        ]
+        _check_frame(shape, masks)
+        if result.effort and len(result.effort) != len(masks):
+            raise ValueError(
+                f"{len(result.effort)} effort entries for {len(masks)} masks: give one per mask"
+            )
+        if result.image is not None:
+            shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
+            if shown.shape != tuple(shape):
+                raise ValueError(
+                    f"output image is {shown.shape[1]}x{shown.shape[0]}, input "
+                    f"{shape[1]}x{shape[0]}: stages must keep the image size"
+                )
+    except Exception as exc:
+        return stage_error(row, exc)
+    info = None if result.image is None else (int(shape[1]), int(shape[0]), result.meta)
+    return ImageOutcome(
+        row.image_id, masks=masks, image=result.image, info=info, effort=list(result.effort)
+    )
+
+
+def add_outcome(out: ShardOutput, outcome: ImageOutcome) -> None:
+    """Fold one image's outcome into its shard's output (order does not matter: the store sorts)."""
+    if outcome.quarantined is not None:
+        out.quarantined.append(outcome.quarantined)
+        return
+    out.done.append(outcome.image_id)
+    out.masks.extend((outcome.image_id, m) for m in outcome.masks)
+    out.effort.update((m.id, spent) for m, spent in zip(outcome.masks, outcome.effort))
+    if outcome.image is not None:
+        out.images[outcome.image_id] = outcome.image
+        out.image_info[outcome.image_id] = outcome.info
+
+
 def process_shard(
     store: Store,
     stage: str,
@@ -101,40 +191,11 @@ def process_shard(
     """
     out = ShardOutput()
     for row in store.iter_shard(shard):
-        try:
-            rgb = load_image(
-                row.data, name=row.source, max_pixels=store.max_pixels, min_side=store.min_side
-            )
-        except ImageLoadError as err:
-            out.quarantined.append(_entry(row, err.reason, f"{err.detail} ({err.fix})"))
-            continue
-        try:
-            result = process(row, rgb)
-            masks = [
-                dataclasses.replace(m, id=annotation_id(row.image_id, k))
-                for k, m in enumerate(result.masks)
-            ]
-            _check_frame(row, rgb, masks)
-            if result.effort and len(result.effort) != len(masks):
-                raise ValueError(
-                    f"{len(result.effort)} effort entries for {len(masks)} masks: give one per mask"
-                )
-            if result.image is not None:
-                shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
-                if shown.shape != rgb.shape:
-                    raise ValueError(
-                        f"output image is {shown.shape[1]}x{shown.shape[0]}, input "
-                        f"{rgb.shape[1]}x{rgb.shape[0]}: stages must keep the image size"
-                    )
-        except Exception as exc:  # one image's failure is recorded, never stops the shard
-            out.quarantined.append(_entry(row, "stage_error", f"{type(exc).__name__}: {exc}"))
-            continue
-        out.done.append(row.image_id)
-        out.masks.extend((row.image_id, m) for m in masks)
-        out.effort.update((m.id, spent) for m, spent in zip(masks, result.effort))
-        if result.image is not None:
-            out.images[row.image_id] = result.image
-            out.image_info[row.image_id] = (rgb.shape[1], rgb.shape[0], result.meta)
+        decoded = decode_row(row, max_pixels=store.max_pixels, min_side=store.min_side)
+        if isinstance(decoded, ImageOutcome):
+            add_outcome(out, decoded)
+        else:
+            add_outcome(out, apply_stage(stage, row, decoded, process))
     if meta is not None:
         out.meta = meta()
     return store.write_shard_output(stage, round_, shard, out)
@@ -208,8 +269,8 @@ def _entry(row: ImageRow, reason: str, detail: str) -> dict[str, Any]:
     }
 
 
-def _check_frame(row: ImageRow, rgb: np.ndarray, masks: list[MaskRecord]) -> None:
-    size = [rgb.shape[0], rgb.shape[1]]
+def _check_frame(shape: tuple[int, ...], masks: list[MaskRecord]) -> None:
+    size = [int(shape[0]), int(shape[1])]
     for m in masks:
         if list(m.segmentation["size"]) != size:
             raise ValueError(

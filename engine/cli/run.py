@@ -1,5 +1,170 @@
-from engine.cli.common import placeholder
+"""`sa-engine run <stage> STORE`: a stage over a store's pending shards, as a Ray Data pipeline.
+
+Without `--address` (or `RAY_ADDRESS`) an embedded local Ray starts on 127.0.0.1 and stops with
+the command; with it the same command joins a running cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from engine.cli.common import fail
+
+run_app = typer.Typer(
+    help="run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER)",
+    no_args_is_help=True,
+)
+
+StoreArg = Annotated[Path, typer.Argument(help="the store folder (on a cluster: shared storage)")]
+ConfigOpt = Annotated[str, typer.Option(help="config name in configs/ or a YAML path")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="block.key=value override, e.g. ray.model_actors=4 (repeatable)"),
+]
+RoundOpt = Annotated[int, typer.Option("--round", help="model round the outputs belong to")]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option(help="join this Ray cluster (ray.address; default: RAY_ADDRESS, else local)"),
+]
+ShardOpt = Annotated[
+    Optional[list[str]], typer.Option("--shard", help="only these shards (repeatable)")
+]
 
 
-def register(app):
-    placeholder(app, "run", 5, "run a stage (privacy, assisted, semi, auto) over a store's shards on Ray")
+def _setup(store: Path, config: str, sets: list[str] | None, address: str | None):
+    """Open the store and read the config; every flag is a config key (--address: ray.address)."""
+    from engine.cli.config import load_config, section
+    from sharding.store import Store
+    from stages.config import RayConfig
+
+    overrides = list(sets or [])
+    if address:
+        overrides.append(f"ray.address={address}")
+    try:
+        cfg = load_config(config, overrides)
+        return Store(store), cfg, section(cfg, "ray", RayConfig)
+    except ValueError as err:
+        fail(str(err))
+
+
+def _run(store, spec, round_: int, ray_cfg, shards, meta: dict[str, Any]) -> None:
+    from stages.cluster import ray_session
+    from stages.pipeline import run_pipeline
+
+    try:
+        with ray_session(ray_cfg) as where:
+            typer.echo(f"{spec.name} round {round_} on {where}", err=True)
+            record = run_pipeline(
+                store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta
+            )
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    for line in summary_lines(record):
+        typer.echo(line)
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """The run summary a stage command prints (the full record is in STORE/runs/<stage>/)."""
+    steps = record["step_seconds"]
+    lines = [
+        f"{record['stage']} round {record['round']}: {len(record['processed'])} shard(s) committed, "
+        f"{len(record['skipped'])} already done, {len(record['unfinished'])} unfinished",
+        f"images {record['images']}, masks {record['annotations']}, "
+        f"quarantined {record['quarantined']}",
+        f"{steps['wall']:.1f} s: {record['throughput']['images_per_s']:.2f} images/s, "
+        f"{record['throughput']['masks_per_s']:.1f} masks/s; summed over tasks: decode "
+        f"{steps['decode']:.1f} s, model {steps['model']:.1f} s, post {steps['post']:.1f} s, "
+        f"commit {steps['commit']:.1f} s",
+        f"plan: {record['plan']['actors']} model actor(s) x "
+        + (
+            f"{record['plan']['num_gpus']:g} GPU"
+            if record["plan"]["num_gpus"]
+            else f"{record['plan']['num_cpus']:g} CPU"
+        )
+        + f", {record['plan']['threads']} thread(s); failures recovered: {len(record['failures'])}",
+    ]
+    for q in record["quarantined_inputs"][:20]:
+        lines.append(f"  quarantined {q['source']}: {q['reason']} ({q['detail']})")
+    lines.append(f"run record: {record['record_path']}")
+    return lines
+
+
+@run_app.command("auto")
+def auto(
+    store: StoreArg,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+    round_: RoundOpt = 0,
+    address: AddressOpt = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="model.model: vit_b/vit_l/vit_h or a JSON config")
+    ] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="model.checkpoint (.pth)")] = None,
+    shard: ShardOpt = None,
+) -> None:
+    """Gear 3: SAM's automatic mask generator over every pending shard (one actor per GPU)."""
+    sets = list(set_ or [])
+    if model:
+        sets.append(f"model.model={model}")
+    if checkpoint:
+        if not checkpoint.is_file():
+            fail(f"--checkpoint {checkpoint} does not exist: pass a SAM state dict (.pth)")
+        sets.append(f"model.checkpoint={checkpoint.resolve()}")
+    st, cfg, ray_cfg = _setup(store, config, sets, address)
+    from engine.amg import AmgConfig
+    from engine.cli.config import section
+    from engine.model import ModelConfig
+    from stages.auto import auto_spec
+
+    try:
+        spec, meta = auto_spec(section(cfg, "model", ModelConfig), section(cfg, "amg", AmgConfig))
+    except ValueError as err:
+        fail(str(err))
+    _run(st, spec, round_, ray_cfg, shard, meta)
+
+
+@run_app.command("privacy")
+def privacy(
+    store: StoreArg,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+    round_: RoundOpt = 0,
+    address: AddressOpt = None,
+    shard: ShardOpt = None,
+) -> None:
+    """Blur faces and licence plates of every pending shard (outputs: STORE/stages/privacy/)."""
+    st, cfg, ray_cfg = _setup(store, config, set_, address)
+    from engine.cli.config import section
+    from engine.privacy import PrivacyConfig
+    from stages.privacy import detector_metadata, privacy_spec
+
+    try:
+        privacy_cfg = section(cfg, "privacy", PrivacyConfig)
+        meta = detector_metadata(privacy_cfg)
+    except ValueError as err:
+        fail(str(err))
+    _run(st, privacy_spec(privacy_cfg), round_, ray_cfg, shard, meta)
+
+
+@run_app.command("classical")
+def classical(
+    store: StoreArg,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+    round_: RoundOpt = 0,
+    address: AddressOpt = None,
+    shard: ShardOpt = None,
+) -> None:
+    """Model-free stand-in stage (Otsu + connected components): checks a cluster and a store end
+    to end without weights (outputs: STORE/stages/classical/)."""
+    st, _, ray_cfg = _setup(store, config, set_, address)
+    from stages.classical import classical_spec
+
+    _run(st, classical_spec(), round_, ray_cfg, shard, {})
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(run_app, name="run")

@@ -1,0 +1,69 @@
+"""Joining a Ray cluster, or starting an embedded local one bound to loopback only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from stages.config import RayConfig
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def resolve_address(config: RayConfig) -> str | None:
+    """The cluster to join: `ray.address`, else `RAY_ADDRESS`, else None (embedded local Ray)."""
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_session(config: RayConfig) -> Iterator[str]:
+    """Connect to Ray for the duration of a command; yields a description of where it runs.
+
+    Joining (`address` or `RAY_ADDRESS`) leaves the cluster running afterwards. Otherwise an
+    embedded Ray starts with `address="local"` (a stale `ray_current_cluster` file of a dead
+    cluster cannot make it hang) and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which makes Ray
+    advertise and listen on 127.0.0.1 only; it stops when the command ends. A Ray already
+    initialised in this process (tests, notebooks) is used as it is.
+    """
+    address = resolve_address(config)
+    if not address:
+        local_only()
+    import ray
+
+    if ray.is_initialized():
+        yield f"the Ray already running in this process ({_nodes()} node(s))"
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        where = f"cluster {address} ({_nodes()} node(s))"
+    else:
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        where = "an embedded local Ray on 127.0.0.1"
+    try:
+        yield where
+    finally:
+        ray.shutdown()
+
+
+def local_only() -> None:
+    """Keep the Ray this process starts on 127.0.0.1: the variable is read by every Ray process
+    it starts, and by `ray` itself when first imported (if it already was, its constant is set
+    to the same value, which is what the variable would have done)."""
+    import sys
+
+    os.environ[LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def _nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -1,0 +1,55 @@
+"""The per-stage progress bar: shards, images and masks per second, on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """One line per stage: rewritten in place on a terminal, one line per committed shard
+    otherwise (logs, CI)."""
+
+    def __init__(
+        self, label: str, shards: int, images: int, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
+        self.label, self.shards_total, self.images_total = label, shards, images
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.shards = self.images = self.masks = self.quarantined = 0
+        self.t0 = time.perf_counter()
+        self._shown = 0.0
+
+    def add_image(self, masks: int, quarantined: bool) -> None:
+        self.images += 1
+        self.masks += masks
+        self.quarantined += int(quarantined)
+        if self.tty and time.perf_counter() - self._shown > 0.25:
+            self._show()
+
+    def add_shard(self) -> None:
+        self.shards += 1
+        self._show(newline=not self.tty)
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return (
+            f"{self.label}: shards {self.shards}/{self.shards_total} | images "
+            f"{self.images}/{self.images_total} | {self.masks} masks | {self.masks / dt:.1f} masks/s"
+            f" | {self.images / dt:.2f} images/s | quarantined {self.quarantined}"
+        )
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self._show()
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _show(self, newline: bool = False) -> None:
+        if not self.enabled:
+            return
+        self._shown = time.perf_counter()
+        self.stream.write(("\r" if self.tty else "") + self.line() + ("\n" if newline else ""))
+        self.stream.flush()

@@ -1,0 +1,158 @@
+"""The Ray shard pipeline: pool sizing, each step on a hand-built batch without Ray, then the
+whole pipeline on an embedded local Ray (same tables as the single-process runner)."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sharding.manifest import ingest
+from sharding.runner import ImageOutcome, run_stage
+from sharding.store import Store
+from stages.classical import classical_spec
+from stages.cluster import LOOPBACK_ENV, local_only
+from stages.config import RayConfig
+from stages.pipeline import ModelActor, StageSpec, decode, post_process, read_shard, run_pipeline
+from stages.resources import plan_actors
+from stage_helpers import finish_raw, make_failing, make_raw
+from store_helpers import classical_stage, synthetic_photos
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ---- pool sizing -----------------------------------------------------------------------------
+
+
+def test_cpu_pool_leaves_room_for_reads_on_two_cpus():
+    plan = plan_actors({"CPU": 2.0}, RayConfig())
+    assert plan.actors == 2 and plan.num_gpus == 0 and plan.threads == 1
+    assert 2.0 - plan.actors * plan.num_cpus >= plan.decode_cpus  # a read task always fits
+    one = plan_actors({"CPU": 2.0}, RayConfig(model_actors=1, cpus_per_actor=2))
+    assert one.actors == 1 and one.threads == 2 and 2.0 - one.num_cpus >= one.decode_cpus
+
+
+def test_cpu_pool_per_node_and_gpu_pool():
+    # two 2-CPU nodes: 4 actors, yet each node keeps io_cpus free even if all of its actors land
+    plan = plan_actors({"CPU": 4.0}, RayConfig(), node_cpus=[2.0, 2.0])
+    assert plan.actors == 4 and 2.0 - 2 * plan.num_cpus >= 0.5 - 1e-9
+    # a head without CPUs (typical on clusters) does not constrain the workers
+    assert plan_actors({"CPU": 16.0}, RayConfig(), node_cpus=[0.0, 16.0]).actors == 16
+    gpu = plan_actors({"CPU": 32.0, "GPU": 4.0}, RayConfig(batch_size=8))
+    assert (gpu.actors, gpu.num_gpus, gpu.batch_size) == (4, 1.0, 8)
+    assert plan_actors({"CPU": 32.0, "GPU": 4.0}, RayConfig(), uses_model=False).num_gpus == 0
+    with pytest.raises(ValueError, match="io_cpus"):
+        plan_actors({"CPU": 0.5}, RayConfig())
+    with pytest.raises(ValueError, match="batch_size"):
+        RayConfig(batch_size=0)
+
+
+# ---- the steps on a hand-built batch, without Ray ----------------------------------------------
+
+
+@pytest.fixture()
+def small_store(tmp_path):
+    photos = synthetic_photos(tmp_path / "photos", 6, seed=1)
+    store = Store.create(tmp_path / "store")
+    ingest(str(photos[0].parent), store, shard_size=3)
+    return store
+
+
+def _batch(rows):
+    return {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+
+def test_steps_without_ray(small_store):
+    store = small_store
+    rows = list(read_shard({"shard": "shard-000000", "skip": json.dumps([2])}, str(store.root)))
+    assert [r["image_id"] for r in rows] == [1, 3]  # already received images are not read again
+    rows[1]["data"] = rows[1]["data"][:300]  # truncated after ingest: quarantined, not fatal
+    decoded = [decode(r, max_pixels=store.max_pixels, min_side=store.min_side) for r in rows]
+    assert decoded[0]["rgb"].shape == (120, 160, 3) and decoded[0]["outcome"] == b""
+    assert pickle.loads(decoded[1]["outcome"]).quarantined["reason"] == "corrupt"
+    out = ModelActor(classical_spec(), threads=1)(_batch(decoded))
+    first, second = (pickle.loads(o) for o in out["outcome"])
+    assert list(out["final"]) == [True, True] and second.quarantined["reason"] == "corrupt"
+    expected = classical_stage(None, decoded[0]["rgb"]).masks
+    assert [m.id for m in first.masks] == [65536 + k for k in range(len(expected))]
+    assert [m.segmentation for m in first.masks] == [m.segmentation for m in expected]
+    # a split stage: raw output from the actor, the CPU step finishes it (and may fail alone)
+    spec = StageSpec("classical", make_raw, finish=finish_raw, uses_model=False)
+    rows = list(read_shard({"shard": "shard-000000", "skip": "[]"}, str(store.root)))
+    decoded = [decode(r, max_pixels=store.max_pixels, min_side=store.min_side) for r in rows]
+    raw = ModelActor(spec, threads=1)(_batch(decoded))
+    assert not any(raw["final"])
+    done = [post_process({k: raw[k][i] for k in raw}, spec) for i in range(3)]
+    outcomes = [pickle.loads(d["outcome"]) for d in done]
+    assert [m.segmentation for m in outcomes[0].masks] == [m.segmentation for m in expected]
+    assert outcomes[1].quarantined["reason"] == "stage_error"
+    assert "post-processing failed" in outcomes[1].quarantined["detail"]
+
+
+# ---- the whole pipeline on an embedded local Ray ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    local_only()  # what `sa-engine run` does for its embedded Ray
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        os.environ.pop(LOOPBACK_ENV, None)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.slow
+def test_pipeline_matches_single_process_runner(tmp_path, local_ray, demo_photos):
+    photos = synthetic_photos(tmp_path / "photos", 7, seed=2)
+    for p in demo_photos:
+        (tmp_path / "photos" / p.name).write_bytes(p.read_bytes())
+    stores = []
+    for name in ("ray", "plain"):
+        store = Store.create(tmp_path / name)
+        ingest(str(photos[0].parent), store, shard_size=3)
+        stores.append(store)
+    store, plain = stores
+    bad = store.shard_images()["shard-000001"][1]
+    spec = StageSpec("classical", make_failing, {"bad_ids": [bad]}, uses_model=False)
+    record = run_pipeline(store, spec, 0, RayConfig(progress=False))
+    run_stage(plain, "classical", 0, make_failing([bad]))
+    assert record["state"] == "finished" and sorted(record["processed"]) == store.shards()
+    assert record["nodes"] == ["127.0.0.1"] and record["failures"] == []
+    assert record["images"] == 10 and record["quarantined"] == 1
+    (entry,) = record["quarantined_inputs"]
+    assert entry["image_id"] == bad and entry["reason"] == "stage_error"
+    assert "cannot segment" in entry["detail"]
+    for shard in store.shards():
+        assert store.read_annotations("classical", 0, shard).equals(
+            plain.read_annotations("classical", 0, shard)
+        )
+        mine, theirs = (s.done_record("classical", 0, shard) for s in (store, plain))
+        assert mine["images"] == theirs["images"] and mine["quarantined"] == theirs["quarantined"]
+    saved = json.loads(Path(record["record_path"]).read_text())
+    assert saved["step_seconds"]["model"] > 0 and saved["throughput"]["masks_per_s"] > 0
+    # Ray has no resume: the engine's own skip does it, and nothing is rewritten
+    folder = store.stage_dir("classical", 0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = run_pipeline(store, spec, 0, RayConfig(progress=False))
+    assert again["processed"] == [] and again["skipped"] == store.shards()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    # a lost shard output is redone alone, to the same bytes
+    table = (folder / "shard-000002.annotations.parquet").read_bytes()
+    (folder / "shard-000002.done.json").unlink()
+    redo = run_pipeline(store, spec, 0, RayConfig(progress=False))
+    assert redo["processed"] == ["shard-000002"]
+    assert (folder / "shard-000002.annotations.parquet").read_bytes() == table
