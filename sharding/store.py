@@ -250,6 +250,22 @@ class Store:
                     row["data"],
                 )
 
+    def read_image(self, shard: str, image_id: int) -> ImageRow:
+        """One image of a shard (a row filter: only its row group is read), e.g. for the web tool."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(
+                f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source"
+            )
+        rows = pq.read_table(path, filters=[("image_id", "=", int(image_id))]).to_pylist()
+        if not rows:
+            raise ValueError(f"image {image_id} is not in shard '{shard}' of {self.root}")
+        row = rows[0]
+        return ImageRow(
+            row["image_id"], row["source"], row["sha256"], row["width"], row["height"], shard,
+            row["data"],
+        )  # fmt: skip
+
     # ---- stage outputs -----------------------------------------------------------------------
     def write_shard_output(
         self, stage: str, round_: int, shard: str, output: ShardOutput

@@ -120,6 +120,28 @@ def load_or_train(
     return detector
 
 
+def prefill(
+    detector: TrainedDetector, predictor: SamPredictor, semi: SemiConfig
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """The prefilled masks of the image set in `predictor`: (HxW bool mask, 1x256x256 logits,
+    SAM's predicted IoU) for each confident detector box whose box-prompt mask passes the filter."""
+    p = predictor
+    boxes, _ = detect(detector, p.features, p.input_size)
+    scale = max(p.input_size) / max(p.original_size)
+    out = []
+    for box in (boxes / scale).numpy():
+        if min(box[2] - box[0], box[3] - box[1]) < semi.min_box:
+            continue
+        masks, ious, low_res = p.predict(box=box, multimask_output=False)
+        if float(ious[0]) >= semi.min_predicted_iou and masks[0].any():
+            out.append((masks[0], low_res[0][None], float(ious[0])))
+    return out
+
+
+def prefilled_effort(iou: float | None = None) -> dict[str, Any]:
+    return {"clicks": 0, "iou": iou, "seconds": 0.0, "prefilled": True, "annotator": "detector"}
+
+
 class SemiAnnotation(ReferenceDriven):
     """Gear 2 per image: prefill from detector boxes, then add the references still missing."""
 
@@ -138,23 +160,14 @@ class SemiAnnotation(ReferenceDriven):
 
     def annotate(self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage) -> StageResult:
         p = self.predictor
-        boxes, scores = detect(self.detector, p.features, p.input_size)
-        scale = max(p.input_size) / max(p.original_size)
         references = [r.mask() for r in image.references]
         result = StageResult()
         prefilled = []
-        for box in (boxes / scale).numpy():
-            if min(box[2] - box[0], box[3] - box[1]) < self.semi.min_box:
-                continue
-            masks, ious, low_res = p.predict(box=box, multimask_output=False)
-            if float(ious[0]) < self.semi.min_predicted_iou or not masks[0].any():
-                continue
-            prefilled.append(masks[0])
-            best = max((mask_iou(masks[0], r) for r in references), default=None)
-            result.masks.append(mask_record(masks[0], low_res[0][None], float(ious[0]), [], p))
-            result.effort.append(
-                {"clicks": 0, "iou": best, "seconds": 0.0, "prefilled": True, "annotator": "detector"}
-            )
+        for mask, logits, score in prefill(self.detector, p, self.semi):
+            prefilled.append(mask)
+            best = max((mask_iou(mask, r) for r in references), default=None)
+            result.masks.append(mask_record(mask, logits, score, [], p))
+            result.effort.append(prefilled_effort(best))
         target = self.config.target_iou
         covered = [any(mask_iou(m, r) >= target for m in prefilled) for r in references]
         self.extra["covered_by_prefill"] += sum(covered)

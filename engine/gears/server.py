@@ -41,17 +41,14 @@ from sharding.runner import annotation_id
 from sharding.store import ShardOutput, Store
 from sharding.tables import table_to_masks
 
-MASK_RGBA = (30, 144, 255, 150)
-ACCEPTED_RGBA = (255, 170, 0, 120)
-
-
-def mask_png(mask: np.ndarray, rgba: tuple[int, int, int, int] = MASK_RGBA) -> bytes:
-    """An HxW bool mask as an RGBA PNG: `rgba` on the mask, transparent elsewhere."""
+def mask_png(mask: np.ndarray) -> bytes:
+    """An HxW bool mask as a greyscale PNG (255 on the mask, 0 elsewhere; the page tints it).
+    One channel instead of RGBA: a quarter of the bytes to compress on every click."""
     import cv2
 
-    out = np.zeros((*mask.shape, 4), np.uint8)
-    out[mask] = (rgba[2], rgba[1], rgba[0], rgba[3])  # cv2 writes BGRA
-    ok, buf = cv2.imencode(".png", out, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(
+        ".png", mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
     if not ok:
         raise ValueError("could not encode the mask as PNG")
     return buf.tobytes()
@@ -166,7 +163,7 @@ class AnnotationSession:
         if self.current is not None and self.current.image_id == image_id:
             return self.current
         shard = self._shard(image_id)
-        row = next(r for r in self.store.iter_shard(shard) if r.image_id == image_id)
+        row = self.store.read_image(shard, image_id)
         rgb = load_image(
             row.data, name=row.source, max_pixels=self.store.max_pixels, min_side=self.store.min_side
         )
@@ -225,7 +222,7 @@ class AnnotationSession:
         union = np.zeros(size, bool)
         for acc in accepted:
             union |= rle.decode(acc.record.segmentation)
-        return data_url(mask_png(union, ACCEPTED_RGBA))
+        return data_url(mask_png(union))
 
     def image_jpeg(self, image_id: int) -> bytes:
         import cv2
