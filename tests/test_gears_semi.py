@@ -97,3 +97,24 @@ def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_d
     report = CliRunner().invoke(app, ["report", str(store.root)])
     line = next(l for l in report.output.splitlines() if l.strip().startswith("2 semi"))
     assert line.split()[6:8] == [str(len(prefilled)), str(len(added))]
+
+    # people in gear 2: the web tool's session opens images prefilled by the same detector
+    from engine.gears.semi import SemiConfig, prefill
+    from engine.gears.server import AnnotationSession
+    from engine.model import build_sam
+    from engine.predictor import SamPredictor
+
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    semi_cfg = SemiConfig()
+    session = AnnotationSession(
+        Store(store.root), SamPredictor(sam), round_=1, stage="semi",
+        prefill=lambda p: prefill(detector, p, semi_cfg),
+    )  # fmt: skip
+    expected = {}
+    for r in prefilled:
+        expected[r["image_id"]] = expected.get(r["image_id"], 0) + 1
+    info = session.next_image()
+    assert info["prefilled"] == info["accepted"] == expected.get(info["image_id"], 0)
+    session.finish_image(info["image_id"])
+    saved = store.read_annotations("semi", 1, shard).to_pylist()
+    assert len(saved) == info["prefilled"] and all(r["prefilled"] for r in saved)

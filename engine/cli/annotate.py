@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -37,13 +37,17 @@ def serve(
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    detector: Annotated[
+        Optional[Path], typer.Option(help="--stage semi: detector (.pt); default: the round's")
+    ] = None,
 ) -> None:
     """Serve the annotation page for STORE: click points, accept masks, saved to the store.
 
     Left click adds a positive point, right click a negative one; Enter/a accepts, z/Backspace
     undoes, s skips the mask, n goes to the next image; each mask has annotate.time_limit_s
     (30 s) shown as a countdown. Clicks use the stored embeddings (`sa-engine assisted
-    --annotator none`) or encode an image once when it has none.
+    --annotator none`) or encode an image once when it has none. With --stage semi (gear 2) each
+    image arrives prefilled with the round's detector masks; the person adds what is missing.
     """
     if stage not in ("assisted", "semi"):
         fail(f"--stage '{stage}' is invalid: use assisted or semi")
@@ -54,8 +58,20 @@ def serve(
     predictor = load_predictor(model, checkpoint, device, random_weights)
     from engine.gears.server import AnnotationSession, make_server
 
+    prefill = None
+    if stage == "semi":  # gear 2: images arrive prefilled by the round's detector
+        from engine.cli.config import load_config, section
+        from engine.gears.semi import SemiConfig, load_or_train
+        from engine.gears.semi import prefill as semi_prefill
+
+        try:
+            semi_cfg = section(load_config(config, set_), "semi", SemiConfig)
+            trained = load_or_train(s, predictor, semi_cfg, round_, detector, log=typer.echo)
+        except ValueError as exc:
+            fail(str(exc))
+        prefill = lambda p: semi_prefill(trained, p, semi_cfg)  # noqa: E731
     try:
-        session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage)
+        session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage, prefill)
         server = make_server(session, host, port)
     except (ValueError, OSError) as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")

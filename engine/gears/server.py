@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from engine.gears import ASSISTED_STAGE
 from engine.gears.assisted import mask_record
 from engine.gears.embeddings import set_image
+from engine.gears.semi import prefilled_effort
 from engine.image_io import ImageLoadError, load_image
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
@@ -96,6 +97,9 @@ class AnnotationSession:
       round_ (int): the model round; output goes to stages/<stage>/round-<round_>/.
       time_limit_s (float): per-mask time limit shown on the page.
       stage (str): "assisted" (gear 1) or "semi" (gear 2).
+      prefill: gear 2: called with the predictor set to a new image, returns its prefilled masks
+        ((HxW bool, 1x256x256 logits, predicted IoU), e.g. `engine.gears.semi.prefill`); they are
+        shown as accepted and saved as prefilled, and the person adds only what is missing.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class AnnotationSession:
         round_: int = 0,
         time_limit_s: float = 30.0,
         stage: str = ASSISTED_STAGE,
+        prefill: Callable[[SamPredictor], list[tuple[np.ndarray, np.ndarray, float]]] | None = None,
     ) -> None:
         if time_limit_s <= 0:
             raise ValueError(f"time limit {time_limit_s} s must be > 0")
@@ -117,6 +122,7 @@ class AnnotationSession:
         self.shard_of = {i: s for s, i in self.order}
         self.work = {shard: self._load_work(shard, ids) for shard, ids in store.shard_images().items()}
         self.current: Current | None = None
+        self.prefill = prefill
 
     # ---- state ---------------------------------------------------------------------------
     def _load_work(self, shard: str, ids: list[int]) -> ShardWork:
@@ -169,6 +175,12 @@ class AnnotationSession:
         )
         from_store = set_image(self.predictor, self.store, shard, image_id, rgb)
         self.current = Current(image_id, rgb, from_store=from_store)
+        work = self.work[shard]
+        if self.prefill is not None and image_id not in work.done and image_id not in work.masks:
+            work.masks[image_id] = [
+                Accepted(mask_record(m, logits, score, [], self.predictor), prefilled_effort())
+                for m, logits, score in self.prefill(self.predictor)
+            ]
         return self.current
 
     def _shard(self, image_id: int) -> str:
@@ -198,6 +210,7 @@ class AnnotationSession:
     def describe(self, cur: Current) -> dict[str, Any]:
         shard = self.shard_of[cur.image_id]
         accepted = self.work[shard].masks.get(cur.image_id, [])
+        prefilled = sum(1 for a in accepted if a.effort.get("prefilled"))
         h, w = cur.rgb.shape[:2]
         done = sum(len(wk.done) for wk in self.work.values())
         return {
@@ -206,6 +219,7 @@ class AnnotationSession:
             "width": w,
             "height": h,
             "accepted": len(accepted),
+            "prefilled": prefilled,
             "accepted_png": self._accepted_png(cur.image_id, (h, w)),
             "embedding": "stored" if cur.from_store else "computed",
             "done": done,
