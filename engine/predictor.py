@@ -40,8 +40,8 @@ class ImageEmbedding:
     original_size: tuple[int, int]
     encoder_fingerprint: str | None = None
 
-    def save(self, path: str | Path) -> None:
-        """Write to an .npz file (atomically)."""
+    def to_bytes(self) -> bytes:
+        """The .npz bytes `save` writes (the shard store keeps embeddings as these bytes)."""
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -50,12 +50,26 @@ class ImageEmbedding:
             original_size=np.asarray(self.original_size, np.int64),
             encoder_fingerprint=np.asarray(self.encoder_fingerprint or ""),
         )
-        atomic_write_bytes(path, buffer.getvalue())
+        return buffer.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        """Write to an .npz file (atomically)."""
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "ImageEmbedding":
+        return cls.from_bytes(path, name=str(path))
+
+    @classmethod
+    def from_bytes(
+        cls, source: str | Path | bytes, name: str = "image embedding"
+    ) -> "ImageEmbedding":
+        """Read what `to_bytes` / `save` wrote (bytes or a file path); `name` labels errors."""
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        path = name
         try:
-            with np.load(path) as data:
+            with np.load(source) as data:
                 features = torch.from_numpy(np.array(data["features"], np.float32))
                 input_size = tuple(int(v) for v in data["input_size"])
                 original_size = tuple(int(v) for v in data["original_size"])

@@ -66,6 +66,16 @@ def from_uncompressed(size: tuple[int, int], counts: list[int]) -> Rle:
     return _as_str(mask_utils.frPyObjects({"size": [h, w], "counts": list(map(int, counts))}, h, w))
 
 
+def from_polygons(polygons: list[list[float]], size: tuple[int, int]) -> Rle:
+    """COCO polygons ([[x0, y0, x1, y1, ...], ...], pixels) to one compressed RLE of size (h, w),
+    rasterised by pycocotools as COCO's own tools do (the parts are merged)."""
+    h, w = int(size[0]), int(size[1])
+    parts = [list(map(float, p)) for p in polygons if len(p) >= 6]
+    if not parts:
+        raise ValueError("a COCO polygon needs at least 3 points (6 numbers)")
+    return _as_str(mask_utils.merge(mask_utils.frPyObjects(parts, h, w)))
+
+
 def _compressed(rle: Rle) -> Rle:
     if isinstance(rle.get("counts"), list):
         h, w = rle["size"]

@@ -37,11 +37,14 @@ class StageResult:
     masks: in the image's store frame (manifest width x height); their ids are replaced.
     image: an encoded output image (JPEG/PNG bytes) of the same size, e.g. the blurred photo.
     meta: per-image facts kept beside the output image (e.g. {"faces": 2, "plates": 0}).
+    effort: one dict per mask, in the order of `masks`, for the gears with annotators (clicks,
+      iou, seconds, prefilled, annotator; see `sharding.tables.ANNOTATIONS`); empty otherwise.
     """
 
     masks: list[MaskRecord] = field(default_factory=list)
     image: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    effort: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: ImageRecord) -> "StageResult":
@@ -94,6 +97,7 @@ class ImageOutcome:
     image: bytes | None = None
     info: tuple[int, int, dict[str, Any]] | None = None
     quarantined: dict[str, Any] | None = None
+    effort: list[dict[str, Any]] = field(default_factory=list)  # one per mask, or none
 
 
 def decode_row(row: ImageRow, *, max_pixels: int, min_side: int) -> np.ndarray | ImageOutcome:
@@ -138,6 +142,10 @@ def check_result(
             for k, m in enumerate(result.masks)
         ]
         _check_frame(shape, masks)
+        if result.effort and len(result.effort) != len(masks):
+            raise ValueError(
+                f"{len(result.effort)} effort entries for {len(masks)} masks: give one per mask"
+            )
         if result.image is not None:
             shown = load_image(result.image, name=f"{stage} output of image {row.image_id}")
             if shown.shape != tuple(shape):
@@ -148,7 +156,9 @@ def check_result(
     except Exception as exc:
         return stage_error(row, exc)
     info = None if result.image is None else (int(shape[1]), int(shape[0]), result.meta)
-    return ImageOutcome(row.image_id, masks=masks, image=result.image, info=info)
+    return ImageOutcome(
+        row.image_id, masks=masks, image=result.image, info=info, effort=list(result.effort)
+    )
 
 
 def add_outcome(out: ShardOutput, outcome: ImageOutcome) -> None:
@@ -158,18 +168,26 @@ def add_outcome(out: ShardOutput, outcome: ImageOutcome) -> None:
         return
     out.done.append(outcome.image_id)
     out.masks.extend((outcome.image_id, m) for m in outcome.masks)
+    out.effort.update((m.id, spent) for m, spent in zip(outcome.masks, outcome.effort))
     if outcome.image is not None:
         out.images[outcome.image_id] = outcome.image
         out.image_info[outcome.image_id] = outcome.info
 
 
 def process_shard(
-    store: Store, stage: str, round_: int, shard: str, process: ProcessFn
+    store: Store,
+    stage: str,
+    round_: int,
+    shard: str,
+    process: ProcessFn,
+    meta: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run `process` over one shard and commit its output. Returns the completion record.
 
     A broken image (undecodable, or `process` raising, or output of the wrong size) is recorded
-    in the shard's quarantine list with its reason and the shard goes on.
+    in the shard's quarantine list with its reason and the shard goes on. `meta`, called once the
+    shard's images are done, gives the completion record's `meta` (e.g. an annotator's settings
+    and the masks it gave up on).
     """
     out = ShardOutput()
     for row in store.iter_shard(shard):
@@ -178,6 +196,8 @@ def process_shard(
             add_outcome(out, decoded)
         else:
             add_outcome(out, apply_stage(stage, row, decoded, process))
+    if meta is not None:
+        out.meta = meta()
     return store.write_shard_output(stage, round_, shard, out)
 
 
@@ -188,6 +208,7 @@ def run_stage(
     process: ProcessFn,
     shards: list[str] | None = None,
     on_shard: Callable[[str, dict[str, Any]], None] | None = None,
+    meta: Callable[[], dict[str, Any]] | None = None,
 ) -> RunReport:
     """Process every pending shard (or the given ones, if pending) in order; skip finished ones.
 
@@ -197,6 +218,7 @@ def run_stage(
       process (ProcessFn): (ImageRow, HxWx3 uint8 RGB) -> StageResult.
       shards (list[str] | None): restrict to these shards.
       on_shard: called with (shard, completion record) after each shard is committed.
+      meta: called after each shard's images, gives its completion record's `meta`.
     """
     check_stage(stage, round_)
     started, t0 = utc_now(), time.perf_counter()
@@ -218,7 +240,7 @@ def run_stage(
         if shard not in todo:
             report.skipped.append(shard)
             continue
-        record = process_shard(store, stage, round_, shard, process)
+        record = process_shard(store, stage, round_, shard, process, meta)
         report.processed.append(shard)
         report.images += record["counts"]["images"]
         report.annotations += record["counts"]["annotations"]

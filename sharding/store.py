@@ -11,11 +11,20 @@ Layout (all tables are Parquet; every file is written atomically: temporary name
     STORE/duplicates/part-NNNNNN.parquet              identical files seen again (source, sha256,
                                                       image_id, kept_source)
     STORE/quarantine/ingest-NNNNNN.parquet            inputs refused at ingest, with reason and detail
-    STORE/stages/<stage>/round-<k>/<shard>.annotations.parquet   one row per mask (see tables.py)
+    STORE/stages/<stage>/round-<k>/<shard>.annotations.parquet   one row per mask (see tables.py),
+                                                      with its annotation effort for gears 1 and 2
     STORE/stages/<stage>/round-<k>/<shard>.images.parquet        output images (e.g. blurred JPEGs)
     STORE/stages/<stage>/round-<k>/<shard>.done.json             completion record: counts, the
                                                       images done, the quarantined ones with reasons,
                                                       and the sha256 of every output file
+    STORE/embeddings/<encoder-fingerprint>/<shard>.parquet      SAM image embeddings of a shard's
+                                                      images (image_id, .npz bytes of
+                                                      engine.predictor.ImageEmbedding), written before
+                                                      annotation so that a click is answered by the
+                                                      decoder alone; keyed by the image encoder's
+                                                      fingerprint, so gears 1 and 2 and the web tool
+                                                      share them and a retrained encoder never reads
+                                                      stale ones; a cache: deleting it costs re-encoding
     STORE/runs/<stage>/<utc-time>-<pid>[-round-<k>].json   one record per run (ingest or stage)
 
 A shard output counts as done only when its `.done.json` exists AND every file it lists has the
@@ -33,7 +42,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +56,7 @@ STORE_FORMAT = "sa-engine-store"
 STORE_VERSION = 1
 DEFAULT_MIN_SIDE = 32  # SAM's smallest useful input; smaller images are quarantined as too_small
 PRIVACY_STAGE = "privacy"
+_FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -70,10 +80,13 @@ class ShardOutput:
     masks: (image_id, MaskRecord) pairs with their final ids. images: image_id -> encoded bytes
     (JPEG/PNG) with (width, height, meta) in `image_info`. done: ids of images processed (with
     or without masks). quarantined: dicts with image_id, source, sha256, reason, detail.
+    effort: annotation id -> effort dict (gears 1 and 2: clicks, iou, seconds, prefilled,
+    annotator; see `tables.ANNOTATIONS`).
     """
 
     done: list[int] = field(default_factory=list)
     masks: list[tuple[int, MaskRecord]] = field(default_factory=list)
+    effort: dict[int, dict[str, Any]] = field(default_factory=dict)
     images: dict[int, bytes] = field(default_factory=dict)
     image_info: dict[int, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
@@ -169,6 +182,9 @@ class Store:
     def done_path(self, stage: str, round_: int, shard: str) -> Path:
         return self.stage_dir(stage, round_) / f"{shard}.done.json"
 
+    def embeddings_path(self, stage: str, round_: int, shard: str) -> Path:
+        return self.output_path(stage, round_, shard, "embeddings")
+
     # ---- ingested data -----------------------------------------------------------------------
     def _parts(self, folder: str, prefix: str, schema: pa.Schema) -> pa.Table:
         paths = sorted((self.root / folder).glob(f"{prefix}-*.parquet"))
@@ -234,6 +250,22 @@ class Store:
                     row["data"],
                 )
 
+    def read_image(self, shard: str, image_id: int) -> ImageRow:
+        """One image of a shard (a row filter: only its row group is read), e.g. for the web tool."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(
+                f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source"
+            )
+        rows = pq.read_table(path, filters=[("image_id", "=", int(image_id))]).to_pylist()
+        if not rows:
+            raise ValueError(f"image {image_id} is not in shard '{shard}' of {self.root}")
+        row = rows[0]
+        return ImageRow(
+            row["image_id"], row["source"], row["sha256"], row["width"], row["height"], shard,
+            row["data"],
+        )  # fmt: skip
+
     # ---- stage outputs -----------------------------------------------------------------------
     def write_shard_output(
         self, stage: str, round_: int, shard: str, output: ShardOutput
@@ -251,7 +283,7 @@ class Store:
                 f"{stage}/round-{round_}/{shard}: annotation ids repeat; ids must be unique per output"
             )
         kinds: list[tuple[str, pa.Table]] = [
-            ("annotations", tables.masks_to_table(masks, stage, round_))
+            ("annotations", tables.masks_to_table(masks, stage, round_, output.effort))
         ]
         if output.images:
             rows = sorted(output.images)
@@ -365,6 +397,63 @@ class Store:
                 if suffix.isdigit():
                     out.append((stage_dir.name, int(suffix)))
         return sorted(out)
+
+    # ---- image embeddings (gears 1 and 2) ----------------------------------------------------
+    def embeddings_path(self, fingerprint: str, shard: str) -> Path:
+        """Where a shard's embeddings by the image encoder with this fingerprint live."""
+        if not _FINGERPRINT.match(fingerprint or ""):
+            raise ValueError(
+                f"encoder fingerprint {fingerprint!r} is invalid: use "
+                "engine.predictor.encoder_fingerprint(model)"
+            )
+        return self.root / "embeddings" / fingerprint / f"{shard}.parquet"
+
+    def embedding_ids(self, fingerprint: str, shard: str) -> set[int]:
+        """Ids of the shard's images with a stored embedding by this encoder."""
+        path = self.embeddings_path(fingerprint, shard)
+        if not path.is_file():
+            return set()
+        try:
+            return set(pq.read_table(path, columns=["image_id"]).column(0).to_pylist())
+        except (OSError, pa.ArrowInvalid):
+            return set()  # unreadable (e.g. a foreign file): treated as absent and rewritten
+
+    def read_embedding(self, fingerprint: str, shard: str, image_id: int) -> bytes | None:
+        """The stored `ImageEmbedding.to_bytes()` of one image, or None (one row group read)."""
+        path = self.embeddings_path(fingerprint, shard)
+        if not path.is_file():
+            return None
+        try:
+            table = pq.read_table(
+                path, schema=tables.EMBEDDINGS, filters=[("image_id", "=", int(image_id))]
+            )
+        except (OSError, pa.ArrowInvalid):
+            return None
+        return table.column("data")[0].as_py() if table.num_rows else None
+
+    def write_embeddings(
+        self, fingerprint: str, shard: str, rows: Iterable[tuple[int, bytes]]
+    ) -> int:
+        """Write a shard's embeddings (streamed, one row group per image), replacing the file
+        atomically. Returns the number of rows written.
+
+        Arguments:
+          fingerprint (str): `engine.predictor.encoder_fingerprint` of the encoder that made them.
+          rows: (image_id, `ImageEmbedding.to_bytes()`) in any order; include the stored rows to
+            keep (`read_embedding`), the file is replaced as a whole.
+        """
+        path = self.embeddings_path(fingerprint, shard)
+        count = 0
+        with atomic_path(path) as tmp:
+            with pq.ParquetWriter(tmp, tables.EMBEDDINGS) as writer:
+                for image_id, data in rows:
+                    writer.write_table(
+                        pa.Table.from_pydict(
+                            {"image_id": [int(image_id)], "data": [data]}, schema=tables.EMBEDDINGS
+                        )
+                    )
+                    count += 1
+        return count
 
     def read_annotations(self, stage: str, round_: int, shard: str) -> pa.Table:
         return pq.read_table(

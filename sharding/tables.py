@@ -70,6 +70,23 @@ ANNOTATIONS = pa.schema(
         ("point_coords", pa.list_(pa.list_(pa.float64()))),
         ("stage", pa.string()),
         ("round", pa.int32()),
+        # Annotation effort (gears 1 and 2; null for the automatic gear and for older tables,
+        # which read back with these columns null): clicks made, IoU with the reference when the
+        # mask was accepted (null without a reference: a person), seconds spent (simulated or
+        # real), whether the mask was prefilled by the detector (gear 2) or added by an annotator,
+        # and who annotated it ("simulated", "person", "detector").
+        ("clicks", pa.int32()),
+        ("iou", pa.float64()),
+        ("seconds", pa.float64()),
+        ("prefilled", pa.bool_()),
+        ("annotator", pa.string()),
+    ]
+)
+EFFORT_COLUMNS = ("clicks", "iou", "seconds", "prefilled", "annotator")
+EMBEDDINGS = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("data", pa.binary()),  # engine.predictor.ImageEmbedding.to_bytes() (.npz)
     ]
 )
 OUTPUT_IMAGES = pa.schema(
@@ -83,10 +100,26 @@ OUTPUT_IMAGES = pa.schema(
 )
 
 
-def masks_to_table(masks: Iterable[tuple[int, MaskRecord]], stage: str, round_: int) -> pa.Table:
-    """(image_id, MaskRecord) pairs to an `ANNOTATIONS` table."""
+def masks_to_table(
+    masks: Iterable[tuple[int, MaskRecord]],
+    stage: str,
+    round_: int,
+    effort: dict[int, dict[str, Any]] | None = None,
+) -> pa.Table:
+    """(image_id, MaskRecord) pairs to an `ANNOTATIONS` table.
+
+    effort: annotation id -> {clicks, iou, seconds, prefilled, annotator} (any subset; missing
+    keys and masks without an entry are null).
+    """
     rows: dict[str, list[Any]] = {name: [] for name in ANNOTATIONS.names}
+    effort = effort or {}
     for image_id, m in masks:
+        spent = effort.get(int(m.id), {})
+        unknown = sorted(set(spent) - set(EFFORT_COLUMNS))
+        if unknown:
+            raise ValueError(f"mask {m.id}: unknown effort keys {unknown}; use {EFFORT_COLUMNS}")
+        for name in EFFORT_COLUMNS:
+            rows[name].append(spent.get(name))
         rows["image_id"].append(int(image_id))
         rows["id"].append(int(m.id))
         rows["bbox"].append([float(v) for v in m.bbox])

@@ -1,5 +1,92 @@
-from engine.cli.common import placeholder
+"""`sa-engine serve`: the annotation web tool for people (gears 1 and 2) over a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.cli.common import fail
+from engine.cli.gears import (
+    CheckpointOpt,
+    ConfigOpt,
+    ModelOpt,
+    RandomOpt,
+    RoundOpt,
+    SetOpt,
+    StoreArg,
+    annotator_config,
+    load_predictor,
+    open_store,
+)
+from engine.cli.predict import Device
 
 
-def register(app):
-    placeholder(app, "serve", 7, "web annotation tool for gears 1 and 2")
+def serve(
+    store: StoreArg,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed)")] = 8765,
+    host: Annotated[
+        str, typer.Option(help="address to bind; the default keeps it on this machine")
+    ] = "127.0.0.1",
+    round_: RoundOpt = 0,
+    stage: Annotated[str, typer.Option(help="assisted (gear 1) or semi (gear 2)")] = "assisted",
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+    model: ModelOpt = "vit_b",
+    checkpoint: CheckpointOpt = None,
+    random_weights: RandomOpt = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    detector: Annotated[
+        Optional[Path], typer.Option(help="--stage semi: detector (.pt); default: the round's")
+    ] = None,
+) -> None:
+    """Serve the annotation page for STORE: click points, accept masks, saved to the store.
+
+    Left click adds a positive point, right click a negative one; Enter/a accepts, z/Backspace
+    undoes, s skips the mask, n goes to the next image; each mask has annotate.time_limit_s
+    (30 s) shown as a countdown. Clicks use the stored embeddings (`sa-engine assisted
+    --annotator none`) or encode an image once when it has none. With --stage semi (gear 2) each
+    image arrives prefilled with the round's detector masks; the person adds what is missing.
+    """
+    if stage not in ("assisted", "semi"):
+        fail(f"--stage '{stage}' is invalid: use assisted or semi")
+    cfg = annotator_config(config, set_)
+    s = open_store(store)
+    if not s.shards():
+        fail(f"{store} has no images: run `sa-engine ingest PHOTOS --store {store}` first")
+    predictor = load_predictor(model, checkpoint, device, random_weights)
+    from engine.gears.server import AnnotationSession, make_server
+
+    prefill = None
+    if stage == "semi":  # gear 2: images arrive prefilled by the round's detector
+        from engine.cli.config import load_config, section
+        from engine.gears.semi import SemiConfig, load_or_train
+        from engine.gears.semi import prefill as semi_prefill
+
+        try:
+            semi_cfg = section(load_config(config, set_), "semi", SemiConfig)
+            trained = load_or_train(s, predictor, semi_cfg, round_, detector, log=typer.echo)
+        except ValueError as exc:
+            fail(str(exc))
+        prefill = lambda p: semi_prefill(trained, p, semi_cfg)  # noqa: E731
+    try:
+        session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage, prefill)
+        server = make_server(session, host, port)
+    except (ValueError, OSError) as exc:
+        fail(f"cannot serve on {host}:{port}: {exc}")
+    bound_host, bound_port = server.server_address[:2]
+    typer.echo(f"serving {store} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)", err=False)
+    import sys
+
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="serve")(serve)

@@ -1,0 +1,159 @@
+"""The annotation web tool in a real headless Chromium: click a photo, see the mask, accept it,
+find it in the store. Skips when chromium / chromedriver / selenium are not installed
+(`make setup` installs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sharding import Store, ingest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _browser() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip(
+            "chromium and chromedriver are not installed (Debian: apt-get install chromium "
+            "chromium-driver; `make setup` does it as root): the browser test needs them"
+        )
+    pytest.importorskip("selenium", reason="selenium is not installed (`make setup`)")
+    return chromium, driver
+
+
+@pytest.fixture
+def server(tmp_path, parity_dir, demo_photos):
+    """`sa-engine serve` on 127.0.0.1 with a free port, over a one-photo store."""
+    store = Store.create(tmp_path / "store")
+    photo = next(p for p in demo_photos if p.name == "chelsea.jpg")
+    ingest(str(photo), store)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", str(store.root), "--port", "0",
+         "--model", str(parity_dir / "config.json"),
+         "--checkpoint", str(parity_dir / "sam_small.pth"), "--set", "annotate.time_limit_s=120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, f"serve did not start: {line}{proc.stdout.read() if proc.poll() else ''}"
+        yield store, match.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_click_accept_saves_mask_in_store(server):
+    chromium, driver_path = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    store, url = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1000,800"):  # fmt: skip
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 120)
+        body = browser.find_element(By.TAG_NAME, "body")
+        wait.until(lambda _: body.get_attribute("data-state") == "ready")
+        overlay = browser.find_element(By.ID, "overlay")
+        assert _painted(browser) == 0  # nothing drawn before the first click
+        scale = overlay.size["width"] / 451  # chelsea.jpg is 451x300
+
+        def click_at(x, y, right=False):
+            chain = ActionChains(browser).move_to_element_with_offset(
+                overlay, int(x * scale - overlay.size["width"] / 2),
+                int(y * scale - overlay.size["height"] / 2),
+            )  # fmt: skip
+            (chain.context_click() if right else chain.click()).perform()
+            wait.until(lambda _: body.get_attribute("data-state") == "ready")
+
+        click_at(140, 130)  # the cat's head: a positive point
+        wait.until(lambda _: int(body.get_attribute("data-mask-area") or 0) > 0)
+        one_point = int(body.get_attribute("data-mask-area"))
+        assert _painted(browser) > 1000  # the mask is drawn over the photo
+        click_at(420, 30, right=True)  # a negative point in the background
+        assert "2 clicks" in browser.find_element(By.ID, "mask-info").text
+        body.send_keys("z")  # undo the negative point
+        wait.until(lambda _: "1 clicks" in browser.find_element(By.ID, "mask-info").text)
+        assert int(body.get_attribute("data-mask-area")) == one_point
+        body.send_keys("\n")  # accept
+        wait.until(lambda _: body.get_attribute("data-saved"))
+        assert body.get_attribute("data-accepted") == "1"
+        saved = int(body.get_attribute("data-saved"))
+    finally:
+        browser.quit()
+
+    shard = store.shards()[0]
+    record = store.done_record("assisted", 0, shard)
+    assert record is not None and record["counts"]["annotations"] == 1
+    assert record["meta"]["annotator"] == "person" and record["meta"]["complete"] is True
+    row = store.read_annotations("assisted", 0, shard).to_pylist()[0]
+    assert row["id"] == saved and row["area"] == one_point
+    assert row["clicks"] == 1 and row["annotator"] == "person" and row["prefilled"] is False
+    assert row["iou"] is None and 0 < row["seconds"] < 120
+    assert row["point_coords"] == [[pytest.approx(140, abs=2), pytest.approx(130, abs=2)]]
+
+
+def _painted(browser) -> int:
+    """Pixels of the overlay canvas that something was drawn on (alpha > 0)."""
+    return browser.execute_script(
+        "const c = document.getElementById('overlay');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;"
+    )
+
+
+def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
+    """The JSON API names bad input; a restarted session finds the committed work."""
+    from engine.gears.server import AnnotationSession
+    from engine.model import build_sam
+    from engine.predictor import SamPredictor
+
+    store, url = server
+
+    def post(path, body):
+        req = urllib.request.Request(url + path.lstrip("/"), json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    with urllib.request.urlopen(url + "api/next", timeout=120) as reply:
+        info = json.loads(reply.read())
+    image_id = info["image_id"]
+    assert (info["width"], info["height"]) == (451, 300)
+    status, reply = post("api/click", {"image_id": image_id, "x": 900, "y": 10, "positive": True})
+    assert status == 400 and "outside the 451x300 image" in reply["error"]
+    status, reply = post("api/accept", {"image_id": image_id})
+    assert status == 400 and "no mask to accept" in reply["error"]
+    status, reply = post("api/click", {"image_id": 999, "x": 1, "y": 1, "positive": True})
+    assert status == 400 and "not in" in reply["error"]
+    status, reply = post("api/finish", {"image_id": image_id})
+    assert status == 200 and reply["image_id"] is None  # the only image is done
+    record = store.done_record("assisted", 0, store.shards()[0])
+    assert record["images"] == [image_id] and record["counts"]["annotations"] == 0
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    restarted = AnnotationSession(Store(store.root), SamPredictor(sam))
+    assert restarted.next_image()["image_id"] is None  # resumes: nothing left to do
