@@ -35,6 +35,8 @@ class GateConfig:
       tolerance (float): largest regression allowed on the other figures.
       max_masks (int): evaluate on at most this many held-out masks (0: all).
       min_mask_area (int): masks smaller than this many pixels are left out (a click can't land).
+      first_choice (str): which of the first click's 3 masks is kept: "oracle" (closest to the
+        reference, as gear 1's annotator picks) or "predicted" (highest predicted IoU).
     """
 
     target_iou: float = 0.9
@@ -44,6 +46,7 @@ class GateConfig:
     tolerance: float = 0.01
     max_masks: int = 0
     min_mask_area: int = 100
+    first_choice: str = "oracle"
 
     def validate(self) -> None:
         if self.primary not in _HIGHER_IS_BETTER:
@@ -78,13 +81,19 @@ def click_trace(predictor, reference: np.ndarray, config: GateConfig) -> list[fl
 
     Uses `engine.annotator.SimulatedAnnotator` (the protocol shared with gear 1): first click at
     the interior point farthest from the boundary, next clicks in the largest error region,
-    previous low-res logits fed back. It stops once IoU >= target and 5 clicks are done.
+    previous low-res logits fed back. It stops at the target IoU (later clicks keep that IoU).
     """
     from engine.annotator import AnnotatorConfig, SimulatedAnnotator
 
     annotator = SimulatedAnnotator(
         predictor,
-        AnnotatorConfig(target_iou=config.target_iou, max_clicks=config.max_clicks, min_clicks=5),
+        AnnotatorConfig(
+            target_iou=config.target_iou,
+            max_clicks=config.max_clicks,
+            seconds_per_click=1.0,
+            time_limit_s=float(config.max_clicks),
+            first_choice=config.first_choice,
+        ),
     )
     return list(annotator.annotate(reference).ious)
 
@@ -128,18 +137,18 @@ def score_model(
 
 
 def _summarise(traces: list[list[float]], images: int, seconds: float, config: GateConfig) -> ModelScore:
+    from engine.annotator import clicks_to_reach
+
     budget = config.max_clicks
     padded = np.array([t + [t[-1]] * (budget - len(t)) for t in traces])  # stopped masks keep IoU
-    reached = []
-    for t in traces:
-        hits = [i + 1 for i, iou in enumerate(t) if iou >= config.target_iou]
-        reached.append(hits[0] if hits else None)
-    clicks = [r if r is not None else budget for r in reached]
+    # A mask never reaching the target counts budget + 1 clicks (penalised NoC, as gear 1 counts).
+    clicks = [clicks_to_reach(t, config.target_iou, budget) for t in traces]
+    reached = [c <= budget for c in clicks]
     return ModelScore(
         miou_1click=float(padded[:, 0].mean()),
         miou_5clicks=float(padded[:, 4].mean()),
         clicks_to_target=float(np.mean(clicks)),
-        reached_share=float(np.mean([r is not None for r in reached])),
+        reached_share=float(np.mean(reached)),
         masks=len(traces),
         images=images,
         seconds=round(seconds, 1),

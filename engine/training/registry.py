@@ -57,6 +57,16 @@ def save_state_dict_half(sam: Sam, path: str | Path) -> int:
     return len(data)
 
 
+def portable_config(sam: Sam) -> dict[str, Any]:
+    """The model's SamConfig as a dict that rebuilds it from the checkpoint alone (the MobileNetV2
+    backbone is inside the checkpoint, so the ImageNet weights file is not needed again)."""
+    config = sam.config.to_dict()
+    options = config.get("encoder_options") or {}
+    if "pretrained" in options:
+        config["encoder_options"] = {**options, "pretrained": False}
+    return config
+
+
 class ModelRegistry:
     """The `models/` folder of a store (it is created on the first write)."""
 
@@ -115,7 +125,7 @@ class ModelRegistry:
                 f"model round {round_} already exists in {folder}: pick another --round or remove it"
             )
         size = save_state_dict_half(sam, folder / "checkpoint.pt")
-        card = {**card, "round": round_, "checkpoint_bytes": size}
+        card = {"model_config": portable_config(sam), **card, "round": round_, "checkpoint_bytes": size}
         atomic_write_json(folder / "card.json", card, indent=1)
         return RoundFiles(round_, folder / "checkpoint.pt", folder / "card.json")
 
