@@ -165,6 +165,7 @@ def train(
         if init is not None:
             from engine.model import build_sam
 
+            torch.manual_seed(train_cfg.seed)  # the fresh neck/decoder init is part of the recipe
             sam = build_sam(init)
             start = f"init:{init}"
         else:

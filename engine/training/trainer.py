@@ -331,15 +331,16 @@ def train(
             optimizer.step()
             window.append(stats)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                loss, mask, iou = (float(np.mean([w[i] for w in window])) for i in range(3))
+                loss, mask, iou, last_iou = (float(np.mean([w[i] for w in window])) for i in range(4))
                 history.append(
                     {"step": step + 1, "loss": loss, "mask_loss": mask, "iou_loss": iou,
-                     "lr": lr_at(step, config)}
+                     "last_round_iou": last_iou, "lr": lr_at(step, config)}
                 )
                 elapsed = time.perf_counter() - start
                 log(
                     f"step {step + 1}/{config.steps} loss {loss:.4f} (mask {mask:.4f}, iou {iou:.4f}) "
-                    f"lr {lr_at(step, config):.2e} {elapsed / (step + 1):.2f} s/step"
+                    f"last-round IoU {last_iou:.3f} lr {lr_at(step, config):.2e} "
+                    f"{elapsed / (step + 1):.2f} s/step"
                 )
                 window = []
     finally:
@@ -358,7 +359,7 @@ def train(
 
 def _simulate(
     sam: Sam, item: _Encoded, mode: str, config: TrainConfig, rng: np.random.Generator
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     """One step: the interactive rounds on a batch of the image's masks; gradients accumulated."""
     count = min(config.masks_per_image, len(item.targets))
     chosen = rng.choice(len(item.targets), size=count, replace=False)
@@ -420,7 +421,7 @@ def _simulate(
         totals[2] += float(out.iou) / config.rounds
     if detached.grad is not None and embedding.requires_grad:
         embedding.backward(detached.grad)
-    return totals[0], totals[1], totals[2]
+    return totals[0], totals[1], totals[2], float(out.chosen_iou.mean())
 
 
 def training_summary(result: TrainResult) -> dict[str, Any]:
