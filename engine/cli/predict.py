@@ -53,7 +53,11 @@ def predict(
         Optional[Path], typer.Option(help="SAM state dict (.pth), e.g. sam_vit_b_01ec64.pth.")
     ] = None,
     model: Annotated[
-        str, typer.Option(help="vit_b, vit_l, vit_h, or a JSON model config path.")
+        str,
+        typer.Option(
+            help="vit_b, vit_l, vit_h, default (the bundled model: no --checkpoint needed), or a "
+            "JSON model config path."
+        ),
     ] = "vit_b",
     point: Annotated[
         Optional[list[str]],
@@ -92,9 +96,12 @@ def predict(
         fail(str(exc))
     if not points and box_xyxy is None:
         fail("give at least one --point x,y[,label] or a --box x0,y0,x1,y1")
-    if checkpoint is None and not random_weights:
+    from engine.model import PACKAGED_CHECKPOINTS
+
+    if checkpoint is None and not random_weights and model not in PACKAGED_CHECKPOINTS:
         fail(
-            "--checkpoint is required (e.g. sam_vit_b_01ec64.pth); --random-weights runs an untrained model"
+            "--checkpoint is required (e.g. sam_vit_b_01ec64.pth), or use --model default (the bundled "
+            "model); --random-weights runs an untrained model"
         )
 
     from engine.image_io import ImageLoadError, load_image

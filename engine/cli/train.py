@@ -1,6 +1,354 @@
-from engine.cli.common import placeholder
+"""`sa-engine train` (retrain SAM on a store's masks, write the next model round) and
+`sa-engine evaluate` (the gate: compare a round with the current one, promote only if better)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.cli.common import fail
+
+ConfigOpt = Annotated[str, typer.Option("--config", help="Config name in configs/ or a YAML path.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override: train.key=value (repeatable).")
+]
 
 
-def register(app):
-    placeholder(app, "train", 8, "retrain SAM on the masks collected in a store")
-    placeholder(app, "evaluate", 8, "gate: compare a candidate model round with the current one")
+def _sources(
+    store: Path,
+    gears: str | None,
+    max_round: int | None,
+    coco: Path | None,
+    images: Path | None,
+    synthetic_scenes: int,
+    synthetic_seed: int,
+    split: str,
+    held_out_share: float,
+):
+    """Items and data descriptions from --from (gears or 'synthetic') and --coco/--images."""
+    from engine.training.data import SYNTHETIC, coco_items, store_items, synthetic_items
+
+    items, infos = [], []
+    names = [g.strip() for g in (gears or "").split(",") if g.strip()]
+    if SYNTHETIC in names:
+        names.remove(SYNTHETIC)
+        got, info = synthetic_items(synthetic_scenes, synthetic_seed, split, held_out_share)
+        items += got
+        infos.append(info)
+    if names:
+        got, info = store_items(store, names, max_round, split, held_out_share)
+        items += got
+        infos.append(info)
+    if (coco is None) != (images is None):
+        raise ValueError("--coco FILE.json and --images DIR go together: give both or neither")
+    if coco is not None:
+        got, info = coco_items(coco, images, split, held_out_share)
+        items += got
+        infos.append(info)
+    if not infos:
+        raise ValueError(
+            "no training data: pass --from GEAR[,GEAR] (store stages, or 'synthetic') and/or "
+            "--coco FILE.json --images DIR"
+        )
+    return items, infos
+
+
+def _train_config(config: str, overrides: list[str] | None):
+    from engine.cli.config import load_config, section
+    from engine.training.gate import GateConfig
+    from engine.training.trainer import TrainConfig
+
+    cfg = load_config(config, overrides)
+    block = dict(cfg.get("train") or {})
+    gate = block.pop("gate", None) or {}
+    train_cfg = section({"train": block}, "train", TrainConfig)
+    gate_cfg = section({"gate": gate}, "gate", GateConfig)
+    return train_cfg, gate_cfg
+
+
+def _command_line(command: str, positional: Path, options: dict[str, object]) -> str:
+    """The command as it can be run again, rebuilt from the parsed options (None ones left out)."""
+    parts = ["sa-engine", command, str(positional)]
+    for flag, value in options.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def train(
+    store: Annotated[Path, typer.Argument(help="The store folder (its models/ registry is written).")],
+    from_: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from",
+            help="Gears whose masks to train on, comma-separated store stages (assisted, semi, "
+            "auto), or 'synthetic' for generated scenes.",
+        ),
+    ] = None,
+    round_: Annotated[
+        Optional[int],
+        typer.Option(
+            "--round",
+            help="Parent model round N (default: the current one); round N+1 is written. Gear "
+            "masks of stage rounds <= N are used. -1 with --init makes round 0.",
+        ),
+    ] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Extra masks: a COCO instances JSON.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder of --coco.")] = None,
+    init: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Start from this model (registry name or JSON config) instead of the parent "
+            "round's weights, e.g. mobilenet_v2 (ImageNet backbone, untrained decoder)."
+        ),
+    ] = None,
+    synthetic_scenes: Annotated[int, typer.Option(help="Scenes for --from synthetic.")] = 600,
+    synthetic_seed: Annotated[int, typer.Option(help="First scene seed for --from synthetic.")] = 0,
+    held_out_share: Annotated[
+        float, typer.Option(help="Share of images kept out of training for the gate.")
+    ] = 0.1,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster address for distributed training.")
+    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+) -> None:
+    """Retrain SAM on the masks collected in a store; write model round N+1 (checkpoint + card)."""
+    if address is not None:
+        fail(
+            "--address (Ray Train, one worker per GPU) is not built yet: train runs as one local "
+            "process; drop --address"
+        )
+    try:
+        train_cfg, _ = _train_config(config, set_)
+        train_cfg.validate()
+    except ValueError as exc:
+        fail(str(exc))
+
+    import datetime as dt
+    import platform
+
+    import torch
+
+    from engine.model import resolve_config
+    from engine.training.registry import ModelRegistry, portable_config
+    from engine.training.trainer import train as run_training
+    from engine.training.trainer import training_summary
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if not store.is_dir():
+        fail(f"store {store} does not exist: create it with `sa-engine ingest` (or mkdir for synthetic)")
+    registry = ModelRegistry(store)
+    parent = registry.current() if round_ is None else round_
+    if parent < -1 or (parent == -1 and init is None):
+        fail(f"--round {parent}: use a model round >= 0 (or -1 together with --init to make round 0)")
+    new_round = parent + 1
+    if (registry.round_dir(new_round) / "card.json").is_file():
+        fail(f"model round {new_round} already exists in {registry.round_dir(new_round)}")
+    try:
+        items, infos = _sources(
+            store, from_, max(parent, 0), coco, images, synthetic_scenes, synthetic_seed,
+            "train", held_out_share,
+        )
+        if init is not None:
+            from engine.model import build_sam
+
+            torch.manual_seed(train_cfg.seed)  # the fresh neck/decoder init is part of the recipe
+            sam = build_sam(init)
+            start = f"init:{init}"
+        else:
+            sam = registry.load(parent)
+            start = f"round-{parent}"
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    typer.echo(f"training round {new_round} from {start} on {len(items)} images")
+    try:
+        result = run_training(sam, items, train_cfg, log=typer.echo)
+    except ValueError as exc:
+        fail(str(exc))
+    model_config = portable_config(sam)
+    card = {
+        "parent_round": parent if init is None else None,
+        "started_from": start,
+        "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": _command_line(
+            "train",
+            store,
+            {
+                "--from": from_, "--round": parent, "--init": init, "--coco": coco,
+                "--images": images,
+                "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
+                "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
+                "--held-out-share": held_out_share, "--threads": threads or None,
+                "--config": config, "--set": set_ or None,
+            },
+        ),
+        "model_config": model_config,
+        "data": infos,
+        "train_config": vars(train_cfg),
+        "training": training_summary(result),
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "evaluations": [],
+    }
+    files = registry.write_round(new_round, sam, card)
+    typer.echo(
+        f"wrote model round {new_round}: {files.checkpoint} and {files.card}; loss "
+        f"{card['training']['loss_first']:.4f} -> {card['training']['loss_last']:.4f}. Judge it with "
+        f"`sa-engine evaluate {store} --candidate {new_round}` before it is used."
+    )
+
+
+def evaluate(
+    store: Annotated[Path, typer.Argument(help="The store folder holding the model registry.")],
+    candidate: Annotated[
+        Optional[int], typer.Option(help="Round to judge (default: the newest round).")
+    ] = None,
+    against: Annotated[
+        Optional[str],
+        typer.Option(help="Round to compare with (default: the current one); 'none' only scores."),
+    ] = None,
+    from_: Annotated[
+        Optional[str],
+        typer.Option("--from", help="Held-out masks of these gears (comma-separated), or 'synthetic'."),
+    ] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Held-out masks: a COCO instances JSON.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder of --coco.")] = None,
+    split: Annotated[
+        str, typer.Option(help="held_out (images training never sees) or all (a separate test set).")
+    ] = "held_out",
+    held_out_share: Annotated[float, typer.Option(help="As given to train.")] = 0.1,
+    synthetic_scenes: Annotated[int, typer.Option(help="Scenes for --from synthetic.")] = 600,
+    synthetic_seed: Annotated[int, typer.Option(help="First scene seed for --from synthetic.")] = 0,
+    promote: Annotated[
+        bool, typer.Option("--promote/--no-promote", help="Make the candidate current if it passes.")
+    ] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
+) -> None:
+    """Gate: score a candidate round and the current one on held-out masks; promote if better."""
+    import datetime as dt
+    import json
+
+    import torch
+
+    from engine.atomic import atomic_write_json
+    from engine.training.gate import decide, score_model
+    from engine.training.registry import ModelRegistry
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        _, gate_cfg = _train_config(config, set_)
+        gate_cfg.validate()
+    except ValueError as exc:
+        fail(str(exc))
+    registry = ModelRegistry(store)
+    rounds = registry.rounds()
+    cand = candidate if candidate is not None else (rounds[-1] if rounds else 0)
+    if against is None:
+        base: int | None = registry.current()
+    elif against.lower() == "none":
+        base = None
+    else:
+        try:
+            base = int(against)
+        except ValueError:
+            fail(f"--against '{against}': give a round number or 'none'")
+    if base == cand:
+        base = None
+    try:
+        items, infos = _sources(
+            store, from_, None, coco, images, synthetic_scenes, synthetic_seed, split, held_out_share
+        )
+        models = {cand: registry.load(cand)}
+        if base is not None:
+            models[base] = registry.load(base)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    scores = {}
+    for round_, sam in models.items():
+        typer.echo(f"scoring round {round_} on {len(items)} held-out images")
+        try:
+            scores[round_] = score_model(sam, items, gate_cfg, log=typer.echo)
+        except ValueError as exc:
+            fail(str(exc))
+    decision = decide(scores[cand], scores.get(base), gate_cfg)
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    promoted = bool(promote and decision.promote and base is not None)
+    report = {
+        "candidate": cand,
+        "against": base,
+        "created_at": when,
+        "command": _command_line(
+            "evaluate",
+            store,
+            {
+                "--candidate": cand, "--against": "none" if base is None else base,
+                "--from": from_, "--coco": coco, "--images": images, "--split": split,
+                "--held-out-share": held_out_share,
+                "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
+                "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
+                "--no-promote": not promote, "--threads": threads or None, "--config": config,
+                "--set": set_ or None,
+            },
+        ),
+        "data": infos,
+        "gate_config": vars(gate_cfg),
+        "scores": {str(r): s.as_dict() for r, s in scores.items()},
+        "passes": decision.promote,
+        "reason": decision.reason,
+        "deltas": decision.deltas,
+        "promoted": promoted,
+    }
+    folder = registry.round_dir(cand)
+    report_path = None
+    if not registry.files(cand).bundled:
+        report_path = folder / f"gate-vs-{'none' if base is None else f'round-{base}'}.json"
+        atomic_write_json(report_path, report, indent=1)
+        card = registry.card(cand)
+        card.setdefault("evaluations", []).append(
+            {k: report[k] for k in ("against", "created_at", "command", "data", "scores", "reason")}
+        )
+        atomic_write_json(folder / "card.json", card, indent=1)
+    if promoted:
+        registry.promote(cand, report_path, when)
+    typer.echo(_table(scores, gate_cfg))
+    verdict = "PROMOTED" if promoted else ("passes" if decision.promote else "REFUSED")
+    typer.echo(f"round {cand} vs {base if base is not None else '-'}: {verdict} ({decision.reason})")
+    if report_path:
+        typer.echo(f"report: {report_path}")
+    typer.echo(json.dumps({"passes": decision.promote, "promoted": promoted, "deltas": decision.deltas}))
+
+
+def _table(scores, gate_cfg) -> str:
+    target = f"clicks to {gate_cfg.target_iou:g}"
+    lines = [f"{'round':>5}  {'mIoU 1 click':>12}  {'mIoU 5 clicks':>13}  {target:>14}  {'reached':>7}  masks"]
+    for round_, s in scores.items():
+        lines.append(
+            f"{round_:>5}  {s.miou_1click:>12.3f}  {s.miou_5clicks:>13.3f}  "
+            f"{s.clicks_to_target:>14.2f}  {s.reached_share:>7.1%}  {s.masks}"
+        )
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="train")(train)
+    app.command(name="evaluate")(evaluate)

@@ -1,0 +1,138 @@
+"""The model registry, `sa-engine train` / `evaluate` end to end on a tiny model, the gate's
+decision rule, and the bundled default model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from engine.cli.main import app
+from engine.model import PACKAGED_CHECKPOINTS, build_sam
+from engine.training.gate import GateConfig, ModelScore, decide
+from engine.training.registry import ModelRegistry
+from tests.test_training import TINY
+
+runner = CliRunner()
+TRAIN_SET = [
+    "--set", "train.steps=40", "--set", "train.rounds=3", "--set", "train.rounds_without_point=1",
+    "--set", "train.masks_per_image=4", "--set", "train.warmup_steps=5", "--set", "train.lr=1e-3",
+    "--set", "train.image_sizes=[256]", "--set", "train.log_every=10",
+]
+GATE_SET = ["--set", "train.gate.max_masks=8", "--set", "train.gate.max_clicks=5"]
+DATA = ["--from", "synthetic", "--synthetic-scenes", "2", "--held-out-share", "0"]
+
+
+def score(miou1: float, miou5: float, clicks: float) -> ModelScore:
+    return ModelScore(miou1, miou5, clicks, 0.5, 10, 2, 0.0)
+
+
+def test_decide_promotes_only_a_better_model():
+    cfg = GateConfig()
+    current = score(0.60, 0.80, 8.0)
+    assert decide(score(0.62, 0.82, 7.0), current, cfg).promote
+    assert not decide(score(0.60, 0.80, 8.0), current, cfg).promote  # equal is not better
+    worse = decide(score(0.70, 0.85, 9.0), current, cfg)
+    assert not worse.promote and "clicks_to_target" in worse.reason
+    regress = decide(score(0.50, 0.80, 7.0), current, cfg)  # fewer clicks, but 1-click IoU fell
+    assert not regress.promote and "miou_1click worse" in regress.reason
+    assert decide(score(0.1, 0.1, 20.0), None, cfg).promote  # nothing to compare with
+    with pytest.raises(ValueError, match="gate.primary"):
+        GateConfig(primary="speed").validate()
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory):
+    """A store whose round 0 is a tiny model trained by the real `train` command."""
+    root = tmp_path_factory.mktemp("store")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY.to_dict()))
+    result = runner.invoke(
+        app,
+        ["train", str(root), *DATA, "--round", "-1", "--init", str(config), "--threads", "1"]
+        + TRAIN_SET,
+    )
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_train_writes_checkpoint_and_card(trained_store):
+    registry = ModelRegistry(trained_store)
+    assert registry.rounds() == [0]
+    files = registry.files(0)
+    card = json.loads(files.card.read_text())
+    assert card["round"] == 0 and card["parent_round"] is None
+    assert card["command"].startswith("sa-engine train ") and "--init" in card["command"]
+    assert card["data"][0]["source"] == "synthetic" and card["data"][0]["images"] == 2
+    assert card["training"]["steps"] == 40 and card["train_config"]["rounds"] == 3
+    assert card["training"]["loss_last"] < card["training"]["loss_first"]
+    state = torch.load(files.checkpoint, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    sam = registry.load(0)  # rebuilt from the card's architecture, strict load
+    assert sam.img_size == 256 and sam.prompt_encoder.embed_dim == 64
+
+
+def test_gate_refuses_a_worse_round_and_promotes_a_better_one(tmp_path):
+    """Round 0 of a fresh store is the bundled model; an untrained round must be refused against
+    it, and once the untrained round is current, the bundled weights must win against it."""
+    from engine.model import MODEL_REGISTRY
+
+    registry = ModelRegistry(tmp_path)
+    torch.manual_seed(0)
+    registry.write_round(1, build_sam(MODEL_REGISTRY["default"]), {"note": "untrained"})
+    args = ["--split", "all", *DATA, "--threads", "1"] + GATE_SET
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--candidate", "1", *args])
+    assert result.exit_code == 0, result.output
+    assert "REFUSED" in result.output and registry.current() == 0
+    report = json.loads((registry.round_dir(1) / "gate-vs-round-0.json").read_text())
+    assert report["promoted"] is False and report["against"] == 0
+    bundled, untrained = report["scores"]["0"], report["scores"]["1"]
+    assert bundled["miou_1click"] > untrained["miou_1click"] + 0.1
+    assert registry.card(1)["evaluations"][0]["against"] == 0
+
+    registry.promote(1, None, "test")
+    registry.write_round(2, build_sam("default"), {"note": "the bundled weights"})
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--candidate", "2", *args])
+    assert result.exit_code == 0, result.output
+    assert "PROMOTED" in result.output and registry.current() == 2
+    current = json.loads((registry.root / "current.json").read_text())
+    assert current["report"].endswith("gate-vs-round-1.json")
+
+
+def test_train_errors_name_the_fix(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path), "--round", "0"])
+    assert result.exit_code == 1 and "no training data" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--address", "x:1"])
+    assert result.exit_code == 1 and "not built yet" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--round", "-1"])
+    assert result.exit_code == 1 and "--init" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--round", "4"])
+    assert result.exit_code == 1 and "round 4 is not in" in result.output
+    result = runner.invoke(app, ["train", str(tmp_path), "--from", "assisted"])
+    assert result.exit_code == 1 and "not a store" in result.output
+
+
+def test_bundled_default_model_loads_and_segments_a_demo_photo(demo_photos):
+    """`build_sam("default")` needs no path; a click on the cat gives a mask around the click."""
+    from engine.image_io import load_image
+    from engine.predictor import SamPredictor
+
+    assert PACKAGED_CHECKPOINTS["default"].is_file(), "the bundled checkpoint is missing"
+    assert PACKAGED_CHECKPOINTS["default"].stat().st_size <= 25 * 2**20
+    cat = [p for p in demo_photos if p.stem == "chelsea"]
+    if not cat:
+        pytest.skip("demo/photos/chelsea.jpg is absent")
+    sam = build_sam("default")
+    predictor = SamPredictor(sam)
+    image = load_image(cat[0])
+    predictor.set_image(image)
+    assert tuple(predictor.features.shape) == (1, 256, 64, 64)
+    point = np.array([[190.0, 180.0]])  # on the cat's face (451x300 photo)
+    masks, scores, logits = predictor.predict(point, np.array([1]), multimask_output=True)
+    best = masks[int(np.argmax(scores))]
+    assert best[180, 190], "the mask does not contain the clicked point"
+    assert 0.01 < best.mean() < 0.9
+    assert logits.shape == (3, 256, 256)
