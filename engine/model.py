@@ -409,13 +409,7 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-# Registry keys whose packaged checkpoint is used when ModelConfig.checkpoint is None.
-PACKAGED_CHECKPOINTS: dict[str, Path] = {}
-
-
 def load_model(cfg: ModelConfig) -> Sam:
-    """Build the model of a `model:` block: resolve the device, load the checkpoint, eval mode."""
-    checkpoint = cfg.checkpoint
-    if checkpoint is None and str(cfg.model) in PACKAGED_CHECKPOINTS:
-        checkpoint = PACKAGED_CHECKPOINTS[str(cfg.model)]
-    return build_sam(cfg.model, checkpoint=checkpoint, device=resolve_device(cfg.device))
+    """Build the model of a `model:` block: resolve the device, load the checkpoint (a packaged
+    one, e.g. the bundled "default", when none is given), eval mode."""
+    return build_sam(cfg.model, checkpoint=cfg.checkpoint, device=resolve_device(cfg.device))

@@ -117,7 +117,7 @@ def test_config_roundtrip_builds_any_dims(tmp_path):
     with torch.no_grad():
         embedding = model.image_encoder(torch.zeros(1, 3, 512, 512))
     assert embedding.shape == (1, 256, 32, 32)
-    assert set(MODEL_REGISTRY) == {"vit_b", "vit_l", "vit_h"}
+    assert set(MODEL_REGISTRY) == {"vit_b", "vit_l", "vit_h", "mobilenet_v2", "default"}
 
 
 class _PoolEncoder(torch.nn.Module):

@@ -107,10 +107,12 @@ def amg(
         fail(str(exc))
     if not inputs:
         fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
-    if model_cfg.checkpoint is None:
+    from engine.model import PACKAGED_CHECKPOINTS
+
+    if model_cfg.checkpoint is None and model_cfg.model not in PACKAGED_CHECKPOINTS:
         fail(
-            "no checkpoint: pass --checkpoint (e.g. sam_vit_b_01ec64.pth) or set model.checkpoint "
-            "in the config"
+            f"model '{model_cfg.model}' has no bundled weights: pass --checkpoint (e.g. "
+            "sam_vit_b_01ec64.pth), or --model default for the bundled model"
         )
 
     import torch

@@ -239,6 +239,12 @@ def report(
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="assisted")(assisted)
-    app.command(name="semi")(semi)
+    """`run assisted` / `run semi` beside `run auto` and `run privacy` (one shape for every stage);
+    the short top-level names stay as hidden aliases."""
+    from engine.cli.run import run_app
+
+    run_app.command(name="assisted")(assisted)
+    run_app.command(name="semi")(semi)
+    app.command(name="assisted", hidden=True)(assisted)
+    app.command(name="semi", hidden=True)(semi)
     app.command(name="report")(report)

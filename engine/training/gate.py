@@ -177,6 +177,14 @@ def decide(candidate: ModelScore, current: ModelScore | None, config: GateConfig
     primary_gain = deltas[config.primary]
     if worse:
         return GateDecision(False, "; ".join(worse), deltas)
+    if primary_gain == 0 and config.min_gain == 0:
+        # a tie on the primary figure (e.g. neither model reaches the target IoU within the
+        # click budget) is decided by the other figures: one must improve beyond the tolerance
+        better = [n for n, g in deltas.items() if n != config.primary and g > config.tolerance]
+        if better:
+            return GateDecision(
+                True, f"{config.primary} tied; {', '.join(better)} better", deltas
+            )
     if primary_gain <= config.min_gain and not (config.min_gain == 0 and primary_gain > 0):
         return GateDecision(
             False, f"{config.primary} did not improve (gain {primary_gain:.3f} <= {config.min_gain})", deltas
