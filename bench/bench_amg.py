@@ -1,0 +1,175 @@
+"""Automatic mask generator: seconds per image, peak memory, and agreement with Meta's generator.
+
+    python bench/bench_amg.py                       # sets A and B of the parity fixture + sa1b config
+    python bench/bench_amg.py --meta-path /tmp/meta_sam   # also Meta's segment-anything 1.0, side by side
+    python bench/bench_amg.py --only B --grid 8 16 32     # peak memory as points_per_side grows
+
+Each run is a fresh subprocess, so its peak RSS is its own. Agreement with the fixture: same count,
+same order, per-mask IoU, max |predicted_iou| / |stability| differences, identical bbox / crop_box.
+Meta's generator (only when `segment_anything` is importable from --meta-path; never a dependency)
+runs through `bench/meta_standin.py` (pure-torch stand-ins for its four torchvision symbols).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY = ROOT.parent / "shared" / "fixtures" / "sam_parity"
+
+
+def _params(which: str) -> dict:
+    if which == "A":
+        return json.loads((PARITY / "amg_coco_rle.json").read_text())["params"]
+    if which == "B":
+        return json.loads((PARITY / "amg_binary_mask_meta.json").read_text())["params"]
+    sys.path.insert(0, str(ROOT))
+    from engine.cli.config import load_config
+
+    amg = dict(load_config("sa1b")["amg"])
+    amg.pop("decoder_batch", None)
+    return amg
+
+
+def _reference(which: str, shape):
+    import numpy as np
+
+    from engine import rle
+
+    if which == "A":
+        anns = json.loads((PARITY / "amg_coco_rle.json").read_text())["annotations"]
+        masks = [rle.decode(a["segmentation"]) for a in anns]
+        return anns, masks
+    ref = np.load(PARITY / "amg_binary_mask.npz")
+    h, w = shape
+    masks = np.unpackbits(ref["masks_packed"], axis=1, count=h * w).reshape(-1, h, w).astype(bool)
+    anns = [
+        {
+            "bbox": ref["bbox_xywh"][i].tolist(),
+            "crop_box": ref["crop_box_xywh"][i].tolist(),
+            "predicted_iou": float(ref["predicted_iou"][i]),
+            "stability_score": float(ref["stability_score"][i]),
+        }
+        for i in range(len(masks))
+    ]
+    return anns, masks
+
+
+def agreement(out: list[dict], anns: list[dict], masks) -> dict:
+    import numpy as np
+
+    from engine import rle
+
+    n = min(len(out), len(anns))
+    ious = []
+    for i in range(n):
+        mine = out[i]["segmentation"]
+        mine = rle.decode(mine) if isinstance(mine, dict) else mine
+        union = (mine | masks[i]).sum()
+        ious.append(float((mine & masks[i]).sum() / union) if union else 1.0)
+    return {
+        "count": len(out),
+        "reference_count": len(anns),
+        "same_bbox_and_crop": sum(
+            list(out[i]["bbox"]) == list(anns[i]["bbox"])
+            and list(out[i]["crop_box"]) == list(anns[i]["crop_box"])
+            for i in range(n)
+        ),
+        "min_mask_iou": min(ious) if ious else None,
+        "max_iou_pred_diff": max(
+            (abs(out[i]["predicted_iou"] - anns[i]["predicted_iou"]) for i in range(n)), default=0
+        ),
+        "max_stability_diff": float(
+            np.nanmax([abs(out[i]["stability_score"] - anns[i]["stability_score"]) for i in range(n)])
+        )
+        if n
+        else 0,
+    }
+
+
+def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
+    """Run one generator in this process and report (called in a subprocess)."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    from engine.image_io import load_image
+
+    torch.set_num_threads(torch.get_num_threads())
+    image = load_image(PARITY / "image.png")
+    params = _params(which)
+    if grid is not None:
+        params["points_per_side"] = grid
+    if impl == "meta":
+        sys.path.insert(0, meta_path)
+        from bench.meta_standin import build_meta_sam
+
+        sam = build_meta_sam(PARITY / "config.json", PARITY / "sam_small.pth")
+        from segment_anything import SamAutomaticMaskGenerator as Generator
+    else:
+        from engine.amg import SamAutomaticMaskGenerator as Generator
+        from engine.model import build_sam
+
+        sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth")
+    generator = Generator(sam, **params)
+    start = time.perf_counter()
+    out = generator.generate(image)
+    seconds = time.perf_counter() - start
+    report = {
+        "set": which,
+        "impl": impl,
+        "points_per_side": params["points_per_side"],
+        "seconds": round(seconds, 2),
+        "masks": len(out),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if which in ("A", "B") and grid is None:
+        anns, masks = _reference(which, image.shape[:2])
+        report["vs_fixture"] = agreement(out, anns, masks)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=["B", "A", "sa1b"], choices=["A", "B", "sa1b"])
+    parser.add_argument("--meta-path", help="folder holding segment_anything (pip --target)")
+    parser.add_argument("--grid", nargs="*", type=int, help="points_per_side values (memory curve)")
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        which, impl, grid, meta = args.one
+        print(json.dumps(one(which, impl, None if grid == "-" else int(grid), meta)))
+        return
+    if not PARITY.is_dir():
+        sys.exit(f"{PARITY} is absent: the parity fixture is needed")
+    meta_ok = False
+    if args.meta_path:
+        meta_ok = (Path(args.meta_path) / "segment_anything").is_dir()
+        if not meta_ok:
+            print(f"segment_anything not found under {args.meta_path}: Meta's side skipped")
+    for which in args.only:
+        for grid in args.grid or [None]:
+            impls = ["engine"] + (["meta"] if meta_ok and which in ("A", "B") else [])
+            results = {}
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--one", which, impl, str(grid or "-"), str(args.meta_path)]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"{which}/{impl} failed:\n{done.stderr[-2000:]}")
+                    continue
+                results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(json.dumps(results[impl]), flush=True)
+            if "meta" in results and "engine" in results:
+                ratio = results["meta"]["seconds"] / results["engine"]["seconds"]
+                print(f"set {which}: Meta {results['meta']['seconds']} s / engine "
+                      f"{results['engine']['seconds']} s = {ratio:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
