@@ -35,7 +35,7 @@ class PrivacyConfig:
 
     face_backend: str = "retinaface"
     plate_backend: str = "platedet"
-    face_score: float = 0.5
+    face_score: float = 0.3
     plate_score: float = 0.35
     face_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
     upscaled_max_face: float = 40.0
