@@ -173,6 +173,8 @@ def test_failed_attempt_is_retried_over_unfinished_shards(tmp_path, local_ray, s
     (small_store.stage_dir("classical", 0) / "shard-000001.done.json").unlink()
     bad = StageSpec("classical", make_fails_once, {"flag": str(flag)}, uses_model=False)
     with pytest.raises(RuntimeError, match="1 shard\\(s\\) unfinished after 1 attempt"):
-        run_pipeline(small_store, bad, 0, RayConfig(progress=False, max_attempts=1))
+        run_pipeline(
+            small_store, bad, 0, RayConfig(progress=False, max_attempts=1, model_actors=1)
+        )
     failed = sorted((small_store.root / "runs" / "classical").glob("*.json"))[-1]
     assert json.loads(failed.read_text())["state"] == "failed"

@@ -56,8 +56,13 @@ def load_predictor(
     model: str, checkpoint: Path | None, device: Device, random_weights: bool
 ):
     """Build the model of this round and its predictor (single-threaded-friendly on CPU)."""
-    if checkpoint is None and not random_weights:
-        fail("--checkpoint is required (the model of this round); --random-weights runs untrained")
+    from engine.model import PACKAGED_CHECKPOINTS
+
+    if checkpoint is None and not random_weights and model not in PACKAGED_CHECKPOINTS:
+        fail(
+            f"model '{model}' has no bundled weights: pass --checkpoint (the model of this round), "
+            "--model default for the bundled model, or --random-weights to run untrained"
+        )
     from engine.model import build_sam
     from engine.predictor import SamPredictor
 
