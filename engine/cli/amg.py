@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, require_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -107,13 +107,7 @@ def amg(
         fail(str(exc))
     if not inputs:
         fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
-    from engine.model import PACKAGED_CHECKPOINTS
-
-    if model_cfg.checkpoint is None and model_cfg.model not in PACKAGED_CHECKPOINTS:
-        fail(
-            f"model '{model_cfg.model}' has no bundled weights: pass --checkpoint (e.g. "
-            "sam_vit_b_01ec64.pth), or --model default for the bundled model"
-        )
+    require_weights(model_cfg.model, model_cfg.checkpoint)
 
     import torch
 

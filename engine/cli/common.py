@@ -13,6 +13,20 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def require_weights(model: str, checkpoint: object, random_weights: bool | None = None) -> None:
+    """Fail unless the model has weights: a --checkpoint, or a registry entry that ships its own
+    (the bundled "default"). random_weights: the command's --random-weights flag, if it has one."""
+    from engine.model import PACKAGED_CHECKPOINTS
+
+    if checkpoint is not None or random_weights or str(model) in PACKAGED_CHECKPOINTS:
+        return
+    untrained = "; --random-weights runs an untrained model" if random_weights is not None else ""
+    fail(
+        f"model '{model}' has no bundled weights: --checkpoint is required (e.g. "
+        f"sam_vit_b_01ec64.pth), or use --model default (the bundled model){untrained}"
+    )
+
+
 def not_built(command: str, issue: int, what: str) -> NoReturn:
     fail(f"'{command}' is not built yet: it arrives with issue #{issue} ({what}).", code=2)
 

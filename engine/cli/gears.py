@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, require_weights
 from engine.cli.predict import Device, _pick_device
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
@@ -56,13 +56,7 @@ def load_predictor(
     model: str, checkpoint: Path | None, device: Device, random_weights: bool
 ):
     """Build the model of this round and its predictor (single-threaded-friendly on CPU)."""
-    from engine.model import PACKAGED_CHECKPOINTS
-
-    if checkpoint is None and not random_weights and model not in PACKAGED_CHECKPOINTS:
-        fail(
-            f"model '{model}' has no bundled weights: pass --checkpoint (the model of this round), "
-            "--model default for the bundled model, or --random-weights to run untrained"
-        )
+    require_weights(model, checkpoint, random_weights)
     from engine.model import build_sam
     from engine.predictor import SamPredictor
 

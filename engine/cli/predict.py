@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, require_weights
 
 
 class Device(str, Enum):
@@ -96,13 +96,7 @@ def predict(
         fail(str(exc))
     if not points and box_xyxy is None:
         fail("give at least one --point x,y[,label] or a --box x0,y0,x1,y1")
-    from engine.model import PACKAGED_CHECKPOINTS
-
-    if checkpoint is None and not random_weights and model not in PACKAGED_CHECKPOINTS:
-        fail(
-            "--checkpoint is required (e.g. sam_vit_b_01ec64.pth), or use --model default (the bundled "
-            "model); --random-weights runs an untrained model"
-        )
+    require_weights(model, checkpoint, random_weights)
 
     from engine.image_io import ImageLoadError, load_image
 
@@ -207,14 +201,14 @@ def _record(image_path: Path, logits, scores, coords, box, mask_threshold: float
     return ImageRecord(meta, annotations)
 
 
-def _pick_device(device: Device) -> str:
-    import torch
+def _pick_device(device: Device) -> "torch.device":
+    """--device through the one resolver (`engine.model.resolve_device`), failing as a CLI does."""
+    from engine.model import resolve_device
 
-    if device is Device.auto:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device is Device.cuda and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available (use --device cpu)")
-    return device.value
+    try:
+        return resolve_device(device.value)
+    except ValueError as exc:
+        fail(f"--device {device.value}: {exc}")
 
 
 def register(app: typer.Typer) -> None:

@@ -87,16 +87,6 @@ def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("privacy.device='cuda' but no CUDA device is visible: use cpu or auto")
-    return name
-
-
 class RetinaFaceDetector:
     """RetinaFace-MobileNetV2 (weights of retinaface==1.1.1, converted once to PyTorch)."""
 
@@ -105,10 +95,11 @@ class RetinaFaceDetector:
     def __init__(self, cfg: PrivacyConfig) -> None:
         import torch
 
+        from engine.model import resolve_device
         from engine.privacy.retinaface import GRAPH_SHA256, load_retinaface
 
         self.cfg = cfg
-        self.device = _device(cfg.device)
+        self.device = resolve_device(cfg.device)
         graph = package_file("retinaface", "src/frozen_graph.pb")
         model, sha256 = load_retinaface(graph, cfg.cache_dir)
         self.model = model.to(self.device)
@@ -185,11 +176,13 @@ class PlatedetDetector:
     def __init__(self, cfg: PrivacyConfig) -> None:
         import onnxruntime as ort
 
+        from engine.model import resolve_device
+
         self.cfg = cfg
         path = package_file("platedet", "artifacts/platedet.onnx")
         providers = ["CPUExecutionProvider"]
         if (
-            _device(cfg.device) == "cuda"
+            resolve_device(cfg.device).type == "cuda"
             and "CUDAExecutionProvider" in ort.get_available_providers()
         ):
             providers.insert(0, "CUDAExecutionProvider")
