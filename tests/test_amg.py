@@ -4,7 +4,6 @@ generator on the parity fixture, and the `amg` CLI on a real photo."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -166,7 +165,6 @@ def test_configs_are_the_documented_settings():
     assert section(load_config("sa1b"), "model", ModelConfig).device == "auto"
 
 
-@pytest.mark.skipif(not os.environ.get("SA_ENGINE_SLOW"), reason="parity run B takes ~1-3 min on 2 CPUs: bench/bench_amg.py runs it (or set SA_ENGINE_SLOW=1)")
 def test_parity_set_b(small_sam, parity_dir):
     from engine.image_io import load_image
 

@@ -52,6 +52,7 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.upscale_pixels = 512  # embedding pixels upscaled at a time, over the whole batch
 
     def forward(
         self,
@@ -105,17 +106,51 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        src = src.expand(batch, -1, -1).transpose(1, 2).reshape(batch, channels, height, width)
-        upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        batch, channels, height, width = upscaled.shape
-        masks = (hyper_in @ upscaled.view(batch, channels, height * width)).view(
-            batch, -1, height, width
-        )
+        masks = self.upscale_masks(src.expand(batch, -1, -1), (height, width), hyper_in)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def upscale_masks(
+        self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor
+    ) -> torch.Tensor:
+        """`output_upscaling` then the hypernetwork product, on B x (H*W) x C image tokens.
+
+        A 2x2, stride-2 transposed convolution maps each input pixel to its own 2x2 output block,
+        so both are one matrix product over the channel axis, computed channels-last straight
+        from the transformer's token layout (PyTorch's CPU transposed convolution is several
+        times slower); the pixel blocks are put in place only once, on the K mask logits.
+        Returns B x K x 4H x 4W.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        batch, _, channels = image_tokens.shape
+        height, width = size
+
+        def block_matmul(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+            # weight in x out x 2 x 2 -> (2 * 2 * out) x in: output channels last, per sub-pixel
+            weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.in_channels)
+            out = F.linear(x, weight, conv.bias.repeat(4))
+            return out.view(*out.shape[:-2], -1, conv.out_channels)
+
+        k = hyper_in.shape[1]
+        tokens = image_tokens.reshape(batch, height, width, channels)
+        masks = image_tokens.new_empty(batch, k, 4 * height, 4 * width)
+        # A few grid rows at a time: the intermediates (16x the input) then stay in the CPU's
+        # cache instead of being written to and read back from fresh memory.
+        rows = max(1, self.upscale_pixels // max(1, batch * width))
+        for top in range(0, height, rows):
+            part = tokens[:, top : top + rows].reshape(batch, -1, channels)
+            mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
+            mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
+            fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
+            part_masks = (fine @ hyper_in.transpose(1, 2)).view(batch, -1, width, 2, 2, 2, 2, k)
+            # row = 4i + 2a + a2, column = 4j + 2b + b2
+            part_masks = part_masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
+            n = part_masks.shape[2]
+            masks[:, :, 4 * top : 4 * (top + n)] = part_masks.reshape(batch, k, 4 * n, 4 * width)
+        return masks
 
 
 class MLP(nn.Module):

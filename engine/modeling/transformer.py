@@ -66,7 +66,7 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image(
+        attn_out = self.final_attn_token_to_image.tokens_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
         queries = self.norm_final_attn(queries + attn_out)
@@ -117,17 +117,27 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(q=q, k=k, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
         k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(q=k, k=q, v=queries))
         return queries, keys
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`."""
+    """Multi-head attention whose q/k/v projections may shrink the width by `downsample_rate`.
+
+    The two cross-attentions of the decoder pair a few prompt tokens (N, about 7 for one click)
+    with 4096 image tokens. `tokens_to_image` and `image_to_tokens` compute the same function as
+    `forward` with the linear projections re-associated, so that the 4096 image tokens meet
+    heads x N vectors instead of being projected to the internal width; that halves the work per
+    prompt (the dominant cost of the automatic generator and of a click). The softmax's shift
+    invariance drops the key-bias term of the token->image logits, and the value bias passes
+    through the softmax because its rows sum to one. Both fall back to `forward` where the
+    re-association would not save work.
+"""
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -160,3 +170,50 @@ class Attention(nn.Module):
         attn = q @ k.permute(0, 1, 3, 2)
         attn = (attn / math.sqrt(q.shape[-1])).softmax(dim=-1)
         return self.out_proj(self._merge_heads(attn @ v))
+
+    def _head_weights(self, linear: nn.Linear) -> torch.Tensor:
+        """A q/k/v projection weight as heads x head_dim x embedding_dim."""
+        return linear.weight.view(self.num_heads, self.internal_dim // self.num_heads, -1)
+
+    def tokens_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`forward` for few queries (B x N x C tokens) over many keys (B x M x C image tokens)."""
+        batch, tokens, width = q.shape
+        heads = self.num_heads
+        if k.shape[0] == 1 or heads * tokens >= self.internal_dim:
+            return self(q, k, v)  # shared keys are projected once; nothing to gain
+        head_dim = self.internal_dim // heads
+        qh = self._split_heads(self.q_proj(q))  # B x H x N x d
+        # (q Wq_h + bq)(k Wk_h + bk)^T = [(q Wq_h + bq) Wk_h^T] k^T + a constant per query row
+        reach = (qh @ self._head_weights(self.k_proj)).reshape(batch, heads * tokens, width)
+        attn = (reach @ k.transpose(1, 2) / math.sqrt(head_dim)).softmax(dim=-1)  # B x HN x M
+        mixed = (attn @ v).view(batch, heads, tokens, width)  # softmax(.) v, before v_proj
+        values = mixed @ self._head_weights(self.v_proj).transpose(1, 2)
+        values = values + self.v_proj.bias.view(heads, 1, head_dim)
+        return self.out_proj(self._merge_heads(values))
+
+    def image_to_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`forward` for many queries (1 or B x M x C image tokens) over few keys (B x N x C)."""
+        batch, tokens, width = k.shape
+        heads = self.num_heads
+        if heads * tokens >= self.internal_dim:
+            return self(q, k, v)
+        head_dim = self.internal_dim // heads
+        image_tokens = q.shape[1]
+        kh = self.k_proj(k).view(batch, tokens, heads, head_dim).transpose(1, 2)  # B x H x N x d
+        if q.shape[0] == 1:
+            # Image tokens shared by every prompt: project them once.
+            qh = self.q_proj(q)[0].view(image_tokens, heads, head_dim).permute(1, 2, 0)
+            logits = (kh @ qh).reshape(batch, heads * tokens, image_tokens)
+        else:
+            # (q Wq_h + bq) kh^T = q (Wq_h^T kh^T) + bq kh^T: the image tokens meet H*N vectors.
+            reach = (kh @ self._head_weights(self.q_proj)).reshape(batch, -1, width)
+            offset = kh @ self.q_proj.bias.view(heads, head_dim, 1)
+            logits = reach @ q.transpose(1, 2) + offset.reshape(batch, -1, 1)
+        # Softmax over the N tokens, laid out as B x H x N x M so that it runs along M's stride.
+        attn = (logits / math.sqrt(head_dim)).view(batch, heads, tokens, image_tokens).softmax(2)
+        # out_proj(attn v_h) summed over heads = attn_cat [v_h Wo_h]: N x C per head and prompt.
+        vh = self.v_proj(v).view(batch, tokens, heads, head_dim).transpose(1, 2)
+        out_weight = self.out_proj.weight.view(width, heads, head_dim).permute(1, 2, 0)
+        projected = (vh @ out_weight).reshape(batch, heads * tokens, width)  # B x HN x C
+        attn = attn.reshape(batch, heads * tokens, image_tokens).transpose(1, 2)
+        return torch.baddbmm(self.out_proj.bias.expand(batch, 1, width), attn, projected)
