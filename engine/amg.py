@@ -7,8 +7,8 @@ code lacks (`max_mask_area_fraction`: drop masks covering >= that fraction of th
 defaults are Meta's; `configs/sa1b.yaml` holds the paper's settings.
 
 What makes it fast and bounded in memory without changing the output:
-- only low-resolution logits leave the decoder; each candidate is upsampled inside its own window
-  (`engine.amg_masks`), bit-identical to `Sam.postprocess_masks` there, and nowhere else;
+- only low-resolution logits leave the decoder; candidates are upsampled a few at a time
+  (`engine.mask_ops.MaskUpsampler`, which `Sam.postprocess_masks` also uses) and kept as run lengths;
 - the predicted-IoU filter runs before any upsampling, the stability filter before binarising;
 - candidates are kept as full-image column-major run lengths (COCO's layout), never as HxW arrays;
 - small-region cleanup works on each mask's box (`engine.amg_regions`).
@@ -25,7 +25,6 @@ import torch
 
 from engine.amg_crops import build_all_layer_point_grids, generate_crop_boxes, near_crop_edge
 from engine.amg_masks import (
-    MaskUpsampler,
     runs_area,
     runs_to_mask,
     runs_to_window,
@@ -34,6 +33,7 @@ from engine.amg_masks import (
 )
 from engine.amg_nms import nms
 from engine.amg_regions import clean_mask, clean_window
+from engine.mask_ops import MaskUpsampler
 from engine.predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")

@@ -14,9 +14,10 @@ from pycocotools import mask as mask_utils
 from engine import rle
 from engine.amg import AmgConfig, SamAutomaticMaskGenerator, image_record
 from engine.amg_crops import generate_crop_boxes, near_crop_edge
-from engine.amg_masks import MaskUpsampler, runs_area, runs_to_mask, runs_to_window, window_to_runs
+from engine.amg_masks import runs_area, runs_to_mask, runs_to_window, window_to_runs
 from engine.amg_nms import nms
 from engine.amg_regions import clean_mask, clean_window
+from engine.mask_ops import MaskUpsampler
 
 
 def _reference_nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> list[int]:

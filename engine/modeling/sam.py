@@ -115,13 +115,8 @@ class Sam(nn.Module):
         Upscale to the padded input square, drop the padding, then resize to the original size
         (bilinear, align_corners=False, as the model was trained).
         """
-        masks = F.interpolate(
-            masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False
-        )
-        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
-        return F.interpolate(
-            masks,
-            (int(original_size[0]), int(original_size[1])),
-            mode="bilinear",
-            align_corners=False,
-        )
+        from engine.mask_ops import MaskUpsampler
+
+        batch, k = masks.shape[:2]
+        upsampler = MaskUpsampler(masks.shape[-2:], self.img_size, input_size, original_size)
+        return upsampler.logits(masks.flatten(0, 1)).view(batch, k, *upsampler.original_size)

@@ -179,8 +179,8 @@ class Attention(nn.Module):
         """`forward` for few queries (B x N x C tokens) over many keys (B x M x C image tokens)."""
         batch, tokens, width = q.shape
         heads = self.num_heads
-        if k.shape[0] == 1 or heads * tokens >= self.internal_dim:
-            return self(q, k, v)  # shared keys are projected once; nothing to gain
+        if batch * heads * tokens >= k.shape[0] * self.internal_dim:
+            return self(q, k, v)  # cheaper to project the (shared) keys once
         head_dim = self.internal_dim // heads
         qh = self._split_heads(self.q_proj(q))  # B x H x N x d
         # (q Wq_h + bq)(k Wk_h + bk)^T = [(q Wq_h + bq) Wk_h^T] k^T + a constant per query row
@@ -200,15 +200,15 @@ class Attention(nn.Module):
         head_dim = self.internal_dim // heads
         image_tokens = q.shape[1]
         kh = self.k_proj(k).view(batch, tokens, heads, head_dim).transpose(1, 2)  # B x H x N x d
-        if q.shape[0] == 1:
-            # Image tokens shared by every prompt: project them once.
+        if q.shape[0] == 1 and batch * heads * tokens >= self.internal_dim:
+            # Image tokens shared by many prompts: cheaper to project them once.
             qh = self.q_proj(q)[0].view(image_tokens, heads, head_dim).permute(1, 2, 0)
             logits = (kh @ qh).reshape(batch, heads * tokens, image_tokens)
         else:
             # (q Wq_h + bq) kh^T = q (Wq_h^T kh^T) + bq kh^T: the image tokens meet H*N vectors.
             reach = (kh @ self._head_weights(self.q_proj)).reshape(batch, -1, width)
             offset = kh @ self.q_proj.bias.view(heads, head_dim, 1)
-            logits = reach @ q.transpose(1, 2) + offset.reshape(batch, -1, 1)
+            logits = reach @ q.transpose(1, 2) + offset.reshape(batch, -1, 1)  # q may broadcast
         # Softmax over the N tokens, laid out as B x H x N x M so that it runs along M's stride.
         attn = (logits / math.sqrt(head_dim)).view(batch, heads, tokens, image_tokens).softmax(2)
         # out_proj(attn v_h) summed over heads = attn_cat [v_h Wo_h]: N x C per head and prompt.

@@ -1,0 +1,52 @@
+"""The decoder's re-associated attention and matrix-product upscaling compute the same function as
+the textbook forms (Meta's), over the shapes the engine uses: one click, a batch of grid points
+sharing one image, per-image batches in training, and many clicks (where the fallback is taken)."""
+
+import pytest
+import torch
+
+from engine.modeling.mask_decoder import MaskDecoder
+from engine.modeling.transformer import Attention, TwoWayTransformer
+
+
+def _close(a, b, scale=1.0):
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 2e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("prompts, tokens, shared", [(1, 7, True), (4, 7, True), (4, 7, False), (2, 20, False), (3, 40, True)])
+def test_cross_attention_paths_equal_forward(prompts, tokens, shared):
+    torch.manual_seed(0)
+    attn = Attention(256, 8, downsample_rate=2)
+    for p in attn.parameters():  # non-zero biases, so every bias term is exercised
+        torch.nn.init.normal_(p, std=0.1)
+    image = torch.randn(1 if shared else prompts, 4096, 256)
+    few = torch.randn(prompts, tokens, 256)
+    with torch.no_grad():
+        _close(attn.tokens_to_image(few, image, image), attn(few, image, image))
+        _close(attn.image_to_tokens(image, few, few), attn(image, few, few))
+
+
+def test_upscale_masks_equals_transposed_convolutions():
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
+    decoder = MaskDecoder(transformer_dim=256, transformer=transformer)
+    for p in decoder.output_upscaling.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    for batch in (1, 3):
+        tokens = torch.randn(batch, 64 * 64, 256)
+        hyper = torch.randn(batch, 4, 32)
+        with torch.no_grad():
+            grid = tokens.transpose(1, 2).reshape(batch, 256, 64, 64)
+            up = decoder.output_upscaling(grid)
+            expected = (hyper @ up.flatten(2)).view(batch, 4, 256, 256)
+            got = decoder.upscale_masks(tokens, (64, 64), hyper)
+        _close(got, expected, expected.abs().max().item())
+
+
+def test_upscale_masks_backpropagates():
+    transformer = TwoWayTransformer(depth=1, embedding_dim=256, num_heads=8, mlp_dim=256)
+    decoder = MaskDecoder(transformer_dim=256, transformer=transformer)
+    tokens = torch.randn(2, 16 * 16, 256, requires_grad=True)
+    decoder.upscale_masks(tokens, (16, 16), torch.randn(2, 4, 32)).sum().backward()
+    assert tokens.grad is not None and decoder.output_upscaling[0].weight.grad is not None
