@@ -2,7 +2,6 @@
 whole pipeline on an embedded local Ray (same tables as the single-process runner)."""
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -13,14 +12,12 @@ from sharding.manifest import ingest
 from sharding.runner import ImageOutcome, run_stage
 from sharding.store import Store
 from stages.classical import classical_spec
-from stages.cluster import LOOPBACK_ENV, local_only
 from stages.config import RayConfig
 from stages.pipeline import ModelActor, StageSpec, decode, post_process, read_shard, run_pipeline
 from stages.resources import plan_actors
 from stage_helpers import finish_raw, make_failing, make_raw
 from store_helpers import classical_stage, synthetic_photos
 
-TESTS = Path(__file__).resolve().parent
 
 
 # ---- pool sizing -----------------------------------------------------------------------------
@@ -91,28 +88,7 @@ def test_steps_without_ray(small_store):
     assert "post-processing failed" in outcomes[1].quarantined["detail"]
 
 
-# ---- the whole pipeline on an embedded local Ray ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    env = {
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    local_only()  # what `sa-engine run` does for its embedded Ray
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        os.environ.pop(LOOPBACK_ENV, None)
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+# ---- the whole pipeline on an embedded local Ray (`local_ray`, conftest.py) -------------------
 
 
 @pytest.mark.slow
