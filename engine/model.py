@@ -411,5 +411,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 def load_model(cfg: ModelConfig) -> Sam:
     """Build the model of a `model:` block: resolve the device, load the checkpoint (a packaged
-    one, e.g. the bundled "default", when none is given), eval mode."""
-    return build_sam(cfg.model, checkpoint=cfg.checkpoint, device=resolve_device(cfg.device))
+    one, e.g. the bundled "default", when none is given), eval mode.
+
+    Weights a checkpoint does not set start from a fixed seed (0; the global torch RNG is left as
+    it was), so every model actor of a pipeline builds the same untrained model, with the same
+    encoder fingerprint."""
+    device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_sam(cfg.model, checkpoint=cfg.checkpoint, device=device)

@@ -39,12 +39,19 @@ class StageResult:
     meta: per-image facts kept beside the output image (e.g. {"faces": 2, "plates": 0}).
     effort: one dict per mask, in the order of `masks`, for the gears with annotators (clicks,
       iou, seconds, prefilled, annotator; see `sharding.tables.ANNOTATIONS`); empty otherwise.
+    extra: anything picklable the stage's shard step needs besides the output (Ray pipeline:
+      `stages.pipeline.StageSpec.commit`, e.g. a new image embedding, the masks given up); it is
+      not stored by the runner.
+    failure: the image failed after `extra` was made: it is quarantined as `stage_error`, as if
+      the function had raised `failure`, and `extra` still reaches the shard step.
     """
 
     masks: list[MaskRecord] = field(default_factory=list)
     image: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     effort: list[dict[str, Any]] = field(default_factory=list)
+    extra: Any = None
+    failure: Exception | None = None
 
     @classmethod
     def from_record(cls, record: ImageRecord) -> "StageResult":
@@ -98,6 +105,7 @@ class ImageOutcome:
     info: tuple[int, int, dict[str, Any]] | None = None
     quarantined: dict[str, Any] | None = None
     effort: list[dict[str, Any]] = field(default_factory=list)  # one per mask, or none
+    extra: Any = None  # `StageResult.extra`, for the stage's shard step
 
 
 def decode_row(row: ImageRow, *, max_pixels: int, min_side: int) -> np.ndarray | ImageOutcome:
@@ -123,10 +131,12 @@ def apply_stage(stage: str, row: ImageRow, rgb: np.ndarray, process: ProcessFn) 
     return check_result(stage, row, rgb.shape, result)
 
 
-def stage_error(row: ImageRow, exc: Exception) -> ImageOutcome:
+def stage_error(row: ImageRow, exc: Exception, extra: Any = None) -> ImageOutcome:
     """The quarantine outcome of an image whose stage function raised `exc`."""
     return ImageOutcome(
-        row.image_id, quarantined=_entry(row, "stage_error", f"{type(exc).__name__}: {exc}")
+        row.image_id,
+        quarantined=_entry(row, "stage_error", f"{type(exc).__name__}: {exc}"),
+        extra=extra,
     )
 
 
@@ -134,8 +144,11 @@ def check_result(
     stage: str, row: ImageRow, shape: tuple[int, ...], result: StageResult
 ) -> ImageOutcome:
     """Give a stage's masks their final ids and check they (and any output image) are in the
-    image's frame `shape` (H, W, 3); a violation quarantines the image as `stage_error`.
+    image's frame `shape` (H, W, 3); a violation (or `result.failure`) quarantines the image as
+    `stage_error`. `result.extra` is kept either way.
     """
+    if result.failure is not None:
+        return stage_error(row, result.failure, result.extra)
     try:
         masks = [
             dataclasses.replace(m, id=annotation_id(row.image_id, k))
@@ -154,10 +167,15 @@ def check_result(
                     f"{shape[1]}x{shape[0]}: stages must keep the image size"
                 )
     except Exception as exc:
-        return stage_error(row, exc)
+        return stage_error(row, exc, result.extra)
     info = None if result.image is None else (int(shape[1]), int(shape[0]), result.meta)
     return ImageOutcome(
-        row.image_id, masks=masks, image=result.image, info=info, effort=list(result.effort)
+        row.image_id,
+        masks=masks,
+        image=result.image,
+        info=info,
+        effort=list(result.effort),
+        extra=result.extra,
     )
 
 

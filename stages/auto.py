@@ -53,12 +53,18 @@ def auto_spec(model: Any, amg: Any) -> tuple[StageSpec, dict[str, Any]]:
       model (ModelConfig): `model:` block; a checkpoint path must exist (checked here, before
         any actor starts). amg (AmgConfig): `amg:` block; the output mode is forced to coco_rle.
     """
+    check_checkpoint(model)
+    amg = dataclasses.replace(amg, output_mode="coco_rle")
+    spec = StageSpec(STAGE, make_auto, {"model": model, "amg": amg}, finish=finish_auto)
+    meta = {"model": dataclasses.asdict(model), "amg": dataclasses.asdict(amg)}
+    return spec, meta
+
+
+def check_checkpoint(model: Any) -> None:
+    """Raises ValueError, before any actor starts, when the `model:` block names a checkpoint
+    that does not exist."""
     if model.checkpoint and not Path(model.checkpoint).expanduser().is_file():
         raise ValueError(
             f"model.checkpoint {model.checkpoint} does not exist: pass a SAM state dict (.pth) "
             "with --checkpoint, on storage every node sees"
         )
-    amg = dataclasses.replace(amg, output_mode="coco_rle")
-    spec = StageSpec(STAGE, make_auto, {"model": model, "amg": amg}, finish=finish_auto)
-    meta = {"model": dataclasses.asdict(model), "amg": dataclasses.asdict(amg)}
-    return spec, meta

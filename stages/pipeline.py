@@ -11,6 +11,10 @@ same bytes. If the pipeline fails (a lost node whose work Ray cannot rebuild, a 
 the driver starts it again over the unfinished shards only, without the images it already has.
 The per-image rules (decode, quarantine, ids, frame checks) are `sharding.runner`'s, shared with
 the single-process runner.
+
+A stage may hand the driver more than its output: each image's `StageResult.extra` (e.g. a new
+image embedding, megabytes) is spooled to a temporary file on the driver until its shard is
+complete, then given to the stage's `commit` step together with the shard's output.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sharding.store import ImageRow, ShardOutput, Store, check_stage, utc_now
 from stages.config import RayConfig
 from stages.progress import Progress
 from stages.resources import ActorPlan, plan_actors
+from stages.spool import Spool
 
 MAX_LISTED_QUARANTINE = 1000  # quarantined inputs listed in a run record (all are in the store)
 
@@ -54,6 +59,14 @@ class StageSpec:
     finish: optional CPU step `finish(row, raw) -> StageResult` run in separate tasks after the
       actor; then the actor's function returns `raw` (anything picklable) instead of a result.
     uses_model: False for model-free stages (no GPUs asked for).
+    commit: optional driver step `commit(store, name, round_, shard, output, extras) -> record`
+      once all of a shard's images have arrived: `output` (ShardOutput) holds their outcomes,
+      `extras` (re-iterable) gives `(image_id, StageResult.extra or None)` for each image in
+      image_id order. It writes what the stage keeps (default: `Store.write_shard_output`) and
+      returns a completion record (at least `counts` and `quarantined`).
+    pending: optional `pending(store, round_) -> shards still to do` (default: the shards without
+      a valid completion record of this stage and round), for stages whose `commit` writes no
+      stage output.
     """
 
     name: str
@@ -61,6 +74,8 @@ class StageSpec:
     make_kwargs: dict[str, Any] = field(default_factory=dict)
     finish: Callable[[ImageRow, Any], StageResult] | None = None
     uses_model: bool = True
+    commit: Callable[..., dict[str, Any]] | None = None
+    pending: Callable[[Store, int], list[str]] | None = None
 
 
 # ---- the steps (module-level functions and one callable class, as Ray Data wants) ------------
@@ -204,12 +219,20 @@ def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], pla
 # ---- the driver ------------------------------------------------------------------------------
 
 
+def write_output(
+    store: Store, stage: str, round_: int, shard: str, output: ShardOutput, extras: Any = None
+) -> dict[str, Any]:
+    """The default commit step: the shard's output through `Store.write_shard_output`."""
+    return store.write_shard_output(stage, round_, shard, output)
+
+
 @dataclass
 class _Run:
     """What the driver has collected so far (kept across pipeline attempts)."""
 
     expected: dict[str, int]
     received: dict[str, dict[int, ImageOutcome]] = field(default_factory=dict)
+    spool: Spool = field(default_factory=Spool)
     committed: list[str] = field(default_factory=list)
     images: int = 0
     annotations: int = 0
@@ -230,6 +253,7 @@ def run_pipeline(
     shards: list[str] | None = None,
     where: str = "",
     meta: dict[str, Any] | None = None,
+    on_shard: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run `spec` over every pending shard of `store` (or the given ones) on the current Ray.
 
@@ -241,6 +265,7 @@ def run_pipeline(
       shards (list[str] | None): restrict to these shards.
       where (str): a description of the cluster, kept in the run record.
       meta (dict | None): stage facts for the run record (model, settings, detector weights).
+      on_shard: called with (shard, completion record) after each commit, on the driver.
     Returns:
       (dict): the run record (also written to STORE/runs/<stage>/): shards skipped / committed /
         unfinished, images, annotations, quarantined inputs, failures, throughput, time per step.
@@ -257,7 +282,9 @@ def run_pipeline(
     unknown = sorted(set(wanted) - set(known))
     if unknown:
         raise ValueError(f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`")
-    pending = set(pending_shards(store, spec.name, round_))
+    pending = set(
+        spec.pending(store, round_) if spec.pending else pending_shards(store, spec.name, round_)
+    )
     todo = [s for s in wanted if s in pending]
     sizes = store.shard_images()
     run = _Run(expected={s: len(sizes[s]) for s in todo})
@@ -295,7 +322,7 @@ def run_pipeline(
                 base["plan"] = dataclasses.asdict(plan)
             ds = build_dataset(store, spec, left, plan)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if _collect(store, spec, round_, run, batch, progress):
+                if _collect(store, spec, round_, run, batch, progress, on_shard):
                     record = _record(base, run, todo, t0, "running", attempts)
                     store.write_run_record(spec.name, record, record_path)
             missing = [s for s in left if s not in run.committed]
@@ -306,6 +333,7 @@ def run_pipeline(
                 {"attempt": attempts, "at": utc_now(), "error": f"{type(exc).__name__}: {exc}"[:2000]}
             )
     progress.close()
+    run.spool.close()
     state = "finished" if len(run.committed) == len(todo) else "failed"
     record = _record(base, run, todo, t0, state, attempts)
     store.write_run_record(spec.name, record, record_path)
@@ -325,6 +353,7 @@ def _collect(
     run: _Run,
     batch: dict[str, np.ndarray],
     progress: Progress,
+    on_shard: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> bool:
     """Take a batch of image outcomes; commit every shard it completes. Returns: whether any
     shard was committed."""
@@ -336,6 +365,9 @@ def _collect(
             run.duplicates += 1
             continue
         outcome: ImageOutcome = pickle.loads(batch["outcome"][i])
+        if outcome.extra is not None:
+            run.spool.add(shard, image_id, outcome.extra)
+            outcome.extra = None
         got[image_id] = outcome
         run.steps["decode"] += float(batch["decode_s"][i])
         run.steps["model"] += float(batch["model_s"][i])
@@ -347,7 +379,9 @@ def _collect(
             out = ShardOutput()
             for item in got.values():
                 add_outcome(out, item)
-            record = store.write_shard_output(spec.name, round_, shard, out)
+            commit = spec.commit or write_output
+            record = commit(store, spec.name, round_, shard, out, run.spool.extras(shard, got))
+            run.spool.drop(shard)
             run.steps["commit"] += time.perf_counter() - t0
             run.committed.append(shard)
             run.images += record["counts"]["images"]
@@ -356,6 +390,8 @@ def _collect(
             del run.received[shard]
             progress.add_shard()
             committed = True
+            if on_shard is not None:
+                on_shard(shard, record)
     return committed
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
 
 
@@ -37,3 +38,29 @@ def shared_data_dir(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_photos() -> list[Path]:
     return sorted((ROOT / "demo" / "photos").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray for one test module, as `sa-engine run` starts it (127.0.0.1 only,
+    no token auth, 2 logical CPUs); the repository and tests/ are importable by its workers. The
+    CLI's stage commands run on it when invoked in-process (`ray_session` joins it)."""
+    from stages.cluster import LOOPBACK_ENV, local_only
+
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    local_only()  # what `sa-engine run` does for its embedded Ray
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        os.environ.pop(LOOPBACK_ENV, None)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -193,6 +193,25 @@ def test_unreadable_image_and_wrong_checkpoint_fail_clearly(parity_dir, model_ar
     )
     assert result.exit_code == 1 and "does not fit vit_b" in result.output
     result = runner.invoke(
-        app, ["predict", str(parity_dir / "image.png"), "--point", "1,1", "--out", str(tmp_path)]
-    )
+        app,
+        ["predict", str(parity_dir / "image.png"), "--model", "vit_b", "--point", "1,1",
+         "--out", str(tmp_path)],
+    )  # fmt: skip
     assert result.exit_code == 1 and "--checkpoint is required" in result.output
+
+
+def test_predict_defaults_to_the_bundled_model(parity_dir, tmp_path):
+    # no --model: the config's model: block, the bundled model with its packaged weights
+    result = runner.invoke(
+        app,
+        ["predict", str(parity_dir / "image.png"), "--point", "530,250", "--device", "cpu",
+         "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "image.json").is_file() and "mask 0: predicted_iou" in result.output
+    result = runner.invoke(
+        app,
+        ["predict", str(parity_dir / "image.png"), "--point", "1,1", "--set", "model.bogus=1",
+         "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "unknown keys ['bogus']" in result.output

@@ -1,10 +1,10 @@
-"""Gear 1 in batch on real COCO photos: stored embeddings, the simulated annotator driven by COCO
-reference masks, effort kept per mask, the effort report."""
+"""Gear 1 in batch on real COCO photos, as a Ray pipeline from the CLI (`sa-engine run assisted` on
+an embedded local Ray): embeddings stored with the shard, the simulated annotator driven by COCO
+reference masks, effort kept per mask, re-runs, the effort report."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -52,34 +52,75 @@ def test_references_errors(tmp_path):
         ReferenceSet.load(tmp_path / "bad.json")
 
 
-def _store(tmp_path, coco, count=2):
+def _store(tmp_path, coco, count=2, shard_size=2):
     path, images = coco
     refs = ReferenceSet.load(path)
     chosen = [i for i in refs.images if 1 <= len(i.references) <= 2][:count]
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{images / i.file_name}\n" for i in chosen))
     store = Store.create(tmp_path / "store")
-    ingest(str(listing), store, shard_size=count)
+    ingest(str(listing), store, shard_size=shard_size)
     return store, sum(len(i.references) for i in chosen)
 
 
-def test_assisted_cli_keeps_effort_and_reuses_embeddings(tmp_path, coco, parity_dir):
+def _fingerprint(parity_dir) -> str:
+    from engine.model import build_sam
+    from engine.predictor import encoder_fingerprint
+
+    return encoder_fingerprint(
+        build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    )
+
+
+@pytest.fixture(scope="module")
+def model(parity_dir):
+    return ["--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth")]  # fmt: skip
+
+
+def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
+    tmp_path, coco, model, parity_dir, local_ray
+):
     path, _ = coco
-    store, n_refs = _store(tmp_path, coco)
-    model = ["--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth")]
-    # the fixture model is weak: accept at IoU 0.5; few clicks keep the test fast
-    args = ["assisted", str(store.root), "--references", str(path), *model,
+    store, n_refs = _store(tmp_path, coco, count=3)  # shards of 2 and 1 images
+    first, second = store.shards()
+    quiet = ["--set", "ray.progress=false"]
+    # people first on the second shard: the actors only encode; no stage output is written
+    embed = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--annotator", "none",
+                                     "--shard", second, *model, *quiet,
+                                     "--set", "ray.model_actors=1"])  # fmt: skip
+    assert embed.exit_code == 0, embed.output
+    assert f"{second}: 1 encoded, 0 already stored" in embed.output
+    assert "embeddings round 0: 1 shard(s) committed" in embed.output
+    assert not store.stage_dir("assisted", 0).exists()
+    fingerprint = _fingerprint(parity_dir)
+    assert store.embedding_ids(fingerprint, second) == set(store.shard_images()[second])
+    # gear 1: two model actors share the first shard; the fixture model is weak: accept at IoU
+    # 0.5; few clicks keep the test fast
+    args = ["run", "assisted", str(store.root), "--references", str(path), *model, *quiet,
             "--set", "annotate.target_iou=0.5", "--set", "annotate.max_clicks=4"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "1 shards done" in result.output and "2 encoded / 0 reused" in result.output
+    assert "assisted round 0: 2 shard(s) committed, 0 already done, 0 unfinished" in result.output
+    assert f"{first}: 2 images" in result.output and "2 encoded / 0 reused" in result.output
+    assert f"{second}: 1 images" in result.output and "0 encoded / 1 reused" in result.output
 
-    shard = store.shards()[0]
-    record = store.done_record("assisted", 0, shard)
-    meta = record["meta"]
-    rows = store.read_annotations("assisted", 0, shard).to_pylist()
-    assert len(rows) + meta["given_up"] == n_refs  # every reference was annotated or given up
-    assert meta["annotator_config"]["target_iou"] == 0.5 and meta["without_references"] == []
+    rows, given_up = [], 0
+    for shard in (first, second):
+        record = store.done_record("assisted", 0, shard)
+        meta = record["meta"]
+        assert record["images"] == store.shard_images()[shard] and record["quarantined"] == []
+        assert meta["annotator"] == "simulated" and meta["references"] == str(path.resolve())
+        assert meta["annotator_config"]["target_iou"] == 0.5 and meta["without_references"] == []
+        assert meta["given_up_seconds"] == pytest.approx(1.5 * meta["given_up_clicks"])
+        shard_rows = store.read_annotations("assisted", 0, shard).to_pylist()
+        assert record["counts"]["annotations"] == len(shard_rows)
+        rows += shard_rows
+        given_up += meta["given_up"]
+        # the embeddings are stored with the shard, by the encoder that answered the clicks
+        assert store.embedding_ids(fingerprint, shard) == set(record["images"])
+    assert store.done_record("assisted", 0, first)["meta"]["embedded"]["encoded"] == 2
+    assert store.done_record("assisted", 0, second)["meta"]["embedded"]["reused"] == 1
+    assert len(rows) + given_up == n_refs  # every reference was annotated or given up
     assert rows, "the fixture model should reach IoU 0.5 on at least one reference"
     from engine import rle
 
@@ -91,31 +132,33 @@ def test_assisted_cli_keeps_effort_and_reuses_embeddings(tmp_path, coco, parity_
         assert len(row["point_coords"]) == row["clicks"]
         segmentation = {"size": row["rle_size"], "counts": row["rle_counts"]}
         assert int(rle.area([segmentation])[0]) == row["area"] > 0
+    (run_path,) = (store.root / "runs" / "assisted").glob("*-round-0.json")
+    run = json.loads(run_path.read_text())
+    assert run["runner"] == "ray" and run["state"] == "finished" and run["plan"]["actors"] == 2
+    assert run["nodes"] == ["127.0.0.1"] and run["meta"]["references"] == str(path.resolve())
 
-    from engine.model import build_sam
-    from engine.predictor import encoder_fingerprint
-
-    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
-    assert store.embedding_ids(encoder_fingerprint(sam), shard) == set(record["images"])
-
+    # a re-run skips the committed shards and rewrites nothing; so does embedding for people
+    folder = store.stage_dir("assisted", 0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     rerun = CliRunner().invoke(app, args)
-    assert rerun.exit_code == 0 and "0 shards done, 1 already done" in rerun.output
-    # embedding for people (or another round of the same encoder) reuses them: nothing re-encoded
-    again = CliRunner().invoke(app, ["assisted", str(store.root), "--annotator", "none", *model])
-    assert again.exit_code == 0 and "0 encoded, 2 already stored" in again.output, again.output
+    assert rerun.exit_code == 0 and "0 shard(s) committed, 2 already done" in rerun.output
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    again = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--annotator", "none",
+                                     *model, *quiet])  # fmt: skip
+    assert again.exit_code == 0 and "0 shard(s) committed, 2 already done" in again.output
 
     out = tmp_path / "report"
     report = CliRunner().invoke(app, ["report", str(store.root), "--out", str(out)])
     assert report.exit_code == 0, report.output
     lines = [l for l in report.output.splitlines() if l.startswith("1 assisted")]
-    assert len(lines) == 1 and lines[0].split()[2:5] == ["0", "2", str(len(rows))]
+    assert len(lines) == 1 and lines[0].split()[2:5] == ["0", "3", str(len(rows))]
     saved = json.loads((out / "effort.json").read_text())
-    assert saved[0]["masks"] == len(rows) and saved[0]["given_up"] == meta["given_up"]
+    assert saved[0]["masks"] == len(rows) and saved[0]["given_up"] == given_up
     assert saved[0]["clicks_per_mask"] == pytest.approx(np.mean([r["clicks"] for r in rows]))
     assert (out / "effort.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_assisted_quarantines_mismatched_references(tmp_path, coco, parity_dir):
+def test_assisted_quarantines_mismatched_references(tmp_path, coco, model, parity_dir, local_ray):
     path, images = coco
     store, _ = _store(tmp_path, coco, count=1)
     data = json.loads(path.read_text())
@@ -125,24 +168,37 @@ def test_assisted_quarantines_mismatched_references(tmp_path, coco, parity_dir):
             image["width"] += 1  # references of another frame than the store image
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    result = CliRunner().invoke(app, ["assisted", str(store.root), "--references", str(bad),
-                                      "--model", str(parity_dir / "config.json"),
-                                      "--checkpoint", str(parity_dir / "sam_small.pth")])  # fmt: skip
+    result = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--references", str(bad),
+                                      *model, "--set", "ray.model_actors=1"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    record = store.done_record("assisted", 0, store.shards()[0])
-    assert record["counts"]["quarantined"] == 1
+    assert "quarantined 1" in result.output and "upright frame" in result.output
+    shard = store.shards()[0]
+    record = store.done_record("assisted", 0, shard)
+    assert record["counts"]["quarantined"] == 1 and record["images"] == []
     assert "upright frame" in record["quarantined"][0]["detail"]
+    # the image was encoded before its references were refused: its embedding is kept
+    assert record["meta"]["embedded"]["encoded"] == 1
+    assert store.embedding_ids(_fingerprint(parity_dir), shard) == {1}
 
 
-def test_assisted_cli_errors(tmp_path, coco, parity_dir):
+def test_assisted_cli_errors(tmp_path, coco):
     store, _ = _store(tmp_path, coco, count=1)
-    result = CliRunner().invoke(app, ["assisted", str(store.root), "--random-weights"])
-    assert result.exit_code == 1 and "needs --references" in result.output
-    result = CliRunner().invoke(app, ["assisted", str(tmp_path / "nostore"), "--references",
+    for command in (["assisted"], ["run", "assisted"]):  # the hidden alias is the same command
+        result = CliRunner().invoke(app, [*command, str(store.root), "--random-weights"])
+        assert result.exit_code == 1 and "needs --references" in result.output
+    result = CliRunner().invoke(app, ["run", "assisted", str(tmp_path / "nostore"), "--references",
                                       str(coco[0]), "--random-weights"])  # fmt: skip
     assert result.exit_code == 1 and "not a store" in result.output
-    result = CliRunner().invoke(app, ["assisted", str(store.root), "--references", str(coco[0]),
-                                      "--random-weights", "--set", "annotate.bogus=1"])  # fmt: skip
+    result = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--references",
+                                      str(coco[0]), "--set", "annotate.bogus=1"])  # fmt: skip
     assert result.exit_code == 1 and "unknown keys ['bogus']" in result.output
+    result = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--references",
+                                      str(coco[0]), "--model", "vit_b"])  # fmt: skip
+    assert result.exit_code == 1 and "--checkpoint is required" in result.output
+    result = CliRunner().invoke(app, ["run", "assisted", str(store.root), "--references",
+                                      str(coco[0]), "--set", "ray.batch_size=0"])  # fmt: skip
+    assert result.exit_code == 1 and "ray.batch_size=0 is invalid" in result.output
+    result = CliRunner().invoke(app, ["serve", str(store.root), "--model", "vit_b"])
+    assert result.exit_code == 1 and "--checkpoint is required" in result.output
     result = CliRunner().invoke(app, ["report", str(store.root)])
     assert result.exit_code == 1 and "no finished gear" in result.output

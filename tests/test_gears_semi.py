@@ -1,7 +1,11 @@
-"""Gear 2 on real COCO photos: a detector trained on the store's gear-1 masks prefills images,
-the simulated annotator adds only what is missing, every mask says prefilled or added."""
+"""Gear 2 on real COCO photos, as a Ray pipeline from the CLI (`sa-engine run semi` on an embedded
+local Ray): a detector trained on the driver on the store's gear-1 masks prefills images in the
+model actors, the simulated annotator adds only what is missing, every mask says prefilled or
+added."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -35,7 +39,7 @@ def test_heat_targets_and_nms():
         DetectorConfig(score_threshold=1.5)
 
 
-def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_dir):
+def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_dir, local_ray):
     refs_path = shared_data_dir / "annotations" / "coco_persons_keypoints.json"
     refs = ReferenceSet.load(refs_path)
     chosen = [i for i in refs.images if 1 <= len(i.references) <= 3][:2]
@@ -46,17 +50,19 @@ def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_d
     n_refs = sum(len(i.references) for i in chosen)
     common = ["--references", str(refs_path), "--model", str(parity_dir / "config.json"),
               "--checkpoint", str(parity_dir / "sam_small.pth"),
-              "--set", "annotate.target_iou=0.4", "--set", "annotate.max_clicks=2"]  # fmt: skip
-    gear1 = CliRunner().invoke(app, ["assisted", str(store.root), *common])
+              "--set", "annotate.target_iou=0.4", "--set", "annotate.max_clicks=2",
+              "--set", "ray.progress=false"]  # fmt: skip
+    gear1 = CliRunner().invoke(app, ["run", "assisted", str(store.root), *common])
     assert gear1.exit_code == 0, gear1.output
     shard = store.shards()[0]
     gear1_boxes = store.read_annotations("assisted", 0, shard).to_pylist()
     assert gear1_boxes, "gear 1 must leave masks for the detector to learn from"
 
-    args = ["semi", str(store.root), *common, "--set", "semi.steps=60"]
+    args = ["run", "semi", str(store.root), *common, "--set", "semi.steps=60"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "detector trained on" in result.output
+    assert "semi round 0: 1 shard(s) committed, 0 already done, 0 unfinished" in result.output
 
     from engine.gears.detector import TrainedDetector
     from engine.gears.semi import detector_path
@@ -91,9 +97,22 @@ def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_d
         assert r["annotator"] == "simulated" and r["clicks"] >= 1 and r["iou"] >= 0.4
     # every reference is covered by a prefilled mask, added by the annotator, or given up
     assert meta["covered_by_prefill"] + len(added) + meta["given_up"] == n_refs
+    # the actors answered from the embeddings gear 1 stored; the record names the detector
+    assert meta["embedded"]["reused"] == 2 and meta["embedded"]["encoded"] == 0
+    assert meta["detector"] == detector.trained_on and meta["semi_config"]["steps"] == 60
+    assert meta["annotator_config"]["target_iou"] == 0.4 and meta["without_references"] == []
+    (run_path,) = (store.root / "runs" / "semi").glob("*-round-0.json")
+    run = json.loads(run_path.read_text())
+    assert run["state"] == "finished" and run["meta"]["detector"]["path"] == str(
+        detector_path(store, 0).resolve()
+    )
 
+    # a re-run skips the committed shard; the detector of the round is reused, not retrained
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.stage_dir("semi", 0).iterdir()}
     again = CliRunner().invoke(app, args + ["--round", "0"])
     assert again.exit_code == 0 and "detector trained" not in again.output  # reused
+    assert "0 shard(s) committed, 1 already done" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in store.stage_dir("semi", 0).iterdir()} == stamps
     report = CliRunner().invoke(app, ["report", str(store.root)])
     line = next(l for l in report.output.splitlines() if l.strip().startswith("2 semi"))
     assert line.split()[6:8] == [str(len(prefilled)), str(len(added))]

@@ -2,7 +2,6 @@
 whole pipeline on an embedded local Ray (same tables as the single-process runner)."""
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -13,14 +12,12 @@ from sharding.manifest import ingest
 from sharding.runner import ImageOutcome, run_stage
 from sharding.store import Store
 from stages.classical import classical_spec
-from stages.cluster import LOOPBACK_ENV, local_only
 from stages.config import RayConfig
 from stages.pipeline import ModelActor, StageSpec, decode, post_process, read_shard, run_pipeline
 from stages.resources import plan_actors
 from stage_helpers import finish_raw, make_failing, make_raw
 from store_helpers import classical_stage, synthetic_photos
 
-TESTS = Path(__file__).resolve().parent
 
 
 # ---- pool sizing -----------------------------------------------------------------------------
@@ -91,28 +88,40 @@ def test_steps_without_ray(small_store):
     assert "post-processing failed" in outcomes[1].quarantined["detail"]
 
 
-# ---- the whole pipeline on an embedded local Ray ----------------------------------------------
+def test_spool_and_embeddings_commit_without_ray(small_store):
+    """What the driver does with `StageResult.extra` (the gears: new image embeddings)."""
+    from engine.gears.embeddings import EmbeddedImage, keep_embedded
+    from stages.spool import Spool
+
+    spool = Spool()
+    spool.add("shard-000000", 3, {"c": 3})
+    spool.add("shard-000000", 1, {"a": 1})
+    extras = spool.extras("shard-000000", [3, 2, 1])
+    assert list(extras) == [(1, {"a": 1}), (2, None), (3, {"c": 3})] == list(extras)
+    spool.drop("shard-000000")
+    assert list(extras) == [(1, None), (2, None), (3, None)]
+
+    store, shard, fp = small_store, "shard-000000", "0123456789abcdef"
+    report = keep_embedded(store, shard, [
+        (1, EmbeddedImage(fp, b"one", 0.5)), (2, None), (3, EmbeddedImage(fp, None, 0.25))
+    ])  # fmt: skip
+    assert (report.encoded, report.reused, report.unreadable, report.seconds) == (1, 1, 1, 0.75)
+    assert store.embedding_ids(fp, shard) == {1}
+    path = store.embeddings_path(fp, shard)
+    stamp = path.stat().st_mtime_ns
+    keep_embedded(store, shard, [(1, EmbeddedImage(fp, None))])  # nothing new: no rewrite
+    assert path.stat().st_mtime_ns == stamp
+    keep_embedded(store, shard, [(3, EmbeddedImage(fp, b"three"))])  # added, the stored kept
+    assert store.embedding_ids(fp, shard) == {1, 3}
+    assert store.read_embedding(fp, shard, 1) == b"one"
+    with pytest.raises(ValueError, match="different weights"):
+        keep_embedded(store, shard, [
+            (2, EmbeddedImage(fp, b"two")), (3, EmbeddedImage("fedcba9876543210", b"x"))
+        ])  # fmt: skip
+    assert store.embedding_ids(fp, shard) == {1, 3}  # the failed write left the file as it was
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    env = {
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    local_only()  # what `sa-engine run` does for its embedded Ray
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        os.environ.pop(LOOPBACK_ENV, None)
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+# ---- the whole pipeline on an embedded local Ray (`local_ray`, conftest.py) -------------------
 
 
 @pytest.mark.slow

@@ -7,20 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, model_config, model_sets
 from engine.cli.gears import (
     CheckpointOpt,
     ConfigOpt,
+    DeviceOpt,
     ModelOpt,
     RandomOpt,
     RoundOpt,
     SetOpt,
     StoreArg,
-    annotator_config,
-    load_predictor,
+    block,
     open_store,
 )
-from engine.cli.predict import Device
 
 
 def serve(
@@ -33,10 +32,10 @@ def serve(
     stage: Annotated[str, typer.Option(help="assisted (gear 1) or semi (gear 2)")] = "assisted",
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
-    model: ModelOpt = "vit_b",
+    model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    device: DeviceOpt = None,
     detector: Annotated[
         Optional[Path], typer.Option(help="--stage semi: detector (.pt); default: the round's")
     ] = None,
@@ -45,27 +44,40 @@ def serve(
 
     Left click adds a positive point, right click a negative one; Enter/a accepts, z/Backspace
     undoes, s skips the mask, n goes to the next image; each mask has annotate.time_limit_s
-    (30 s) shown as a countdown. Clicks use the stored embeddings (`sa-engine assisted
-    --annotator none`) or encode an image once when it has none. With --stage semi (gear 2) each
-    image arrives prefilled with the round's detector masks; the person adds what is missing.
+    (30 s) shown as a countdown. Clicks use the stored embeddings (`sa-engine run assisted
+    --annotator none`) or encode an image once when it has none. The model is the config's
+    `model:` block (default: the bundled model); --model / --checkpoint / --device override it.
+    With --stage semi (gear 2) each image arrives prefilled with the round's detector masks; the
+    person adds what is missing.
     """
     if stage not in ("assisted", "semi"):
         fail(f"--stage '{stage}' is invalid: use assisted or semi")
-    cfg = annotator_config(config, set_)
+    from engine.annotator import AnnotatorConfig
+    from engine.cli.config import load_config
+
+    try:
+        settings = load_config(config, model_sets(set_, model, checkpoint, device))
+    except ValueError as exc:
+        fail(str(exc))
+    cfg = block(settings, "annotate", AnnotatorConfig)
+    model_cfg = model_config(settings, random_weights)
     s = open_store(store)
     if not s.shards():
         fail(f"{store} has no images: run `sa-engine ingest PHOTOS --store {store}` first")
-    predictor = load_predictor(model, checkpoint, device, random_weights)
+    from engine.gears.embeddings import load_predictor
     from engine.gears.server import AnnotationSession, make_server
 
+    try:
+        predictor = load_predictor(model_cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
     prefill = None
     if stage == "semi":  # gear 2: images arrive prefilled by the round's detector
-        from engine.cli.config import load_config, section
         from engine.gears.semi import SemiConfig, load_or_train
         from engine.gears.semi import prefill as semi_prefill
 
+        semi_cfg = block(settings, "semi", SemiConfig)
         try:
-            semi_cfg = section(load_config(config, set_), "semi", SemiConfig)
             trained = load_or_train(s, predictor, semi_cfg, round_, detector, log=typer.echo)
         except ValueError as exc:
             fail(str(exc))

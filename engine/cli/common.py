@@ -1,8 +1,10 @@
-"""Small helpers every CLI command shares: failing with a clear message, commands still to come."""
+"""Small helpers every CLI command shares: failing with a clear message, the model flags as
+`model:` keys, commands still to come."""
 
 from __future__ import annotations
 
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 
@@ -25,6 +27,48 @@ def require_weights(model: str, checkpoint: object, random_weights: bool | None 
         f"model '{model}' has no bundled weights: --checkpoint is required (e.g. "
         f"sam_vit_b_01ec64.pth), or use --model default (the bundled model){untrained}"
     )
+
+
+def model_sets(
+    sets: list[str] | None,
+    model: str | None,
+    checkpoint: Path | None,
+    device: Any = None,
+    bf16: bool | None = None,
+) -> list[str]:
+    """`--set` overrides plus the model flags as `model.*` keys (absolute paths: actors on other
+    nodes, or in another working directory, open the same files). device: a `Device` (enum)."""
+    import json
+
+    from engine.model import MODEL_REGISTRY
+
+    out = list(sets or [])
+    if model:
+        if model not in MODEL_REGISTRY and Path(model).is_file():
+            model = str(Path(model).resolve())
+        out.append(f"model.model={json.dumps(model)}")
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            fail(f"--checkpoint {checkpoint} does not exist: pass a SAM state dict (.pth)")
+        out.append(f"model.checkpoint={json.dumps(str(checkpoint.resolve()))}")
+    if device is not None:
+        out.append(f"model.device={getattr(device, 'value', device)}")
+    if bf16:
+        out.append("model.bf16=true")
+    return out
+
+
+def model_config(cfg: dict, random_weights: bool | None = None):
+    """The config's `model:` block (`ModelConfig`), refused when it has no weights."""
+    from engine.cli.config import section
+    from engine.model import ModelConfig
+
+    try:
+        model = section(cfg, "model", ModelConfig)
+    except ValueError as exc:
+        fail(str(exc))
+    require_weights(model.model, model.checkpoint, random_weights)
+    return model
 
 
 def not_built(command: str, issue: int, what: str) -> NoReturn:

@@ -1,7 +1,10 @@
-"""`sa-engine assisted`, `semi` and `report`: gears 1 and 2 in batch, and their effort report.
+"""`sa-engine run assisted`, `run semi` and `report`: gears 1 and 2 in batch, and their effort
+report.
 
-The batch commands run through the shard runner in one process (`sharding.run_stage`); the Ray
-pipeline layer wires the same per-image functions onto model actors.
+The batch commands are Ray Data pipelines over the store's shards (`stages/assisted.py`,
+`stages/semi.py` on `stages.pipeline`), with `run auto`'s shape: `--config`, `--set ray.*`,
+`--address` (or RAY_ADDRESS; else an embedded local Ray on 127.0.0.1); the model is the config's
+`model:` block (default: the bundled model), which --model / --checkpoint / --device override.
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, require_weights
-from engine.cli.predict import Device, _pick_device
+from engine.cli.common import fail, model_config, model_sets
+from engine.cli.predict import Device
+from engine.cli.run import AddressOpt, run_spec, stage_setup
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
-ModelOpt = Annotated[str, typer.Option(help="vit_b, vit_l, vit_h, or a JSON model config path.")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(help="model.model: default (bundled), vit_b, vit_l, vit_h, or a JSON config"),
+]
 CheckpointOpt = Annotated[
-    Optional[Path], typer.Option(help="SAM state dict (.pth) of this model round.")
+    Optional[Path], typer.Option(help="model.checkpoint: SAM state dict (.pth) of this model round")
 ]
 RandomOpt = Annotated[
     bool, typer.Option("--random-weights", help="Run without a checkpoint (tests, benchmarks).")
+]
+DeviceOpt = Annotated[
+    Optional[Device], typer.Option(help="model.device (auto: CUDA when present)")
 ]
 RoundOpt = Annotated[
     int, typer.Option("--round", help="model round: outputs go to stages/<gear>/round-N/")
@@ -52,27 +62,11 @@ def open_store(path: Path):
         fail(str(err))
 
 
-def load_predictor(
-    model: str, checkpoint: Path | None, device: Device, random_weights: bool
-):
-    """Build the model of this round and its predictor (single-threaded-friendly on CPU)."""
-    require_weights(model, checkpoint, random_weights)
-    from engine.model import build_sam
-    from engine.predictor import SamPredictor
+def block(cfg: dict, name: str, cls):
+    from engine.cli.config import section
 
     try:
-        sam = build_sam(model, checkpoint=checkpoint, device=_pick_device(device))
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-    return SamPredictor(sam)
-
-
-def annotator_config(config: str, overrides: list[str] | None):
-    from engine.annotator import AnnotatorConfig
-    from engine.cli.config import load_config, section
-
-    try:
-        return section(load_config(config, overrides), "annotate", AnnotatorConfig)
+        return section(cfg, name, cls)
     except ValueError as exc:
         fail(str(exc))
 
@@ -85,7 +79,7 @@ def load_references(path: Path | None, annotator: Annotator):
     from engine.references import ReferenceSet
 
     try:
-        refs = ReferenceSet.load(path)
+        refs = ReferenceSet.load(path.resolve())
     except ValueError as exc:
         fail(str(exc))
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(refs.skipped.items()))
@@ -107,6 +101,14 @@ def _echo_shard(shard: str, record: dict) -> None:
     )
 
 
+def _echo_embedded(shard: str, record: dict) -> None:
+    e = record["meta"]["embedded"]
+    typer.echo(
+        f"{shard}: {e['encoded']} encoded, {e['reused']} already stored, {e['unreadable']} "
+        f"unreadable ({e['seconds']:.1f} s)"
+    )
+
+
 def assisted(
     store: StoreArg,
     annotator: Annotated[
@@ -117,45 +119,56 @@ def assisted(
     round_: RoundOpt = 0,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
-    model: ModelOpt = "vit_b",
+    address: AddressOpt = None,
+    model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    device: DeviceOpt = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Gear 1 (assisted-manual): encode each shard's images once into the store, then annotate.
+    """Gear 1 (assisted-manual) on Ray: model actors encode each image once into the store, then
+    the simulated annotator clicks its references.
 
     With --annotator simulated the SAM paper's simulated annotator clicks every reference mask of
     --references (matched to store images by file path) in order of prominence; accepted masks go
     to stages/assisted/round-N/ with their effort (clicks, IoU, seconds). With --annotator none
     only the embeddings are stored, ready for people in `sa-engine serve`.
     """
-    cfg = annotator_config(config, set_)
-    s = open_store(store)
-    refs = load_references(references, annotator)
-    predictor = load_predictor(model, checkpoint, device, random_weights)
-    from engine.gears.assisted import embed_store, run_assisted
+    sets = model_sets(set_, model, checkpoint, device)
+    st, cfg, ray_cfg = stage_setup(store, config, sets, address)
+    from engine.annotator import AnnotatorConfig
 
+    annotate_cfg = block(cfg, "annotate", AnnotatorConfig)
+    model_cfg = model_config(cfg, random_weights)
+    refs = load_references(references, annotator)
+    root = str(st.root.resolve())
     try:
         if refs is None:
-            embed_store(
-                s,
-                predictor,
-                shard,
-                on_shard=lambda r: typer.echo(
-                    f"{r.shard}: {r.encoded} encoded, {r.reused} already stored, "
-                    f"{r.unreadable} unreadable ({r.seconds:.1f} s)"
-                ),
-            )
+            from stages.assisted import embeddings_spec
+
+            spec, meta = embeddings_spec(model_cfg, _fingerprint(model_cfg), root)
+            run_spec(st, spec, round_, ray_cfg, shard, meta, on_shard=_echo_embedded)
             return
-        report = run_assisted(s, predictor, refs, cfg, round_, shard, on_shard=_echo_shard)
+        from stages.assisted import assisted_spec
+
+        spec, meta = assisted_spec(model_cfg, annotate_cfg, refs.path, root)
     except ValueError as exc:
         fail(str(exc))
-    typer.echo(
-        f"assisted round {round_}: {len(report.processed)} shards done, {len(report.skipped)} "
-        f"already done; {report.images} images, {report.annotations} masks, "
-        f"{report.quarantined} quarantined in {report.seconds:.1f} s"
-    )
+    run_spec(st, spec, round_, ray_cfg, shard, meta, on_shard=_echo_shard)
+
+
+def _fingerprint(model_cfg) -> str:
+    """The encoder fingerprint of the model (built on the CPU here, only to find the images that
+    have no embedding by it yet)."""
+    import dataclasses
+
+    from engine.model import load_model
+    from engine.predictor import encoder_fingerprint
+
+    try:
+        return encoder_fingerprint(load_model(dataclasses.replace(model_cfg, device="cpu")))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
 
 
 def semi(
@@ -168,44 +181,46 @@ def semi(
     ] = None,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
-    model: ModelOpt = "vit_b",
+    address: AddressOpt = None,
+    model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     random_weights: RandomOpt = False,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when present")] = Device.auto,
+    device: DeviceOpt = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Gear 2 (semi-automatic): prefill images with detector boxes turned into SAM masks, then
-    the simulated annotator adds only the references no prefilled mask covers.
+    """Gear 2 (semi-automatic) on Ray: prefill images with detector boxes turned into SAM masks,
+    then the simulated annotator adds only the references no prefilled mask covers.
 
-    The object detector is trained on the store's gear-1 masks (stages/assisted) on the stored
-    embeddings and saved as STORE/detectors/semi-round-N.pt (reused by later runs of the round).
-    Output: stages/semi/round-N/, every mask marked prefilled or added.
+    The object detector is trained once, here, on the store's gear-1 masks (stages/assisted) on
+    the stored embeddings and saved as STORE/detectors/semi-round-N.pt (reused by later runs of
+    the round); every model actor loads it. Output: stages/semi/round-N/, every mask marked
+    prefilled or added.
     """
-    cfg = annotator_config(config, set_)
-    from engine.cli.config import load_config, section
+    sets = model_sets(set_, model, checkpoint, device)
+    st, cfg, ray_cfg = stage_setup(store, config, sets, address)
+    from engine.annotator import AnnotatorConfig
     from engine.gears.semi import SemiConfig
 
-    try:
-        semi_cfg = section(load_config(config, set_), "semi", SemiConfig)
-    except ValueError as exc:
-        fail(str(exc))
-    s = open_store(store)
+    annotate_cfg = block(cfg, "annotate", AnnotatorConfig)
+    semi_cfg = block(cfg, "semi", SemiConfig)
+    model_cfg = model_config(cfg, random_weights)
     refs = load_references(references, Annotator.simulated)
-    predictor = load_predictor(model, checkpoint, device, random_weights)
-    from engine.gears.semi import load_or_train, run_semi
+    from engine.gears.embeddings import load_predictor
+    from engine.gears.semi import detector_path, load_or_train
+    from stages.semi import semi_spec
 
     try:
-        trained = load_or_train(s, predictor, semi_cfg, round_, detector, log=typer.echo)
-        report = run_semi(
-            s, predictor, refs, cfg, semi_cfg, round_, trained, shard, on_shard=_echo_semi
-        )
-    except ValueError as exc:
+        predictor = load_predictor(model_cfg)
+        trained = load_or_train(st, predictor, semi_cfg, round_, detector, log=typer.echo)
+        path = str((detector or detector_path(st, round_)).resolve())
+        del predictor  # the actors load their own
+        spec, meta = semi_spec(
+            model_cfg, annotate_cfg, semi_cfg, refs.path, path, trained.trained_on, round_,
+            str(st.root.resolve()),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    typer.echo(
-        f"semi round {round_}: {len(report.processed)} shards done, {len(report.skipped)} "
-        f"already done; {report.images} images, {report.annotations} masks, "
-        f"{report.quarantined} quarantined in {report.seconds:.1f} s"
-    )
+    run_spec(st, spec, round_, ray_cfg, shard, meta, on_shard=_echo_semi)
 
 
 def _echo_semi(shard: str, record: dict) -> None:
@@ -230,7 +245,7 @@ def report(
     s = open_store(store)
     rows = effort_rows(s)
     if not rows:
-        fail(f"{store} has no finished gear 1 or 2 shards: run `sa-engine assisted` first")
+        fail(f"{store} has no finished gear 1 or 2 shards: run `sa-engine run assisted` first")
     typer.echo(format_table(rows))
     if out is not None:
         for path in write_report(rows, out):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, require_weights
+from engine.cli.common import fail, model_config, model_sets
 
 
 class Device(str, Enum):
@@ -53,12 +53,12 @@ def predict(
         Optional[Path], typer.Option(help="SAM state dict (.pth), e.g. sam_vit_b_01ec64.pth.")
     ] = None,
     model: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            help="vit_b, vit_l, vit_h, default (the bundled model: no --checkpoint needed), or a "
-            "JSON model config path."
+            help="model.model: default (the bundled model, no --checkpoint needed; the config's "
+            "default), vit_b, vit_l, vit_h, or a JSON model config path."
         ),
-    ] = "vit_b",
+    ] = None,
     point: Annotated[
         Optional[list[str]],
         typer.Option(help="x,y[,label] in pixels; label 1 fg (default), 0 bg. Repeatable."),
@@ -69,10 +69,11 @@ def predict(
     ] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/predict"),
     device: Annotated[
-        Device, typer.Option(help="auto: CUDA when present, else CPU.")
-    ] = Device.auto,
+        Optional[Device], typer.Option(help="model.device (auto: CUDA when present, else CPU).")
+    ] = None,
     bf16: Annotated[
-        bool, typer.Option("--bf16", help="bfloat16 autocast (GPU, and CPUs with bf16 support).")
+        bool,
+        typer.Option("--bf16", help="model.bf16: bfloat16 autocast (GPU, and CPUs with bf16)."),
     ] = False,
     embedding: Annotated[
         Optional[Path], typer.Option(help="Use a saved image embedding (.npz) instead of encoding.")
@@ -83,11 +84,20 @@ def predict(
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Run without a checkpoint (tests, benchmarks).")
     ] = False,
+    config: Annotated[
+        str, typer.Option(help="config whose model: block is used (name in configs/ or YAML)")
+    ] = "sa1b",
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="override a config key, e.g. model.bf16=true"),
+    ] = None,
 ) -> None:
     """Prompt SAM with points and/or a box on one image.
 
-    Writes into --out: <stem>.json (SA-1B record: COCO RLE, bbox XYWH, area, predicted_iou,
-    stability_score), <stem>_mask<i>.png (0/255) and <stem>_overlay.png (masks, points, box).
+    The model is the config's `model:` block (default: the bundled model); --model /
+    --checkpoint / --device / --bf16 override it. Writes into --out: <stem>.json (SA-1B record:
+    COCO RLE, bbox XYWH, area, predicted_iou, stability_score), <stem>_mask<i>.png (0/255) and
+    <stem>_overlay.png (masks, points, box).
     """
     try:
         points = [parse_point(p) for p in point or []]
@@ -96,7 +106,13 @@ def predict(
         fail(str(exc))
     if not points and box_xyxy is None:
         fail("give at least one --point x,y[,label] or a --box x0,y0,x1,y1")
-    require_weights(model, checkpoint, random_weights)
+    from engine.cli.config import load_config
+
+    try:
+        settings = load_config(config, model_sets(set_, model, checkpoint, device, bf16))
+    except ValueError as exc:
+        fail(str(exc))
+    model_cfg = model_config(settings, random_weights)
 
     from engine.image_io import ImageLoadError, load_image
 
@@ -112,16 +128,15 @@ def predict(
     import numpy as np
     import torch
 
-    from engine.model import build_sam
+    from engine.model import load_model
     from engine.predictor import ImageEmbedding, SamPredictor
 
-    torch_device = _pick_device(device)
     try:
-        sam = build_sam(model, checkpoint=checkpoint, device=torch_device)
+        sam = load_model(model_cfg)
         state = ImageEmbedding.load(embedding) if embedding is not None else None
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    predictor = SamPredictor(sam, autocast_dtype=torch.bfloat16 if bf16 else None)
+    predictor = SamPredictor(sam, autocast_dtype=torch.bfloat16 if model_cfg.bf16 else None)
     if state is not None:
         if tuple(state.original_size) != (height, width):
             fail(
@@ -199,16 +214,6 @@ def _record(image_path: Path, logits, scores, coords, box, mask_threshold: float
     ]
     meta = ImageMeta(image_id=0, width=int(width), height=int(height), file_name=image_path.name)
     return ImageRecord(meta, annotations)
-
-
-def _pick_device(device: Device) -> "torch.device":
-    """--device through the one resolver (`engine.model.resolve_device`), failing as a CLI does."""
-    from engine.model import resolve_device
-
-    try:
-        return resolve_device(device.value)
-    except ValueError as exc:
-        fail(f"--device {device.value}: {exc}")
 
 
 def register(app: typer.Typer) -> None:

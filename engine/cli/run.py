@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, model_sets
 
 run_app = typer.Typer(
     help="run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER)",
@@ -34,7 +34,7 @@ ShardOpt = Annotated[
 ]
 
 
-def _setup(store: Path, config: str, sets: list[str] | None, address: str | None):
+def stage_setup(store: Path, config: str, sets: list[str] | None, address: str | None):
     """Open the store and read the config; every flag is a config key (--address: ray.address)."""
     from engine.cli.config import load_config, section
     from sharding.store import Store
@@ -50,7 +50,11 @@ def _setup(store: Path, config: str, sets: list[str] | None, address: str | None
         fail(str(err))
 
 
-def _run(store, spec, round_: int, ray_cfg, shards, meta: dict[str, Any]) -> None:
+def run_spec(
+    store, spec, round_: int, ray_cfg, shards, meta: dict[str, Any], on_shard=None
+) -> None:
+    """Run a stage on Ray (`stage_setup`'s store and `ray:` block); print its summary. on_shard:
+    called with (shard, completion record) after each commit (a line per shard)."""
     from stages.cluster import ray_session
     from stages.pipeline import run_pipeline
 
@@ -58,8 +62,9 @@ def _run(store, spec, round_: int, ray_cfg, shards, meta: dict[str, Any]) -> Non
         with ray_session(ray_cfg) as where:
             typer.echo(f"{spec.name} round {round_} on {where}", err=True)
             record = run_pipeline(
-                store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta
-            )
+                store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta,
+                on_shard=on_shard,
+            )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         fail(str(err))
     for line in summary_lines(record):
@@ -100,20 +105,14 @@ def auto(
     round_: RoundOpt = 0,
     address: AddressOpt = None,
     model: Annotated[
-        Optional[str], typer.Option(help="model.model: vit_b/vit_l/vit_h or a JSON config")
+        Optional[str],
+        typer.Option(help="model.model: default (bundled), vit_b/vit_l/vit_h or a JSON config"),
     ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="model.checkpoint (.pth)")] = None,
     shard: ShardOpt = None,
 ) -> None:
     """Gear 3: SAM's automatic mask generator over every pending shard (one actor per GPU)."""
-    sets = list(set_ or [])
-    if model:
-        sets.append(f"model.model={model}")
-    if checkpoint:
-        if not checkpoint.is_file():
-            fail(f"--checkpoint {checkpoint} does not exist: pass a SAM state dict (.pth)")
-        sets.append(f"model.checkpoint={checkpoint.resolve()}")
-    st, cfg, ray_cfg = _setup(store, config, sets, address)
+    st, cfg, ray_cfg = stage_setup(store, config, model_sets(set_, model, checkpoint), address)
     from engine.amg import AmgConfig
     from engine.cli.config import section
     from engine.model import ModelConfig
@@ -123,7 +122,7 @@ def auto(
         spec, meta = auto_spec(section(cfg, "model", ModelConfig), section(cfg, "amg", AmgConfig))
     except ValueError as err:
         fail(str(err))
-    _run(st, spec, round_, ray_cfg, shard, meta)
+    run_spec(st, spec, round_, ray_cfg, shard, meta)
 
 
 @run_app.command("privacy")
@@ -136,7 +135,7 @@ def privacy(
     shard: ShardOpt = None,
 ) -> None:
     """Blur faces and licence plates of every pending shard (outputs: STORE/stages/privacy/)."""
-    st, cfg, ray_cfg = _setup(store, config, set_, address)
+    st, cfg, ray_cfg = stage_setup(store, config, set_, address)
     from engine.cli.config import section
     from engine.privacy import PrivacyConfig
     from stages.privacy import detector_metadata, privacy_spec
@@ -146,7 +145,7 @@ def privacy(
         meta = detector_metadata(privacy_cfg)
     except ValueError as err:
         fail(str(err))
-    _run(st, privacy_spec(privacy_cfg), round_, ray_cfg, shard, meta)
+    run_spec(st, privacy_spec(privacy_cfg), round_, ray_cfg, shard, meta)
 
 
 @run_app.command("classical")
@@ -160,10 +159,10 @@ def classical(
 ) -> None:
     """Model-free stand-in stage (Otsu + connected components): checks a cluster and a store end
     to end without weights (outputs: STORE/stages/classical/)."""
-    st, _, ray_cfg = _setup(store, config, set_, address)
+    st, _, ray_cfg = stage_setup(store, config, set_, address)
     from stages.classical import classical_spec
 
-    _run(st, classical_spec(), round_, ray_cfg, shard, {})
+    run_spec(st, classical_spec(), round_, ray_cfg, shard, {})
 
 
 def register(app: typer.Typer) -> None:

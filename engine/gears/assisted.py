@@ -1,31 +1,32 @@
 """Gear 1, model-assisted manual annotation, in batch: simulated annotators click reference masks.
 
-Per shard: the images are encoded once into the store (`embeddings.embed_shard`), then for each
-image the annotator (`engine.annotator.SimulatedAnnotator`, the SAM paper's protocol) works
-through the image's reference objects in order of prominence, each click answered by the decoder
-alone from the stored embedding. A mask that reaches the target IoU is accepted and becomes a
-`MaskRecord` of the `assisted` stage with its effort (clicks, IoU at acceptance, simulated
-seconds, prefilled False); one that does not within the click/time budget is given up, as the
-paper's annotators moved on after ~30 s, and counted in the shard's completion record.
+Per image (in a model actor of the `assisted` Ray pipeline, `stages/assisted.py`): the predictor
+is set from the image's stored embedding, or the image is encoded and its new embedding goes back
+to the driver to be stored with the shard (`embeddings.keep_embedded`), so every click is answered
+by the decoder alone. The annotator (`engine.annotator.SimulatedAnnotator`, the SAM paper's
+protocol) then works through the image's reference objects in order of prominence. A mask that
+reaches the target IoU is accepted and becomes a `MaskRecord` of the `assisted` stage with its
+effort (clicks, IoU at acceptance, simulated seconds, prefilled False); one that does not within
+the click/time budget is given up, as the paper's annotators moved on after ~30 s, and counted in
+the shard's completion record (`shard_meta`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from engine import rle
 from engine.annotator import AnnotatorConfig, MaskTrace, SimulatedAnnotator
-from engine.gears import ASSISTED_STAGE
-from engine.gears.embeddings import embed_shard, set_image
+from engine.gears.embeddings import EmbeddedImage, EmbedReport, embed_image
 from engine.mask_ops import box_xyxy_to_xywh, masks_to_boxes_xyxy, stability_score
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
 from engine.references import ReferenceImage, ReferenceSet
-from sharding.runner import RunReport, StageResult, run_stage
+from sharding.runner import StageResult
 from sharding.store import ImageRow, Store
 
 
@@ -85,26 +86,30 @@ def trace_effort(trace: MaskTrace, prefilled: bool = False) -> dict[str, Any]:
 
 
 @dataclass
-class ShardTally:
-    """What a shard's annotation left besides its masks (goes into the completion record)."""
+class ImageFacts:
+    """What annotating one image leaves besides its masks, for its shard's completion record
+    (`StageResult.extra` of the gears' per-image functions).
 
-    given_up: int = 0
-    given_up_clicks: int = 0
-    given_up_seconds: float = 0.0
-    without_references: list[int] = field(default_factory=list)
-    embedded: dict[str, Any] = field(default_factory=dict)
+    embedded: how the image got its embedding (a new one is stored with the shard).
+    has_references: False when the references have no image matching it.
+    given_up: (clicks, simulated seconds) of each reference given up, in annotation order.
+    prefilled, covered_by_prefill: gear 2's prefilled masks and the references they covered.
+    """
 
-    def add_given_up(self, trace: MaskTrace) -> None:
-        self.given_up += 1
-        self.given_up_clicks += trace.n_clicks
-        self.given_up_seconds += trace.seconds
+    embedded: EmbeddedImage
+    has_references: bool = True
+    given_up: list[tuple[int, float]] = field(default_factory=list)
+    prefilled: int = 0
+    covered_by_prefill: int = 0
 
 
 class ReferenceDriven:
-    """Shared by gears 1 and 2: a store, a predictor, references, the shard's embeddings.
+    """Shared by gears 1 and 2: a store, a predictor, references; one image at a time.
 
-    Subclasses implement `annotate(row, rgb, image)`; `__call__` is the shard runner's per-image
-    function (`sharding.runner.ProcessFn`).
+    Subclasses implement `annotate(row, rgb, image, facts)`; `__call__` is the per-image function
+    (`sharding.runner.ProcessFn`) a model actor runs: it sets the predictor to the image (its
+    stored embedding, else encoding it), annotates, and returns the masks with their effort and
+    the image's `ImageFacts` as `StageResult.extra`.
     """
 
     def __init__(
@@ -119,86 +124,85 @@ class ReferenceDriven:
         self.references = references
         self.config = config
         self.annotator = SimulatedAnnotator(predictor, config)
-        self.tally = ShardTally()
-        self._embedded_shard: str | None = None
 
     def __call__(self, row: ImageRow, rgb: np.ndarray) -> StageResult:
-        if row.shard != self._embedded_shard:  # first image of a shard: encode the shard once
-            self._embedded_shard = row.shard
-            self.tally.embedded = asdict(embed_shard(self.store, row.shard, self.predictor))
-        image = self.references.match(row.source)
-        if image is None:
-            self.tally.without_references.append(row.image_id)
-            return StageResult()
-        if (image.width, image.height) != (rgb.shape[1], rgb.shape[0]):
-            raise ValueError(
-                f"the references of {image.file_name} in {self.references.path} are "
-                f"{image.width}x{image.height} but the image is {rgb.shape[1]}x{rgb.shape[0]} in "
-                "the store (EXIF-rotated?): give references in the image's upright frame"
-            )
-        set_image(self.predictor, self.store, row.shard, row.image_id, rgb)
-        return self.annotate(row, rgb, image)
+        facts = ImageFacts(embed_image(self.predictor, self.store, row.shard, row.image_id, rgb))
+        try:  # a failure after encoding still keeps the embedding (`StageResult.failure`)
+            image = self.references.match(row.source)
+            if image is None:
+                facts.has_references = False
+                result = StageResult()
+            elif (image.width, image.height) != (rgb.shape[1], rgb.shape[0]):
+                raise ValueError(
+                    f"the references of {image.file_name} in {self.references.path} are "
+                    f"{image.width}x{image.height} but the image is {rgb.shape[1]}x{rgb.shape[0]} "
+                    "in the store (EXIF-rotated?): give references in the image's upright frame"
+                )
+            else:
+                result = self.annotate(row, rgb, image, facts)
+        except Exception as exc:
+            return StageResult(extra=facts, failure=exc)
+        result.extra = facts
+        return result
 
-    def annotate(self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage) -> StageResult:
+    def annotate(
+        self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage, facts: ImageFacts
+    ) -> StageResult:
         raise NotImplementedError
-
-    def shard_meta(self) -> dict[str, Any]:
-        """The completion record's `meta` for the shard just finished (resets the tally)."""
-        tally, self.tally = self.tally, ShardTally()
-        self._embedded_shard = None
-        return {
-            "annotator": "simulated",
-            "annotator_config": asdict(self.config),
-            "references": self.references.path,
-            **asdict(tally),
-        }
 
 
 class AssistedAnnotation(ReferenceDriven):
     """Gear 1: every reference object is annotated from scratch, in order of prominence."""
 
-    def annotate(self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage) -> StageResult:
+    def annotate(
+        self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage, facts: ImageFacts
+    ) -> StageResult:
         result = StageResult()
         for _, trace in self.annotator.annotate_image([r.mask() for r in image.references]):
             if not trace.reached_target:
-                self.tally.add_given_up(trace)
+                facts.given_up.append((trace.n_clicks, trace.seconds))
                 continue
             result.masks.append(trace_record(trace, self.predictor))
             result.effort.append(trace_effort(trace))
         return result
 
 
-def run_assisted(
-    store: Store,
-    predictor: SamPredictor,
-    references: ReferenceSet,
+def shard_meta(
     config: AnnotatorConfig,
-    round_: int = 0,
-    shards: list[str] | None = None,
-    on_shard: Callable[[str, dict[str, Any]], None] | None = None,
-) -> RunReport:
-    """Gear 1 over a store's pending shards: output in `stages/assisted/round-<round_>/`.
+    references: str,
+    images: Iterable[tuple[int, ImageFacts | None]],
+    embedded: EmbedReport,
+) -> dict[str, Any]:
+    """A gear shard's completion record `meta` from its images' facts.
 
-    round_ is the model round (the model that answers the clicks), so effort per round shows
-    how retraining lowers it.
+    Arguments:
+      config (AnnotatorConfig): the simulated annotator's settings. references (str): their file.
+      images: (image_id, ImageFacts) in image_id order; None for an image quarantined before it
+        reached the annotator.
+      embedded (EmbedReport): what `keep_embedded` stored for the shard.
+    Returns:
+      (dict): annotator, annotator_config, references, given_up (count), given_up_clicks,
+        given_up_seconds, without_references (image ids), embedded.
     """
-    process = AssistedAnnotation(store, predictor, references, config)
-    return run_stage(
-        store, ASSISTED_STAGE, round_, process, shards, on_shard=on_shard, meta=process.shard_meta
-    )
-
-
-def embed_store(
-    store: Store,
-    predictor: SamPredictor,
-    shards: list[str] | None = None,
-    on_shard: Callable[[Any], None] | None = None,
-) -> list[Any]:
-    """Encode every shard (or the given ones) into the store ahead of annotation by people."""
-    reports = []
-    for shard in shards or store.shards():
-        report = embed_shard(store, shard, predictor)
-        reports.append(report)
-        if on_shard is not None:
-            on_shard(report)
-    return reports
+    given_up = given_up_clicks = 0
+    given_up_seconds = 0.0
+    without_references = []
+    for image_id, facts in images:
+        if facts is None:
+            continue
+        if not facts.has_references:
+            without_references.append(image_id)
+        for clicks, seconds in facts.given_up:
+            given_up += 1
+            given_up_clicks += clicks
+            given_up_seconds += seconds
+    return {
+        "annotator": "simulated",
+        "annotator_config": asdict(config),
+        "references": references,
+        "given_up": given_up,
+        "given_up_clicks": given_up_clicks,
+        "given_up_seconds": given_up_seconds,
+        "without_references": without_references,
+        "embedded": asdict(embedded),
+    }

@@ -178,7 +178,7 @@ def train_detector(
       (list[float]): the loss at every step.
     """
     if not samples:
-        raise ValueError("no gear-1 masks to train the detector on: run `sa-engine assisted` first")
+        raise ValueError("no gear-1 masks to train the detector on: run `sa-engine run assisted` first")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     model = ObjectDetector(samples[0][0].shape[1], config.hidden)

@@ -1,8 +1,10 @@
 """Gear 2, semi-automatic annotation: images arrive prefilled, annotators add what is missing.
 
 1. The object detector (`engine.gears.detector`) is trained on the store's gear-1 masks (their
-   boxes, on the stored embeddings) and saved as `STORE/detectors/semi-round-<k>.pt`.
-2. Per image its confident boxes become masks through SAM box prompts: the prefilled masks
+   boxes, on the stored embeddings) and saved as `STORE/detectors/semi-round-<k>.pt`
+   (`load_or_train`: once, on the Ray driver, before the pipeline of `stages/semi.py`).
+2. Per image (`SemiAnnotation`, in each model actor, which loads that detector file) its
+   confident boxes become masks through SAM box prompts: the prefilled masks
    (effort: 0 clicks, 0 s, prefilled True, annotator "detector"; `iou` is the best IoU with a
    reference, for analysis).
 3. The simulated annotator then annotates, in order of prominence, only the references that no
@@ -16,19 +18,26 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from engine.annotator import AnnotatorConfig, mask_iou
-from engine.gears import ASSISTED_STAGE, SEMI_STAGE
-from engine.gears.assisted import ReferenceDriven, mask_record, trace_effort, trace_record
+from engine.gears import ASSISTED_STAGE
+from engine.gears.assisted import (
+    ImageFacts,
+    ReferenceDriven,
+    mask_record,
+    shard_meta,
+    trace_effort,
+    trace_record,
+)
 from engine.gears.detector import DetectorConfig, TrainedDetector, detect, train_detector
-from engine.gears.embeddings import embed_shard
+from engine.gears.embeddings import EmbedReport, embed_shard
 from engine.predictor import ImageEmbedding, SamPredictor, encoder_fingerprint
 from engine.references import ReferenceImage, ReferenceSet
-from sharding.runner import RunReport, StageResult, run_stage
+from sharding.runner import StageResult
 from sharding.store import ImageRow, Store
 
 
@@ -156,9 +165,10 @@ class SemiAnnotation(ReferenceDriven):
     ) -> None:
         super().__init__(store, predictor, references, config)
         self.detector, self.semi = detector, semi
-        self.extra = {"prefilled": 0, "covered_by_prefill": 0}
 
-    def annotate(self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage) -> StageResult:
+    def annotate(
+        self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage, facts: ImageFacts
+    ) -> StageResult:
         p = self.predictor
         references = [r.mask() for r in image.references]
         result = StageResult()
@@ -170,38 +180,35 @@ class SemiAnnotation(ReferenceDriven):
             result.effort.append(prefilled_effort(best))
         target = self.config.target_iou
         covered = [any(mask_iou(m, r) >= target for m in prefilled) for r in references]
-        self.extra["covered_by_prefill"] += sum(covered)
-        self.extra["prefilled"] += len(prefilled)
+        facts.covered_by_prefill = sum(covered)
+        facts.prefilled = len(prefilled)
         missing = [np.zeros_like(r) if c else r for r, c in zip(references, covered)]
         for _, trace in self.annotator.annotate_image(missing):
             if not trace.reached_target:
-                self.tally.add_given_up(trace)
+                facts.given_up.append((trace.n_clicks, trace.seconds))
                 continue
             result.masks.append(trace_record(trace, p))
             result.effort.append(trace_effort(trace, prefilled=False))
         return result
 
-    def shard_meta(self) -> dict[str, Any]:
-        meta = super().shard_meta()
-        meta.update(self.extra, detector=self.detector.trained_on, semi_config=asdict(self.semi))
-        self.extra = {"prefilled": 0, "covered_by_prefill": 0}
-        return meta
 
-
-def run_semi(
-    store: Store,
-    predictor: SamPredictor,
-    references: ReferenceSet,
+def semi_meta(
     config: AnnotatorConfig,
+    references: str,
+    images: Iterable[tuple[int, ImageFacts | None]],
+    embedded: EmbedReport,
+    detector: dict[str, Any],
     semi: SemiConfig,
-    round_: int = 0,
-    detector: TrainedDetector | None = None,
-    shards: list[str] | None = None,
-    on_shard: Callable[[str, dict[str, Any]], None] | None = None,
-) -> RunReport:
-    """Gear 2 over a store's pending shards: output in `stages/semi/round-<round_>/`."""
-    detector = detector or load_or_train(store, predictor, semi, round_)
-    process = SemiAnnotation(store, predictor, references, config, detector, semi)
-    return run_stage(
-        store, SEMI_STAGE, round_, process, shards, on_shard=on_shard, meta=process.shard_meta
+) -> dict[str, Any]:
+    """A gear-2 shard's completion record `meta`: gear 1's (`assisted.shard_meta`) plus the
+    prefilled masks, the references they covered, the detector's training facts (`trained_on`)
+    and the `semi:` settings."""
+    images = list(images)
+    meta = shard_meta(config, references, images, embedded)
+    meta.update(
+        prefilled=sum(f.prefilled for _, f in images if f is not None),
+        covered_by_prefill=sum(f.covered_by_prefill for _, f in images if f is not None),
+        detector=detector,
+        semi_config=asdict(semi),
     )
+    return meta

@@ -8,7 +8,7 @@ time limit (`annotate.time_limit_s`, 30 s as in the SAM paper), shown as a count
 runs out the mask is skipped and the annotator moves on.
 
 Clicks are answered by the decoder alone: the image's embedding is read from the store
-(`sa-engine assisted --annotator none` stores them) or, for an image without one, computed once
+(`sa-engine run assisted --annotator none` stores them) or, for an image without one, computed once
 when the image is opened. Every accept and every finished image commits the shard's output
 atomically (`Store.write_shard_output`) to `stages/<stage>/round-<k>/`, masks with their effort
 (clicks, real seconds from the first click to the accept, annotator "person"); the completion
