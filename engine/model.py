@@ -59,7 +59,8 @@ class SamConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SamConfig":
-        """Read a JSON model config (the parity fixture's `config.json` format).
+        """Read a JSON model config (the parity fixture's `config.json` format, or a model
+        round's `card.json`, whose `model_config` it is).
 
         Keys describing how a fixture was made (seeds, perturbation, crafting logs, checksums) are
         provenance, not architecture, and are ignored silently; any other unknown key is ignored with
@@ -73,6 +74,8 @@ class SamConfig:
             raise ValueError(f"model config {path}: cannot be read as JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"model config {path}: expected a JSON object of hyper-parameters")
+        if isinstance(raw.get("model_config"), dict):  # a model round's card (engine.training)
+            raw = raw["model_config"]
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

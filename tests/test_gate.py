@@ -137,3 +137,26 @@ def test_bundled_default_model_loads_and_segments_a_demo_photo(demo_photos):
     assert xs.min() <= 170 <= xs.max() and ys.min() <= 110 <= ys.max(), "no mask around the click"
     assert 100 < best.sum() < 0.9 * best.size  # an eye-sized object, not a speck or the photo
     assert logits.shape == (3, 256, 256)
+
+
+def test_gear_round_n_runs_model_round_n(tmp_path, parity_dir):
+    """`--round N` of a gear picks the store's model round N; round 0 stays the config's model."""
+    import typer
+
+    from engine.cli.common import model_sets
+    from engine.model import ModelConfig, load_model
+
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    ModelRegistry(tmp_path).write_round(1, sam, {"parent_round": 0})
+    assert model_sets(None, None, None, store=tmp_path, round_=0) == []
+    sets = model_sets(None, None, None, store=tmp_path, round_=1)
+    values = dict(s.split("=", 1) for s in sets)
+    model = ModelConfig(json.loads(values["model.model"]), json.loads(values["model.checkpoint"]))
+    assert model.model.endswith("round-1/card.json")
+    loaded = load_model(ModelConfig(model.model, model.checkpoint, device="cpu"))
+    weight = loaded.mask_decoder.iou_token.weight
+    assert torch.allclose(weight, sam.mask_decoder.iou_token.weight.half().float())
+    named = model_sets(["model.model=vit_b"], None, None, store=tmp_path, round_=1)
+    assert named == ["model.model=vit_b"]  # a model named by the user wins
+    with pytest.raises(typer.Exit):
+        model_sets(None, None, None, store=tmp_path, round_=2)

@@ -46,7 +46,8 @@ def serve(
     undoes, s skips the mask, n goes to the next image; each mask has annotate.time_limit_s
     (30 s) shown as a countdown. Clicks use the stored embeddings (`sa-engine run assisted
     --annotator none`) or encode an image once when it has none. The model is the config's
-    `model:` block (default: the bundled model); --model / --checkpoint / --device override it.
+    `model:` block (default: the bundled model), or for --round N >= 1 the store's model round N;
+    --model / --checkpoint / --device override it.
     With --stage semi (gear 2) each image arrives prefilled with the round's detector masks; the
     person adds what is missing.
     """
@@ -56,7 +57,7 @@ def serve(
     from engine.cli.config import load_config
 
     try:
-        settings = load_config(config, model_sets(set_, model, checkpoint, device))
+        settings = load_config(config, model_sets(set_, model, checkpoint, device, store=store, round_=round_))
     except ValueError as exc:
         fail(str(exc))
     cfg = block(settings, "annotate", AnnotatorConfig)

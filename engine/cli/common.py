@@ -35,14 +35,32 @@ def model_sets(
     checkpoint: Path | None,
     device: Any = None,
     bf16: bool | None = None,
+    store: Path | None = None,
+    round_: int | None = None,
 ) -> list[str]:
     """`--set` overrides plus the model flags as `model.*` keys (absolute paths: actors on other
-    nodes, or in another working directory, open the same files). device: a `Device` (enum)."""
+    nodes, or in another working directory, open the same files). device: a `Device` (enum).
+
+    With `store` and `round_` (a gear's `--round N`) and no model named by flag or `--set`, the
+    model is the store's model round N (`STORE/models/round-N/`, written by `sa-engine train`):
+    gear round N runs on model round N. Round 0 is the config's model (the bundled default)."""
     import json
 
     from engine.model import MODEL_REGISTRY
 
     out = list(sets or [])
+    named = model or checkpoint or any(
+        s.startswith(("model.model=", "model.checkpoint=")) for s in out
+    )
+    if store is not None and round_ and not named:
+        from engine.training.registry import ModelRegistry
+
+        try:
+            files = ModelRegistry(store).files(round_)
+        except ValueError as exc:
+            fail(f"--round {round_}: {exc}, or name the model with --model/--checkpoint")
+        typer.echo(f"model: round {round_} of {files.card.parent}")
+        model, checkpoint = str(files.card), files.checkpoint
     if model:
         if model not in MODEL_REGISTRY and Path(model).is_file():
             model = str(Path(model).resolve())

@@ -34,7 +34,12 @@ DeviceOpt = Annotated[
     Optional[Device], typer.Option(help="model.device (auto: CUDA when present)")
 ]
 RoundOpt = Annotated[
-    int, typer.Option("--round", help="model round: outputs go to stages/<gear>/round-N/")
+    int,
+    typer.Option(
+        "--round",
+        help="model round N: outputs go to stages/<gear>/round-N/; N >= 1 runs the store's "
+        "model round N unless --model/--checkpoint name one",
+    ),
 ]
 ConfigOpt = Annotated[str, typer.Option(help="config name in configs/ or a YAML path")]
 SetOpt = Annotated[
@@ -134,7 +139,7 @@ def assisted(
     to stages/assisted/round-N/ with their effort (clicks, IoU, seconds). With --annotator none
     only the embeddings are stored, ready for people in `sa-engine serve`.
     """
-    sets = model_sets(set_, model, checkpoint, device)
+    sets = model_sets(set_, model, checkpoint, device, store=store, round_=round_)
     st, cfg, ray_cfg = stage_setup(store, config, sets, address)
     from engine.annotator import AnnotatorConfig
 
@@ -196,7 +201,7 @@ def semi(
     the round); every model actor loads it. Output: stages/semi/round-N/, every mask marked
     prefilled or added.
     """
-    sets = model_sets(set_, model, checkpoint, device)
+    sets = model_sets(set_, model, checkpoint, device, store=store, round_=round_)
     st, cfg, ray_cfg = stage_setup(store, config, sets, address)
     from engine.annotator import AnnotatorConfig
     from engine.gears.semi import SemiConfig

@@ -24,7 +24,14 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="block.key=value override, e.g. ray.model_actors=4 (repeatable)"),
 ]
-RoundOpt = Annotated[int, typer.Option("--round", help="model round the outputs belong to")]
+RoundOpt = Annotated[
+    int,
+    typer.Option(
+        "--round",
+        help="model round the outputs belong to (a model stage with N >= 1 runs the store's "
+        "model round N unless a model is named)",
+    ),
+]
 AddressOpt = Annotated[
     Optional[str],
     typer.Option(help="join this Ray cluster (ray.address; default: RAY_ADDRESS, else local)"),
@@ -111,8 +118,11 @@ def auto(
     checkpoint: Annotated[Optional[Path], typer.Option(help="model.checkpoint (.pth)")] = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Gear 3: SAM's automatic mask generator over every pending shard (one actor per GPU)."""
-    st, cfg, ray_cfg = stage_setup(store, config, model_sets(set_, model, checkpoint), address)
+    """Gear 3: SAM's automatic mask generator over every pending shard (one actor per GPU).
+
+    --round N >= 1 runs the store's model round N (`sa-engine train`) unless a model is named."""
+    sets = model_sets(set_, model, checkpoint, store=store, round_=round_)
+    st, cfg, ray_cfg = stage_setup(store, config, sets, address)
     from engine.amg import AmgConfig
     from engine.cli.config import section
     from engine.model import ModelConfig
