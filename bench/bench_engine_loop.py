@@ -1,18 +1,19 @@
-"""The data-engine loop end to end on real photos: gear 1 (simulated annotator) with the current
-model, retrain on what gear 1 collected, gear 1 again with the new round.
+"""The data-engine loop end to end on real photos, through the `sa-engine` commands a user runs:
+gear 1 (simulated annotator) with the current model, retrain on what gear 1 collected, the gate,
+gear 1 again with the new round.
 
-On `../shared/data` persons (COCO JSON): the first half of the images (sorted by id) are gear 1's
-images, the second half is held out. Steps, all through the engine's real code paths:
-  1. ingest the gear-1 images into a fresh store (`sharding.ingest`);
-  2. gear 1, round 0: for every shard, the simulated annotator clicks each reference person with
-     the bundled default model and the accepted masks are written as stage `assisted` round 0
-     (`sharding.process_shard`, SA-1B records);
-  3. `sa-engine train STORE --from assisted --round 0` trains round 1 on those collected masks;
-  4. gear 1 on the held-out half with round 0 and with round 1 (same annotator), and
-     `sa-engine evaluate` (the gate) on the held-out half.
-It prints a table of clicks per mask and IoU per round. Usage:
+On `../shared/data` persons (COCO JSON; images with at least one non-crowd person, sorted by id):
+the first half are gear 1's images, the second half is held out. Steps:
+  1. `sa-engine ingest` the gear-1 half into store G and the held-out half into store H;
+  2. `sa-engine run assisted G --references PERSONS` (round 0: the bundled default model): the
+     simulated annotator clicks every person; accepted masks + effort go to G's stage `assisted`;
+  3. `sa-engine train G --from assisted --round 0`: model round 1 from the collected masks only;
+  4. `sa-engine evaluate G --coco HELD.json --split all`: the gate, on the held-out half;
+  5. `sa-engine run assisted H --round 0` and `--round 1` (round 1's card and checkpoint from G):
+     the same annotator on the held-out half with both rounds, then `sa-engine report H`.
+It prints the effort table per round (clicks per mask, IoU at acceptance, seconds per mask).
 
-    python bench/bench_engine_loop.py [--images 60] [--steps 300] [--threads 1] [--work DIR]
+    python bench/bench_engine_loop.py [--steps 150] [--threads 1] [--work DIR]
 """
 
 from __future__ import annotations
@@ -26,160 +27,104 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
 PERSONS = SHARED / "data" / "annotations" / "coco_persons_keypoints.json"
 IMAGES = SHARED / "data" / "images"
+SA = [sys.executable, "-m", "engine.cli"]
 
 
-def gear1(predictor, annotator, image: np.ndarray, references: list[np.ndarray]):
-    """Annotate every reference on one image; returns (MaskRecords, per-mask stats)."""
-    from engine import rle
-    from engine.records import MaskRecord
-
-    predictor.set_image(image)
-    records, stats = [], []
-    for index, trace in annotator.annotate_image(references):
-        mask = trace.mask
-        stats.append({"clicks": trace.n_clicks, "iou": trace.final_iou, "first": trace.ious[0],
-                      "reached": trace.reached_target})
-        if not mask.any():
-            continue
-        ys, xs = np.nonzero(mask)
-        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
-                float(ys.max() - ys.min() + 1)]
-        records.append(
-            MaskRecord(
-                id=index,
-                segmentation=rle.encode(mask)[0],
-                bbox=bbox,
-                area=int(mask.sum()),
-                predicted_iou=float(trace.predicted_iou),
-                stability_score=1.0,
-                crop_box=[0.0, 0.0, float(mask.shape[1]), float(mask.shape[0])],
-                point_coords=[[c.x, c.y] for c in trace.clicks],
-            )
-        )
-    return records, stats
+def sa(*args: str, log: Path) -> str:
+    """Run one `sa-engine` command; its output goes to the log and is returned."""
+    start = time.perf_counter()
+    done = subprocess.run([*SA, *args], cwd=ROOT, capture_output=True, text=True)
+    with log.open("a") as f:
+        f.write(f"$ sa-engine {' '.join(args)}\n{done.stdout}{done.stderr}\n")
+    if done.returncode != 0:
+        raise SystemExit(f"sa-engine {args[0]} failed ({done.returncode}); see {log}\n{done.stderr[-2000:]}")
+    print(f"  sa-engine {' '.join(args[:2])} ... {time.perf_counter() - start:.0f} s", flush=True)
+    return done.stdout
 
 
-def summarise(stats: list[dict]) -> dict[str, float]:
-    return {
-        "masks": len(stats),
-        "clicks_per_mask": float(np.mean([s["clicks"] for s in stats])),
-        "final_iou": float(np.mean([s["iou"] for s in stats])),
-        "iou_1click": float(np.mean([s["first"] for s in stats])),
-        "reached_0.9": float(np.mean([s["reached"] for s in stats])),
-    }
+def link_images(folder: Path, images: list[dict]) -> None:
+    """Symlinks named like the COCO file_name (coco/xxx.jpg), so references match by path."""
+    for image in images:
+        target = folder / image["file_name"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(IMAGES / image["file_name"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=60, help="persons images used (both halves)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the retrain")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=150, help="training steps of the retrain")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of train/evaluate")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temp dir)")
     args = parser.parse_args()
     if not PERSONS.is_file():
         print(f"skip: {PERSONS} is absent (set SA_ENGINE_SHARED)")
         return
 
-    import torch
-    from pycocotools.coco import COCO
-
-    from engine.annotator import AnnotatorConfig, SimulatedAnnotator
-    from engine.image_io import load_image
-    from engine.predictor import SamPredictor
-    from engine.training.registry import ModelRegistry
-    from sharding import Store, ingest, process_shard
-    from sharding.runner import StageResult
-
-    torch.set_num_threads(args.threads)
-    coco = COCO(str(PERSONS))
-    ids = [i for i in sorted(coco.getImgIds()) if coco.getAnnIds(imgIds=[i], iscrowd=False)]
-    ids = ids[: args.images]
-    half = len(ids) // 2
-    gear_ids, held_ids = ids[:half], ids[half:]
-
-    def references(image_id: int) -> list[np.ndarray]:
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
-        return [coco.annToMask(a).astype(bool) for a in anns]
-
+    coco = json.loads(PERSONS.read_text())
+    with_people = {a["image_id"] for a in coco["annotations"] if not a.get("iscrowd")}
+    images = sorted((i for i in coco["images"] if i["id"] in with_people), key=lambda i: i["id"])
+    half = len(images) // 2
+    gear_images, held_images = images[:half], images[half:]
     work = args.work or Path(tempfile.mkdtemp(prefix="engine-loop-"))
-    links = work / "gear1-images"
-    links.mkdir(parents=True, exist_ok=True)
-    by_name = {}
-    for image_id in gear_ids:
-        name = coco.loadImgs([image_id])[0]["file_name"]
-        target = links / Path(name).name
-        if not target.exists():
-            target.symlink_to(IMAGES / name)
-        by_name[target.name] = image_id
-    store_root = work / "store"
-    store = Store(store_root) if (store_root / "store.json").is_file() else Store.create(store_root)
-    ingest(str(links), store)
-    annotate_cfg = AnnotatorConfig(max_clicks=args.max_clicks, time_limit_s=1e9)
-    registry = ModelRegistry(store_root)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    held_ids = {i["id"] for i in held_images}
+    held_json = work / "held_out_persons.json"
+    held_json.write_text(json.dumps({
+        **coco,
+        "images": held_images,
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in held_ids],
+    }))
+    link_images(work / "gear1", gear_images)
+    link_images(work / "held", held_images)
+    g, h = work / "store-gear1", work / "store-held"
+    print(f"data-engine loop on {PERSONS.name}: {len(gear_images)} gear-1 images, "
+          f"{len(held_images)} held out; work folder {work}")
+    threads = ["--threads", str(args.threads)]
+    tiny_ray = ["--set", "ray.model_actors=1"]
     timings = {}
 
-    # 2. gear 1 with round 0 on the gear-1 half, written into the store as stage `assisted`.
-    start = time.perf_counter()
-    predictor = SamPredictor(registry.load(0))
-    annotator = SimulatedAnnotator(predictor, annotate_cfg)
-    gear_stats: list[dict] = []
-
-    def process(row, rgb):
-        refs = references(by_name[Path(row.source).name])
-        records, stats = gear1(predictor, annotator, rgb, refs)
-        gear_stats.extend(stats)
-        return StageResult(masks=records)
-
-    for shard in store.shards():
-        process_shard(store, "assisted", 0, shard, process)
-    timings["gear1_round0_s"] = time.perf_counter() - start
-
-    # 3. retrain on the collected masks with the real CLI.
-    start = time.perf_counter()
-    if 1 not in registry.rounds():
-        command = [
-            str(ROOT / ".venv" / "bin" / "sa-engine"), "train", str(store_root), "--from",
-            "assisted", "--round", "0", "--held-out-share", "0", "--threads", str(args.threads),
-            "--set", f"train.steps={args.steps}", "--set", "train.rounds=3",
-            "--set", "train.rounds_without_point=1", "--set", "train.masks_per_image=4",
-            "--set", "train.warmup_steps=20", "--set", "train.lr=0.0002",
-            "--set", "train.image_sizes=[512]",
-        ]
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    timings["train_s"] = time.perf_counter() - start
-
-    # 4. gear 1 on the held-out half with both rounds.
-    held = {}
-    for round_ in (0, 1):
+    def timed(name, *command):
         start = time.perf_counter()
-        predictor = SamPredictor(registry.load(round_))
-        annotator = SimulatedAnnotator(predictor, annotate_cfg)
-        stats: list[dict] = []
-        for image_id in held_ids:
-            image = load_image(IMAGES / coco.loadImgs([image_id])[0]["file_name"])
-            stats.extend(gear1(predictor, annotator, image, references(image_id))[1])
-        held[round_] = summarise(stats)
-        timings[f"held_out_round{round_}_s"] = time.perf_counter() - start
+        out = sa(*command, log=log)
+        timings[name] = round(time.perf_counter() - start, 1)
+        return out
 
-    collected = summarise(gear_stats)
-    print(f"\ndata-engine loop on {PERSONS.name}: {len(gear_ids)} gear-1 images, "
-          f"{len(held_ids)} held out; retrain {args.steps} steps")
-    print(f"{'run':<34} {'masks':>5} {'clicks/mask':>11} {'IoU 1 click':>11} {'final IoU':>9} {'reached 0.9':>11}")
-    rows = [("gear 1, round 0, gear-1 half", collected)] + [
-        (f"gear 1, round {r}, held-out half", held[r]) for r in (0, 1)
-    ]
-    for name, s in rows:
-        print(f"{name:<34} {s['masks']:>5} {s['clicks_per_mask']:>11.2f} {s['iou_1click']:>11.3f} "
-              f"{s['final_iou']:>9.3f} {s['reached_0.9']:>11.1%}")
-    print(json.dumps({"collected": collected, "held_out": held, "seconds": timings}, indent=1))
+    if not (g / "store.json").is_file():
+        timed("ingest", "ingest", str(work / "gear1"), "--store", str(g), "--shard-size", "10")
+        sa("ingest", str(work / "held"), "--store", str(h), "--shard-size", "10", log=log)
+    timed("gear1_round0", "run", "assisted", str(g), "--references", str(PERSONS), *tiny_ray)
+    if not (g / "models" / "round-1" / "card.json").is_file():
+        timed(
+            "train", "train", str(g), "--from", "assisted", "--round", "0",
+            "--held-out-share", "0", *threads,
+            "--set", f"train.steps={args.steps}", "--set", "train.rounds=2",
+            "--set", "train.rounds_without_point=0", "--set", "train.masks_per_image=6",
+            "--set", "train.warmup_steps=20", "--set", "train.lr=0.0002",
+            "--set", "train.focal_weight=4",
+        )
+    gate = timed(
+        "evaluate", "evaluate", str(g), "--candidate", "1", "--against", "0",
+        "--coco", str(held_json), "--images", str(IMAGES), "--split", "all", *threads,
+    )
+    round1 = g / "models" / "round-1"
+    timed("held_round0", "run", "assisted", str(h), "--references", str(PERSONS), *tiny_ray)
+    timed(
+        "held_round1", "run", "assisted", str(h), "--round", "1", "--references", str(PERSONS),
+        "--model", str(round1 / "card.json"), "--checkpoint", str(round1 / "checkpoint.pt"),
+        *tiny_ray,
+    )
+    collected = sa("report", str(g), log=log)
+    held = sa("report", str(h), "--out", str(work / "report-held"), log=log)
+    print("\n== gear 1 on the gear-1 half (round 0: what the retrain learnt from)\n" + collected)
+    print("== gate on the held-out half (sa-engine evaluate)\n" + gate)
+    print("== gear 1 on the held-out half, rounds 0 and 1 (sa-engine report)\n" + held)
+    print(f"seconds: {json.dumps(timings)}\nplot: {work / 'report-held'}")
 
 
 if __name__ == "__main__":
