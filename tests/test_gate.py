@@ -54,6 +54,7 @@ def trained_store(tmp_path_factory):
         app,
         ["train", str(root), *DATA, "--round", "-1", "--init", str(config), "--threads", "1"]
         + TRAIN_SET,
+        env={"RAY_ADDRESS": None},  # one process, whatever cluster the shell points at
     )
     assert result.exit_code == 0, result.output
     return root
@@ -69,6 +70,7 @@ def test_train_writes_checkpoint_and_card(trained_store):
     assert card["data"][0]["source"] == "synthetic" and card["data"][0]["images"] == 2
     assert card["training"]["steps"] == 40 and card["train_config"]["rounds"] == 3
     assert card["training"]["loss_last"] < card["training"]["loss_first"]
+    assert card["distributed"] == {"workers": 1, "backend": None, "address": None}
     state = torch.load(files.checkpoint, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     sam = registry.load(0)  # rebuilt from the card's architecture, strict load
@@ -105,8 +107,10 @@ def test_gate_refuses_a_worse_round_and_promotes_a_better_one(tmp_path):
 def test_train_errors_name_the_fix(tmp_path):
     result = runner.invoke(app, ["train", str(tmp_path), "--round", "0"])
     assert result.exit_code == 1 and "no training data" in result.output
-    result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--address", "x:1"])
-    assert result.exit_code == 1 and "not built yet" in result.output
+    result = runner.invoke(
+        app, ["train", str(tmp_path), "--from", "synthetic", "--address", "x:1", "--set", "train.workers=0"]
+    )
+    assert result.exit_code == 1 and "train.workers=0 is invalid" in result.output
     result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--round", "-1"])
     assert result.exit_code == 1 and "--init" in result.output
     result = runner.invoke(app, ["train", str(tmp_path), "--from", "synthetic", "--round", "4"])

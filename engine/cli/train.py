@@ -1,15 +1,26 @@
 """`sa-engine train` (retrain SAM on a store's masks, write the next model round) and
-`sa-engine evaluate` (the gate: compare a round with the current one, promote only if better)."""
+`sa-engine evaluate` (the gate: compare a round with the current one, promote only if better).
+
+`train` runs in this process, or with `--address` (or RAY_ADDRESS) on a Ray cluster's Ray Train
+workers (engine/training/cluster.py): the same training loop, and the same round written (by rank 0).
+"""
 
 from __future__ import annotations
 
+import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from engine.cli.common import fail
+
+if TYPE_CHECKING:
+    from engine.modeling import Sam
+    from engine.training.cluster import WorkerConfig
+    from engine.training.trainer import TrainConfig, TrainResult
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Config name in configs/ or a YAML path.")]
 SetOpt = Annotated[
@@ -57,16 +68,91 @@ def _sources(
 
 
 def _train_config(config: str, overrides: list[str] | None):
+    """(TrainConfig, GateConfig, WorkerConfig) of the `train:` block: the recipe, its `gate:`
+    sub-block, and the cluster keys (workers, cpus_per_worker)."""
+    import dataclasses
+
     from engine.cli.config import load_config, section
+    from engine.training.cluster import WorkerConfig
     from engine.training.gate import GateConfig
     from engine.training.trainer import TrainConfig
 
     cfg = load_config(config, overrides)
     block = dict(cfg.get("train") or {})
     gate = block.pop("gate", None) or {}
+    cluster = {f.name: block.pop(f.name) for f in dataclasses.fields(WorkerConfig) if f.name in block}
     train_cfg = section({"train": block}, "train", TrainConfig)
     gate_cfg = section({"gate": gate}, "gate", GateConfig)
-    return train_cfg, gate_cfg
+    worker_cfg = section({"train": cluster}, "train", WorkerConfig)
+    return train_cfg, gate_cfg, worker_cfg
+
+
+@dataclass
+class _Job:
+    """One `train` run as data, for this process or every Ray Train worker: build the start model,
+    read the training images, and (one process / rank 0) write model round `new_round`.
+
+    Paths are absolute: on a cluster the store is shared storage and workers run elsewhere.
+    """
+
+    store: Path
+    sources: dict[str, Any]  # _sources() arguments but the split
+    parent: int
+    init: str | None
+    config: "TrainConfig"
+    new_round: int
+    card: dict[str, Any]  # the card's fields known before training
+
+    def model(self) -> "Sam":
+        if self.init is None:
+            from engine.training.registry import ModelRegistry
+
+            return ModelRegistry(self.store).load(self.parent)
+        import torch
+
+        from engine.model import build_sam
+
+        torch.manual_seed(self.config.seed)  # the fresh neck/decoder init is part of the recipe
+        return build_sam(self.init)
+
+    def items(self) -> list:
+        return _sources(self.store, **self.sources, split="train")[0]
+
+    def finish(self, sam: "Sam", result: "TrainResult", how: dict[str, Any]) -> dict[str, Any]:
+        """Write the round (checkpoint + card); `how` says where it was trained."""
+        import datetime as dt
+        import platform
+
+        import torch
+
+        from engine.training.registry import ModelRegistry, portable_config
+        from engine.training.trainer import training_summary
+
+        card = {
+            "parent_round": self.card["parent_round"],
+            "started_from": self.card["started_from"],
+            "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": self.card["command"],
+            "model_config": portable_config(sam),
+            "data": self.card["data"],
+            "train_config": vars(self.config),
+            "training": training_summary(result),
+            "distributed": how,
+            "environment": {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            },
+            "evaluations": [],
+        }
+        files = ModelRegistry(self.store).write_round(self.new_round, sam, card)
+        return {
+            "checkpoint": str(files.checkpoint),
+            "card": str(files.card),
+            "loss_first": card["training"]["loss_first"],
+            "loss_last": card["training"]["loss_last"],
+        }
 
 
 def _command_line(command: str, positional: Path, options: dict[str, object]) -> str:
@@ -117,35 +203,34 @@ def train(
     held_out_share: Annotated[
         float, typer.Option(help="Share of images kept out of training for the gate.")
     ] = 0.1,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(help="torch CPU threads (0: torch's default; with --address: the worker's CPUs)."),
+    ] = 0,
     address: Annotated[
-        Optional[str], typer.Option(help="Ray cluster address for distributed training.")
+        Optional[str],
+        typer.Option(
+            help="Train on this Ray cluster with Ray Train, one worker per GPU (CPU-only: "
+            "train.workers); default: RAY_ADDRESS, else this process alone."
+        ),
     ] = None,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
 ) -> None:
     """Retrain SAM on the masks collected in a store; write model round N+1 (checkpoint + card)."""
-    if address is not None:
-        fail(
-            "--address (Ray Train, one worker per GPU) is not built yet: train runs as one local "
-            "process; drop --address"
-        )
     try:
-        train_cfg, _ = _train_config(config, set_)
+        train_cfg, _, worker_cfg = _train_config(config, set_)
         train_cfg.validate()
+        worker_cfg.validate()
     except ValueError as exc:
         fail(str(exc))
 
-    import datetime as dt
-    import platform
-
     import torch
 
-    from engine.model import resolve_config
-    from engine.training.registry import ModelRegistry, portable_config
+    from engine.training.registry import ModelRegistry
     from engine.training.trainer import train as run_training
-    from engine.training.trainer import training_summary
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if threads > 0:
         torch.set_num_threads(threads)
     if not store.is_dir():
@@ -157,62 +242,111 @@ def train(
     new_round = parent + 1
     if (registry.round_dir(new_round) / "card.json").is_file():
         fail(f"model round {new_round} already exists in {registry.round_dir(new_round)}")
+    sources = {
+        "gears": from_, "max_round": max(parent, 0), "coco": coco, "images": images,
+        "synthetic_scenes": synthetic_scenes, "synthetic_seed": synthetic_seed,
+        "held_out_share": held_out_share,
+    }
     try:
-        items, infos = _sources(
-            store, from_, max(parent, 0), coco, images, synthetic_scenes, synthetic_seed,
-            "train", held_out_share,
-        )
+        items, infos = _sources(store, **sources, split="train")
         if init is not None:
-            from engine.model import build_sam
+            from engine.model import resolve_config
 
-            torch.manual_seed(train_cfg.seed)  # the fresh neck/decoder init is part of the recipe
-            sam = build_sam(init)
-            start = f"init:{init}"
+            resolve_config(init)
         else:
-            sam = registry.load(parent)
-            start = f"round-{parent}"
+            registry.files(parent)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    typer.echo(f"training round {new_round} from {start} on {len(items)} images")
-    try:
-        result = run_training(sam, items, train_cfg, log=typer.echo)
-    except ValueError as exc:
-        fail(str(exc))
-    model_config = portable_config(sam)
-    card = {
-        "parent_round": parent if init is None else None,
-        "started_from": start,
-        "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": _command_line(
-            "train",
-            store,
-            {
-                "--from": from_, "--round": parent, "--init": init, "--coco": coco,
-                "--images": images,
-                "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
-                "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
-                "--held-out-share": held_out_share, "--threads": threads or None,
-                "--config": config, "--set": set_ or None,
-            },
-        ),
-        "model_config": model_config,
-        "data": infos,
-        "train_config": vars(train_cfg),
-        "training": training_summary(result),
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
+    start = f"init:{init}" if init is not None else f"round-{parent}"
+    absolute = {k: v.resolve() if isinstance(v, Path) else v for k, v in sources.items()}
+    job = _Job(
+        store=store.resolve(),
+        sources=absolute,
+        parent=parent,
+        init=init,
+        config=train_cfg,
+        new_round=new_round,
+        card={
+            "parent_round": parent if init is None else None,
+            "started_from": start,
+            "command": _command_line(
+                "train",
+                store,
+                {
+                    "--from": from_, "--round": parent, "--init": init, "--coco": coco,
+                    "--images": images,
+                    "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
+                    "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
+                    "--held-out-share": held_out_share, "--threads": threads or None,
+                    "--address": address, "--config": config, "--set": set_ or None,
+                },
+            ),
+            "data": infos,
         },
-        "evaluations": [],
-    }
-    files = registry.write_round(new_round, sam, card)
+    )
+    if address is None:
+        try:
+            sam = job.model()
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+        typer.echo(f"training round {new_round} from {start} on {len(items)} images")
+        try:
+            result = run_training(sam, items, train_cfg, log=typer.echo)
+        except ValueError as exc:
+            fail(str(exc))
+        written = job.finish(sam, result, {"workers": 1, "backend": None, "address": None})
+    else:
+        written = _train_on_cluster(job, address, worker_cfg, threads, len(items), start)
     typer.echo(
-        f"wrote model round {new_round}: {files.checkpoint} and {files.card}; loss "
-        f"{card['training']['loss_first']:.4f} -> {card['training']['loss_last']:.4f}. Judge it with "
+        f"wrote model round {new_round}: {written['checkpoint']} and {written['card']}; loss "
+        f"{written['loss_first']:.4f} -> {written['loss_last']:.4f}. Judge it with "
         f"`sa-engine evaluate {store} --candidate {new_round}` before it is used."
     )
+
+
+def _train_on_cluster(
+    job: _Job, address: str, worker_cfg: "WorkerConfig", threads: int, images: int, start: str
+) -> dict[str, Any]:
+    """Join the cluster, size the worker group from its nodes and train there (rank 0 writes)."""
+    import datetime as dt
+
+    import ray
+
+    from engine.training.cluster import plan_workers, train_on_ray
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        fail(f"cannot join the Ray cluster at {address}: {exc}")
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        try:
+            plan = plan_workers(nodes, worker_cfg)
+        except ValueError as exc:
+            fail(str(exc))
+        if images < plan.workers:
+            fail(
+                f"{images} training image(s) for {plan.workers} workers: every worker needs at "
+                "least one; lower train.workers or add data"
+            )
+        typer.echo(
+            f"training round {job.new_round} from {start} on {images} images, cluster {address} "
+            f"({len(nodes)} node(s)): {plan.describe()}"
+        )
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        try:
+            return train_on_ray(
+                job,
+                plan,
+                storage_path=str(job.store / "runs" / "train"),
+                name=f"round-{job.new_round}-{when}",
+                address=address,
+                threads=threads or None,
+            )
+        except (ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    finally:
+        ray.shutdown()
 
 
 def evaluate(
@@ -256,7 +390,7 @@ def evaluate(
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        _, gate_cfg = _train_config(config, set_)
+        _, gate_cfg, _ = _train_config(config, set_)
         gate_cfg.validate()
     except ValueError as exc:
         fail(str(exc))

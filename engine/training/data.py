@@ -95,7 +95,7 @@ def store_items(
                 TrainItem(
                     f"store:{row.image_id}",
                     lambda data=data, rles=masks[row.image_id], label=row.source: (
-                        load_image(data, label=label),
+                        load_image(data, name=label),
                         list(rle.decode(rles)),
                     ),
                 )

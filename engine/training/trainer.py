@@ -11,6 +11,12 @@ With a frozen backbone the backbone features of every image are computed once an
 so a step costs only the neck and the decoder: this is what makes CPU training possible. Training
 may run at a smaller encoder input (`image_size`, e.g. 512 for a 32x32 grid) than the model's
 1024: the MobileNetV2 encoder, prompt encoder and decoder have no fixed grid.
+
+The same loop trains data-parallel on the workers of a torch.distributed process group (Ray Train,
+`sa-engine train --address`; see `collective.py`): each worker caches its rank's slice of the
+images, draws its own images and prompts (seed + rank), and every step's gradients are averaged
+over the workers before clipping and the optimiser step, so the weights stay the same everywhere
+and a step sees one image per worker. The model may live on a GPU; the cache stays in host memory.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ import torch
 from torch.nn import functional as F
 
 from engine.modeling import Sam
+from engine.training.collective import (
+    average_gradients,
+    broadcast_state,
+    gather,
+    mean_over_workers,
+    rank_and_world,
+)
 from engine.training.losses import sam_loss
 from engine.training.prompts import error_points, first_point, noisy_box
 from engine.transforms import ResizeLongestSide
@@ -127,16 +140,30 @@ class _Encoded:
     valid: torch.Tensor  # (S/4)x(S/4) bool: inside the image
     size: int  # encoder input side S
 
+    def to(self, device: torch.device) -> "_Encoded":
+        """This image on `device` (itself when it is already there)."""
+        if self.targets.device == device:
+            return self
+        return _Encoded(
+            tuple(f.to(device) for f in self.features),
+            None if self.image is None else self.image.to(device),
+            self.targets.to(device),
+            self.valid.to(device),
+            self.size,
+        )
+
 
 @dataclass
 class TrainResult:
     """Attributes:
     steps (int): optimiser steps run.
-    images (int), masks (int): training images and masks used (after filtering).
-    skipped (dict[str, int]): images or masks left out, by reason.
-    loss_history (list[dict]): one entry per `log_every` steps (step, loss, mask, iou, lr).
+    images (int), masks (int): training images and masks used (after filtering), all workers.
+    skipped (dict[str, int]): images or masks left out, by reason, all workers.
+    loss_history (list[dict]): one entry per `log_every` steps (step, loss, mask, iou, lr), the
+      mean over the workers.
     seconds (float): wall time of the loop (caching excluded).
     cache_seconds (float): wall time of reading and encoding the images.
+    workers (int): data-parallel workers (1: one process); a step used one image on each.
     """
 
     steps: int
@@ -146,6 +173,7 @@ class TrainResult:
     loss_history: list[dict[str, float]]
     seconds: float
     cache_seconds: float
+    workers: int = 1
 
 
 def set_resolution(sam: Sam, size: int) -> None:
@@ -194,16 +222,25 @@ def encode_items(
     items: Sequence[TrainItem],
     config: TrainConfig,
     log: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[list[_Encoded], dict[str, int]]:
     """Read every image once: reference masks to low-res targets, frozen parts to cached features.
+
+    With `world_size` > 1 only this worker's slice, items[rank::world_size], is read; an image's
+    training size is the same as in one process (it goes by its place in `items`). The features
+    are computed on the model's device and kept in host memory.
 
     Returns the encoded images and the count of what was left out, by reason.
     """
     mode = _cacheable(sam, config)
+    device = sam.pixel_mean.device
     skipped: dict[str, int] = {}
     encoded: list[_Encoded] = []
     start = time.perf_counter()
-    for index, item in enumerate(items):
+    mine = range(rank, len(items), world_size)
+    for done, index in enumerate(mine, 1):
+        item = items[index]
         size = config.image_sizes[index % len(config.image_sizes)]
         try:
             image, masks = item.load()
@@ -232,7 +269,7 @@ def encode_items(
             skipped["image without usable masks"] = skipped.get("image without usable masks", 0) + 1
             continue
         resized = ResizeLongestSide(size).apply_image(image)
-        x = torch.as_tensor(resized).permute(2, 0, 1).contiguous().float()
+        x = torch.as_tensor(resized).permute(2, 0, 1).contiguous().float().to(device)
         x = _preprocess(sam, x, size)
         valid = torch.zeros((size // 4, size // 4), dtype=torch.bool)
         valid[: math.ceil(resized.shape[0] / 4), : math.ceil(resized.shape[1] / 4)] = True
@@ -240,13 +277,13 @@ def encode_items(
         if mode:
             with torch.no_grad():
                 if mode == "backbone":
-                    features = tuple(f.half() for f in sam.image_encoder.backbone(x))
+                    features = tuple(f.half().cpu() for f in sam.image_encoder.backbone(x))
                 else:
-                    features = (sam.image_encoder(x).half(),)
+                    features = (sam.image_encoder(x).half().cpu(),)
             x = None
-        encoded.append(_Encoded(features, x, targets, valid, size))
-        if (index + 1) % 50 == 0:
-            log(f"encoded {index + 1}/{len(items)} images ({time.perf_counter() - start:.0f} s)")
+        encoded.append(_Encoded(features, None if x is None else x.cpu(), targets, valid, size))
+        if done % 50 == 0:
+            log(f"encoded {done}/{len(mine)} images ({time.perf_counter() - start:.0f} s)")
     return encoded, skipped
 
 
@@ -281,17 +318,26 @@ def train(
 ) -> TrainResult:
     """Train `sam` in place on `items`.
 
+    In a torch.distributed process group (one call per worker, every worker with the same
+    `items` and model) the workers train one model together: see the module docstring.
+
     Arguments:
-      sam (Sam): the model to train (its weights are updated; it is left in eval mode).
-      items (Sequence[TrainItem]): images and reference masks.
+      sam (Sam): the model to train, on its device (its weights are updated; it is left in eval mode).
+      items (Sequence[TrainItem]): images and reference masks (all of them, on every worker).
       config (TrainConfig): the recipe.
       log (Callable[[str], None]): progress lines.
     Returns:
       (TrainResult): counts, loss history, timings.
     """
     config.validate()
+    rank, world = rank_and_world()
     if not items:
         raise ValueError("no training images: the selected sources hold no masks")
+    if len(items) < world:
+        raise ValueError(
+            f"{len(items)} training image(s) for {world} workers: every worker needs at least one; "
+            "use fewer workers (train.workers) or more data"
+        )
     model_size = sam.img_size
     params = _trainable(sam, config)
     if not params:
@@ -301,37 +347,40 @@ def train(
             f"train.image_sizes {config.image_sizes}: only the mobilenet_v2 encoder trains at another "
             f"input size than the model's {model_size}"
         )
+    broadcast_state(sam)
     mode = _cacheable(sam, config)
     cache_start = time.perf_counter()
     sam.eval()
-    encoded, skipped = encode_items(sam, items, config, log)
+    encoded, skipped = encode_items(sam, items, config, log, rank, world)
     cache_seconds = time.perf_counter() - cache_start
-    if not encoded:
-        raise ValueError(f"no usable training images (left out: {skipped})")
-    n_masks = sum(len(e.targets) for e in encoded)
-    log(f"training on {len(encoded)} images, {n_masks} masks ({cache_seconds:.0f} s to encode)")
+    counts = gather((len(encoded), sum(len(e.targets) for e in encoded), skipped))
+    skipped = {}
+    for _, _, left_out in counts:
+        for reason, count in left_out.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    if any(images == 0 for images, _, _ in counts):
+        where = "" if world == 1 else f" on worker(s) {[r for r, c in enumerate(counts) if c[0] == 0]}"
+        raise ValueError(f"no usable training images{where} (left out: {skipped})")
+    n_images = sum(c[0] for c in counts)
+    n_masks = sum(c[1] for c in counts)
+    on = "" if world == 1 else f" ({world} workers)"
+    log(f"training on {n_images} images, {n_masks} masks{on} ({cache_seconds:.0f} s to encode)")
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed + rank)
     torch.manual_seed(config.seed)
     history: list[dict[str, float]] = []
-    window: list[tuple[float, float, float]] = []
+    window: list[tuple[float, float, float, float]] = []
+    device = sam.pixel_mean.device
     sam.train()
     start = time.perf_counter()
     try:
         for step in range(config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
             item = encoded[int(rng.integers(len(encoded)))]
-            set_resolution(sam, item.size)
-            optimizer.zero_grad(set_to_none=True)
-            stats = _simulate(sam, item, mode, config, rng)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            window.append(stats)
+            window.append(train_step(sam, optimizer, params, item.to(device), mode, config, rng, step))
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                loss, mask, iou, last_iou = (float(np.mean([w[i] for w in window])) for i in range(4))
+                local = [float(np.mean([w[i] for w in window])) for i in range(4)]
+                loss, mask, iou, last_iou = mean_over_workers(local, device)
                 history.append(
                     {"step": step + 1, "loss": loss, "mask_loss": mask, "iou_loss": iou,
                      "last_round_iou": last_iou, "lr": lr_at(step, config)}
@@ -348,22 +397,51 @@ def train(
         sam.eval()
     return TrainResult(
         steps=config.steps,
-        images=len(encoded),
+        images=n_images,
         masks=n_masks,
         skipped=skipped,
         loss_history=history,
         seconds=time.perf_counter() - start,
         cache_seconds=cache_seconds,
+        workers=world,
     )
+
+
+def train_step(
+    sam: Sam,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    item: _Encoded,
+    mode: str,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    step: int,
+) -> tuple[float, float, float, float]:
+    """One optimiser step on one image (on the model's device): learning rate of `step`, the
+    interactive rounds, gradients averaged over the workers (if any), clipping, AdamW.
+
+    Returns the step's (loss, mask loss, IoU loss, IoU of the last round), this worker's.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    set_resolution(sam, item.size)
+    optimizer.zero_grad(set_to_none=True)
+    stats = _simulate(sam, item, mode, config, rng)
+    average_gradients(params)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return stats
 
 
 def _simulate(
     sam: Sam, item: _Encoded, mode: str, config: TrainConfig, rng: np.random.Generator
 ) -> tuple[float, float, float, float]:
     """One step: the interactive rounds on a batch of the image's masks; gradients accumulated."""
+    device = item.targets.device
     count = min(config.masks_per_image, len(item.targets))
     chosen = rng.choice(len(item.targets), size=count, replace=False)
-    targets = item.targets[torch.as_tensor(chosen)]  # BxLxL bool
+    targets = item.targets[torch.as_tensor(chosen, device=device)]  # BxLxL bool
     target_f = targets.unsqueeze(1).float()
     stride = item.size / targets.shape[-1]  # input pixels per low-res cell (4)
 
@@ -375,11 +453,11 @@ def _simulate(
     box = None
     coords = np.zeros((count, 0, 2))
     labels = np.zeros((count, 0))
-    target_np = targets.numpy()
+    target_np = targets.cpu().numpy()
     if use_box:
         cap = config.box_noise_max_px / stride * (item.size / 1024)
         boxes = np.stack([noisy_box(t, rng, config.box_noise, cap) for t in target_np])
-        box = torch.as_tensor((boxes + 0.5) * stride - 0.5, dtype=torch.float32)
+        box = torch.as_tensor((boxes + 0.5) * stride - 0.5, dtype=torch.float32, device=device)
     else:
         coords = np.array([[first_point(t, rng)] for t in target_np])
         labels = np.ones((count, 1))
@@ -402,8 +480,8 @@ def _simulate(
         points = None
         if coords.shape[1]:
             points = (
-                torch.as_tensor((coords + 0.5) * stride - 0.5, dtype=torch.float32),
-                torch.as_tensor(labels, dtype=torch.float32),
+                torch.as_tensor((coords + 0.5) * stride - 0.5, dtype=torch.float32, device=device),
+                torch.as_tensor(labels, dtype=torch.float32, device=device),
             )
         sparse, dense = sam.prompt_encoder(points, box, mask_input)
         multimask = box is None and coords.shape[1] == 1
@@ -412,7 +490,7 @@ def _simulate(
             logits, iou_pred, target_f, config.focal_weight, config.dice_weight, config.iou_weight
         )
         (out.total / config.rounds).backward()
-        rows = torch.arange(count)
+        rows = torch.arange(count, device=device)
         best = logits.detach()[rows, out.chosen].unsqueeze(1)
         mask_input = best
         pred = best[:, 0] > 0
@@ -436,6 +514,7 @@ def training_summary(result: TrainResult) -> dict[str, Any]:
         "loss_first": first,
         "loss_last": last,
         "loss_history": result.loss_history,
+        "workers": result.workers,
         "train_seconds": round(result.seconds, 1),
         "encode_seconds": round(result.cache_seconds, 1),
     }
