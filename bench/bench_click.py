@@ -6,7 +6,7 @@ prompt-encoder + mask-decoder pass with all clicks so far and the previous low-r
 the upscale to the photo's size. Target: <= 50 ms per click on CPU for a vit_b-sized decoder
 (every SAM variant has the same decoder; only the encoder differs, and it is not run here).
 
-    python bench/bench_click.py [--clicks 10] [--repeats 5] [--size 1500x1000] [--threads N]
+    python bench/bench_click.py [--clicks 10] [--repeats 5] [--size 1500x1000] [--threads N] [--bf16]
 
 vit_b is built with random weights (latency does not depend on them); the parity fixture model
 (../shared/fixtures/sam_parity) is measured too when present. Prints median and p90 wall ms per
@@ -55,8 +55,9 @@ def click_session(predictor: SamPredictor, clicks: int, rng: np.random.Generator
     return out
 
 
-def measure(name: str, sam, size: tuple[int, int], clicks: int, repeats: int) -> None:
-    predictor = SamPredictor(sam)
+def measure(name: str, sam, size: tuple[int, int], clicks: int, repeats: int, bf16: bool) -> None:
+    predictor = SamPredictor(sam, autocast_dtype=torch.bfloat16 if bf16 else None)
+    name += " bf16" if bf16 else ""
     h, w = size
     scale = sam.img_size / max(h, w)
     state = ImageEmbedding(
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="1500x1000", help="photo WxH the masks are upscaled to")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--bf16", action="store_true", help="also under bfloat16 autocast (model.bf16)")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
     if args.threads:
@@ -102,11 +104,12 @@ def main() -> None:
     )
     torch.manual_seed(0)
     with torch.no_grad():
-        measure("vit_b (random)", build_sam("vit_b"), (h, w), args.clicks, args.repeats)
+        for bf16 in (False, True) if args.bf16 else (False,):
+            measure("vit_b (random)", build_sam("vit_b"), (h, w), args.clicks, args.repeats, bf16)
         parity = ROOT.parent / "shared" / "fixtures" / "sam_parity"
         if (parity / "config.json").is_file():
             sam = build_sam(parity / "config.json", checkpoint=parity / "sam_small.pth")
-            measure("parity fixture", sam, (h, w), args.clicks, args.repeats)
+            measure("parity fixture", sam, (h, w), args.clicks, args.repeats, False)
         else:
             print(f"parity fixture absent ({parity}): skipped")
 

@@ -61,8 +61,9 @@ class TwoWayTransformer(nn.Module):
           (torch.Tensor): BxNxC processed tokens.
           (torch.Tensor): Bx(H*W)xC processed image tokens.
         """
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        # Token-major and contiguous once: every attention below reads them row by row.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
@@ -116,12 +117,11 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe  # the image side is unchanged until the end of the block: one sum
         queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(q=q, k=k, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(q=k, k=q, v=queries))
         return queries, keys
 
