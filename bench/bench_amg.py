@@ -3,6 +3,7 @@
     python bench/bench_amg.py                       # sets A and B of the parity fixture + sa1b config
     python bench/bench_amg.py --meta-path /tmp/meta_sam   # also Meta's segment-anything 1.0, side by side
     python bench/bench_amg.py --only B --grid 8 16 32     # peak memory as points_per_side grows
+    python bench/bench_amg.py --fast                      # also the approximate mode (fast_decoder)
 
 Each run is a fresh subprocess, so its peak RSS is its own. Agreement with the fixture: same count,
 same order, per-mask IoU, max |predicted_iou| / |stability| differences, identical bbox / crop_box.
@@ -117,6 +118,8 @@ def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
         from engine.model import build_sam
 
         sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth")
+    if impl == "engine-fast":
+        params["fast_decoder"] = True  # the approximate mode
     generator = Generator(sam, **params)
     start = time.perf_counter()
     out = generator.generate(image)
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["B", "A", "sa1b"], choices=["A", "B", "sa1b"])
     parser.add_argument("--meta-path", help="folder holding segment_anything (pip --target)")
     parser.add_argument("--grid", nargs="*", type=int, help="points_per_side values (memory curve)")
+    parser.add_argument("--fast", action="store_true", help="also the approximate mode (amg.fast_decoder)")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -155,7 +159,8 @@ def main() -> None:
             print(f"segment_anything not found under {args.meta_path}: Meta's side skipped")
     for which in args.only:
         for grid in args.grid or [None]:
-            impls = ["engine"] + (["meta"] if meta_ok and which in ("A", "B") else [])
+            impls = ["engine"] + (["engine-fast"] if args.fast else [])
+            impls += ["meta"] if meta_ok and which in ("A", "B") else []
             results = {}
             for impl in impls:
                 cmd = [sys.executable, __file__, "--one", which, impl, str(grid or "-"), str(args.meta_path)]
@@ -165,10 +170,11 @@ def main() -> None:
                     continue
                 results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(json.dumps(results[impl]), flush=True)
-            if "meta" in results and "engine" in results:
-                ratio = results["meta"]["seconds"] / results["engine"]["seconds"]
-                print(f"set {which}: Meta {results['meta']['seconds']} s / engine "
-                      f"{results['engine']['seconds']} s = {ratio:.2f}x", flush=True)
+            for impl in ("engine", "engine-fast"):
+                if "meta" in results and impl in results:
+                    ratio = results["meta"]["seconds"] / results[impl]["seconds"]
+                    print(f"set {which}: Meta {results['meta']['seconds']} s / {impl} "
+                          f"{results[impl]['seconds']} s = {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,23 @@ def test_parity_set_b(small_sam, parity_dir):
         assert inter / union >= 0.999
 
 
+def test_parity_set_a(small_sam, parity_dir):
+    """Crops + small-region cleanup + RLE: Meta's count and order, bboxes, and predicted IoUs
+    equal to the last bit (the default decoder runs Meta's arithmetic)."""
+    from engine.image_io import load_image
+
+    ref = json.loads((parity_dir / "amg_coco_rle.json").read_text())
+    out = SamAutomaticMaskGenerator(small_sam, **ref["params"]).generate(load_image(parity_dir / "image.png"))
+    anns = ref["annotations"]
+    assert len(out) == len(anns)
+    for r, a in zip(out, anns):
+        assert r["bbox"] == a["bbox"] and r["crop_box"] == a["crop_box"]
+        assert r["point_coords"] == a["point_coords"] and r["predicted_iou"] == a["predicted_iou"]
+        assert abs(r["stability_score"] - a["stability_score"]) < 1e-3
+        mine, theirs = rle.decode(r["segmentation"]), rle.decode(a["segmentation"])
+        assert (mine & theirs).sum() / (mine | theirs).sum() >= 0.999
+
+
 def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos):
     from typer.testing import CliRunner
 

@@ -50,3 +50,39 @@ def test_upscale_masks_backpropagates():
     tokens = torch.randn(2, 16 * 16, 256, requires_grad=True)
     decoder.upscale_masks(tokens, (16, 16), torch.randn(2, 4, 32)).sum().backward()
     assert tokens.grad is not None and decoder.output_upscaling[0].weight.grad is not None
+
+
+def test_min_iou_skips_only_the_masks_of_prompts_the_filter_drops():
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
+    decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
+    image, pe = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 16, 16)
+    sparse, dense = torch.randn(6, 2, 256), torch.randn(1, 256, 1, 1).expand(6, -1, 16, 16)
+    with torch.no_grad():
+        full, iou = decoder(image, pe, sparse, dense, multimask_output=True)
+        threshold = float(iou.max(1).values.median())
+        part, iou_part = decoder(image, pe, sparse, dense, multimask_output=True, min_iou=threshold)
+    needed = (iou > threshold).any(1)
+    assert 0 < int(needed.sum()) < 6 and torch.equal(iou, iou_part)
+    _close(part[needed], full[needed], full.abs().max().item())
+    assert not part[~needed].any()
+
+
+def test_exact_mode_is_meta_arithmetic_and_fast_mode_is_close():
+    """`reassociate_attention(False)` runs `forward` everywhere (bit for bit the textbook form)."""
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
+    decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
+    image, pe = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 16, 16)
+    sparse, dense = torch.randn(3, 2, 256), torch.randn(1, 256, 1, 1).expand(3, -1, 16, 16)
+    with torch.no_grad():
+        fast = decoder(image, pe, sparse, dense, multimask_output=True)
+        decoder.reassociate_attention(False)
+        exact = decoder(image, pe, sparse, dense, multimask_output=True)
+        calls = []
+        for module in transformer.modules():
+            if isinstance(module, Attention):
+                module.register_forward_hook(lambda *a: calls.append(1))
+        decoder(image, pe, sparse, dense, multimask_output=True)
+    assert len(calls) == 2 * 3 + 1  # every attention went through forward
+    _close(fast[1], exact[1])

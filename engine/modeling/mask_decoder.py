@@ -3,6 +3,8 @@ from a hypernetwork dot product with the upscaled image tokens, and one predicte
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -61,6 +63,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        min_iou: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Arguments:
@@ -69,14 +72,20 @@ class MaskDecoder(nn.Module):
           sparse_prompt_embeddings (torch.Tensor): BxNxC.
           dense_prompt_embeddings (torch.Tensor): BxCxHxW.
           multimask_output (bool): return masks 1..3 (ambiguity-aware) instead of mask 0.
+          min_iou (float | None): the automatic generator's predicted-IoU filter: the upscaling
+            (a third of the decoder's work) runs only for prompts with a returned mask whose
+            predicted IoU is > min_iou; the other prompts' logits are left at 0 (unused).
         Returns:
           (torch.Tensor): BxKx(4H)x(4W) mask logits, K = 3 or 1.
           (torch.Tensor): BxK predicted IoU (not squashed: may leave [0, 1]).
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         selected = slice(1, None) if multimask_output else slice(0, 1)
+        needed = None
+        if min_iou is not None:
+            needed = lambda iou: (iou[:, selected] > min_iou).any(1)  # noqa: E731
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, needed
+        )
         return masks[:, selected, :, :], iou_pred[:, selected]
 
     def predict_masks(
@@ -85,8 +94,12 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        needed: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All 1 + num_multimask_outputs masks and IoU predictions, token order [iou, masks, prompts]."""
+        """All 1 + num_multimask_outputs masks and IoU predictions, token order [iou, masks, prompts].
+
+        needed: from the Bx(1+K) predicted IoUs, the B bools of the prompts whose masks are
+        computed (the others' stay 0); None computes all."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
@@ -106,12 +119,25 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
+        iou_pred = self.iou_prediction_head(iou_token_out)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        masks = self.upscale_masks(src.expand(batch, -1, -1), (height, width), hyper_in)
-        return masks, self.iou_prediction_head(iou_token_out)
+        src = src.expand(batch, -1, -1)
+        if needed is None:
+            return self.upscale_masks(src, (height, width), hyper_in), iou_pred
+        rows = needed(iou_pred).nonzero()[:, 0]
+        masks = src.new_zeros(batch, hyper_in.shape[1], 4 * height, 4 * width)
+        if len(rows):
+            masks[rows] = self.upscale_masks(src[rows], (height, width), hyper_in[rows])
+        return masks, iou_pred
+
+    def reassociate_attention(self, enabled: bool) -> None:
+        """Re-associated cross-attention (faster; not bit-identical to Meta's) on or off."""
+        for module in self.transformer.modules():
+            if hasattr(module, "reassociate"):
+                module.reassociate = bool(enabled)
 
     def upscale_masks(
         self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor

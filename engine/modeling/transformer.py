@@ -61,9 +61,10 @@ class TwoWayTransformer(nn.Module):
           (torch.Tensor): BxNxC processed tokens.
           (torch.Tensor): Bx(H*W)xC processed image tokens.
         """
-        # Token-major and contiguous once: every attention below reads them row by row.
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        # Token-major views, as Meta's (a contiguous copy changes the float32 rounding of the
+        # projections below, and with it the bit-for-bit agreement).
+        keys = image_embedding.flatten(2).permute(0, 2, 1)
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
@@ -136,7 +137,9 @@ class Attention(nn.Module):
     prompt (the dominant cost of the automatic generator and of a click). The softmax's shift
     invariance drops the key-bias term of the token->image logits, and the value bias passes
     through the softmax because its rows sum to one. Both fall back to `forward` where the
-    re-association would not save work.
+    re-association would not save work, or when `reassociate` is False: the sums then run in
+    Meta's order and reproduce its float32 results bit for bit (re-associated, predicted IoUs
+    move by ~1e-6, enough to swap two candidates tied to that precision).
 """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
@@ -153,6 +156,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.reassociate = True  # False: Meta's order of operations, bit for bit (see the class)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -179,7 +183,7 @@ class Attention(nn.Module):
         """`forward` for few queries (B x N x C tokens) over many keys (B x M x C image tokens)."""
         batch, tokens, width = q.shape
         heads = self.num_heads
-        if batch * heads * tokens >= k.shape[0] * self.internal_dim:
+        if not self.reassociate or batch * heads * tokens >= k.shape[0] * self.internal_dim:
             return self(q, k, v)  # cheaper to project the (shared) keys once
         head_dim = self.internal_dim // heads
         qh = self._split_heads(self.q_proj(q))  # B x H x N x d
@@ -195,7 +199,7 @@ class Attention(nn.Module):
         """`forward` for many queries (1 or B x M x C image tokens) over few keys (B x N x C)."""
         batch, tokens, width = k.shape
         heads = self.num_heads
-        if heads * tokens >= self.internal_dim:
+        if not self.reassociate or heads * tokens >= self.internal_dim:
             return self(q, k, v)
         head_dim = self.internal_dim // heads
         image_tokens = q.shape[1]
