@@ -52,12 +52,18 @@ def test_upscale_masks_backpropagates():
     assert tokens.grad is not None and decoder.output_upscaling[0].weight.grad is not None
 
 
-def test_min_iou_skips_only_the_masks_of_prompts_the_filter_drops():
+def _decoder_and_prompts(prompts: int):
+    """A small random decoder and `prompts` two-token prompts on one 16x16 image embedding."""
     torch.manual_seed(0)
     transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
     decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
     image, pe = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 16, 16)
-    sparse, dense = torch.randn(6, 2, 256), torch.randn(1, 256, 1, 1).expand(6, -1, 16, 16)
+    dense = torch.randn(1, 256, 1, 1).expand(prompts, -1, 16, 16)
+    return decoder, (image, pe, torch.randn(prompts, 2, 256), dense)
+
+
+def test_min_iou_skips_only_the_masks_of_prompts_the_filter_drops():
+    decoder, (image, pe, sparse, dense) = _decoder_and_prompts(6)
     with torch.no_grad():
         full, iou = decoder(image, pe, sparse, dense, multimask_output=True)
         threshold = float(iou.max(1).values.median())
@@ -70,11 +76,8 @@ def test_min_iou_skips_only_the_masks_of_prompts_the_filter_drops():
 
 def test_exact_mode_is_meta_arithmetic_and_fast_mode_is_close():
     """`reassociate_attention(False)` runs `forward` everywhere (bit for bit the textbook form)."""
-    torch.manual_seed(0)
-    transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
-    decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
-    image, pe = torch.randn(1, 256, 16, 16), torch.randn(1, 256, 16, 16)
-    sparse, dense = torch.randn(3, 2, 256), torch.randn(1, 256, 1, 1).expand(3, -1, 16, 16)
+    decoder, (image, pe, sparse, dense) = _decoder_and_prompts(3)
+    transformer = decoder.transformer
     with torch.no_grad():
         fast = decoder(image, pe, sparse, dense, multimask_output=True)
         decoder.reassociate_attention(False)
