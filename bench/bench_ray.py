@@ -110,7 +110,7 @@ def one_run(args) -> None:
         from stages.config import RayConfig
         from stages.pipeline import run_pipeline
 
-        config = RayConfig(progress=False)
+        config = RayConfig(progress=False, object_store_mb=args.object_store_mb)
         with ray_session(config) as where:
             setup = time.perf_counter() - t0
             record = run_pipeline(store, spec, 0, config, where=where)
@@ -125,7 +125,7 @@ def peak_pss(proc: subprocess.Popen) -> tuple[dict, float]:
     def sample() -> None:
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_pss(proc.pid))
-            time.sleep(0.25)
+            time.sleep(1.0)  # reading every process's smaps costs CPU: sample sparingly
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--points-per-side", type=int, default=4)
     parser.add_argument("--short-side", type=int, default=320)
     parser.add_argument("--shard-size", type=int, default=10)
+    parser.add_argument("--object-store-mb", type=int, default=None, help="ray.object_store_mb")
     parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -188,6 +189,8 @@ def main() -> None:
                        "--folder", str(folder), "--stage", args.stage,
                        "--points-per-side", str(args.points_per_side),
                        "--shard-size", str(args.shard_size)]
+                if args.object_store_mb:
+                    cmd += ["--object-store-mb", str(args.object_store_mb)]
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
                 results[mode] = peak_pss(proc)

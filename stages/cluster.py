@@ -41,6 +41,7 @@ def ray_session(config: RayConfig) -> Iterator[str]:
         ray.init(
             address="local",
             num_cpus=config.num_cpus,
+            object_store_memory=config.object_store_mb and config.object_store_mb * 2**20,
             include_dashboard=False,
             log_to_driver=False,
         )

@@ -12,6 +12,8 @@ class RayConfig:
     address: a cluster to join ("auto", "HOST:PORT", "ray://HOST:10001"); None: `RAY_ADDRESS` if
       set, else an embedded local Ray bound to 127.0.0.1 that lives as long as the command.
     num_cpus: logical CPUs of the embedded local Ray (None: the machine's); ignored on clusters.
+    object_store_mb: object store of the embedded local Ray, MiB (None: Ray's default, 30% of
+      the memory); a cap bounds the shared memory the run touches. Ignored on clusters.
     model_actors: size of the model-actor pool (None: one per GPU; on CPU-only clusters one per
       `cpus_per_actor` CPUs of the whole cluster).
     gpus_per_actor: GPUs each model actor holds where the cluster has GPUs.
@@ -30,6 +32,7 @@ class RayConfig:
 
     address: str | None = None
     num_cpus: int | None = None
+    object_store_mb: int | None = None
     model_actors: int | None = None
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
@@ -47,7 +50,7 @@ class RayConfig:
                 raise ValueError(f"ray.{name}={getattr(self, name)} is invalid: use a value > 0")
         if self.io_cpus < 0:
             raise ValueError(f"ray.io_cpus={self.io_cpus} is invalid: use a value >= 0")
-        for name in ("num_cpus", "model_actors", "read_tasks"):
+        for name in ("num_cpus", "model_actors", "read_tasks", "object_store_mb"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"ray.{name}={value!r} is invalid: use a positive integer or null")
