@@ -10,8 +10,10 @@ import numpy as np
 from PIL import Image
 
 from engine.classical import classical_masks
+from engine.references import ReferenceImage, ReferenceSet
+from sharding.manifest import ingest
 from sharding.runner import StageResult
-from sharding.store import ImageRow
+from sharding.store import ImageRow, Store
 
 
 def classical_stage(row: ImageRow, rgb: np.ndarray) -> StageResult:
@@ -51,3 +53,16 @@ def synthetic_photos(
         path.write_bytes(buffer.getvalue())
         paths.append(path)
     return paths
+
+
+def person_photo_store(
+    tmp_path: Path, refs: ReferenceSet, images: Path, count: int, max_people: int, shard_size: int = 2
+) -> tuple[Store, list[ReferenceImage]]:
+    """A store of the first `count` real photos of `refs` with 1..max_people reference persons
+    (ingested from a list file, `shard_size` per shard); returns it and the chosen images."""
+    chosen = [i for i in refs.images if 1 <= len(i.references) <= max_people][:count]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{images / i.file_name}\n" for i in chosen))
+    store = Store.create(tmp_path / "store")
+    ingest(str(listing), store, shard_size=shard_size)
+    return store, chosen

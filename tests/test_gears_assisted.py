@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from engine.cli.main import app
 from engine.references import ReferenceSet
-from sharding import Store, ingest
+from store_helpers import person_photo_store
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,7 @@ def test_references_errors(tmp_path):
 
 def _store(tmp_path, coco, count=2, shard_size=2):
     path, images = coco
-    refs = ReferenceSet.load(path)
-    chosen = [i for i in refs.images if 1 <= len(i.references) <= 2][:count]
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{images / i.file_name}\n" for i in chosen))
-    store = Store.create(tmp_path / "store")
-    ingest(str(listing), store, shard_size=shard_size)
+    store, chosen = person_photo_store(tmp_path, ReferenceSet.load(path), images, count, 2, shard_size)
     return store, sum(len(i.references) for i in chosen)
 
 

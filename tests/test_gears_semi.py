@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from engine.cli.main import app
 from engine.gears.detector import DetectorConfig, box_nms, detect, heat_targets
 from engine.references import ReferenceSet
-from sharding import Store, ingest
+from sharding import Store
+from store_helpers import person_photo_store
 
 
 def _box_iou(a, b) -> float:
@@ -42,11 +43,7 @@ def test_heat_targets_and_nms():
 def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_dir, local_ray):
     refs_path = shared_data_dir / "annotations" / "coco_persons_keypoints.json"
     refs = ReferenceSet.load(refs_path)
-    chosen = [i for i in refs.images if 1 <= len(i.references) <= 3][:2]
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{shared_data_dir / 'images' / i.file_name}\n" for i in chosen))
-    store = Store.create(tmp_path / "store")
-    ingest(str(listing), store, shard_size=2)
+    store, chosen = person_photo_store(tmp_path, refs, shared_data_dir / "images", 2, 3)
     n_refs = sum(len(i.references) for i in chosen)
     common = ["--references", str(refs_path), "--model", str(parity_dir / "config.json"),
               "--checkpoint", str(parity_dir / "sam_small.pth"),

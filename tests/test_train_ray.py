@@ -25,7 +25,8 @@ from engine.training.cluster import WorkerConfig, plan_workers
 from engine.training.data import store_items
 from engine.training.registry import ModelRegistry
 from ray_cluster import ROOT, LocalCluster, node_env
-from sharding import StageResult, Store, ingest, run_stage
+from sharding import StageResult, Store, run_stage
+from store_helpers import person_photo_store
 from tests.test_training import TINY
 
 RECIPE = dict(
@@ -51,11 +52,7 @@ def _store(tmp_path, shared_data_dir) -> Store:
     if not coco.is_file():
         pytest.skip(f"{coco} is absent")
     refs = ReferenceSet.load(coco)
-    chosen = [i for i in refs.images if 1 <= len(i.references) <= 3][:4]
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{shared_data_dir / 'images' / i.file_name}\n" for i in chosen))
-    store = Store.create(tmp_path / "store")
-    ingest(str(listing), store, shard_size=2)
+    store, _ = person_photo_store(tmp_path, refs, shared_data_dir / "images", 4, 3)
 
     def references(row, rgb):
         masks = [
