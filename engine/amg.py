@@ -210,13 +210,9 @@ class SamAutomaticMaskGenerator:
         size = (int(image.shape[0]), int(image.shape[1]))
         crop_boxes, layers = generate_crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
         data = _Candidates()
-        decoder = self.predictor.model.mask_decoder
-        decoder.reassociate_attention(self.fast_decoder)
-        try:
+        with self.predictor.model.mask_decoder.attention_mode(reassociate=self.fast_decoder):
             for crop_box, layer in zip(crop_boxes, layers):
                 data.extend(self._process_crop(image, crop_box, layer, size))
-        finally:
-            decoder.reassociate_attention(True)  # the model's default (interactive clicks)
         if len(crop_boxes) > 1 and len(data):
             crops = torch.as_tensor(data.crop_boxes, dtype=torch.int64)
             scores = 1 / ((crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1]))

@@ -1,18 +1,18 @@
 """Full-resolution masks of the automatic generator kept as run lengths, and their boxes.
 
-SAM's post-processing (`engine.mask_ops.MaskUpsampler`) upsamples the 256x256 low-resolution logits bilinearly to 1024x1024, crops the
-valid input region, and resizes bilinearly to the image; the generator then thresholds the result at
-0 (the mask) and at +/- offset (the stability score). Meta's code does this for a whole batch of
-candidates at once and keeps every mask at full size until it is run-length encoded. Here the same
-arithmetic runs on a few masks at a time, and candidates are kept as column-major run lengths of
-the full image (COCO's uncompressed RLE layout): memory grows with mask boundaries, not with H x W
-per candidate.
+SAM's post-processing (`engine.mask_ops.MaskUpsampler`) upsamples the 256x256 low-resolution logits
+bilinearly to 1024x1024, crops the valid input region, and resizes bilinearly to the image; the
+generator then thresholds the result at 0 (the mask) and at +/- offset (the stability score).
+Meta's code does this for a whole batch of candidates at once and keeps every mask at full size
+until it is run-length encoded. Here the same arithmetic runs on a few masks at a time, and
+candidates are kept as column-major run lengths of the full image (COCO's uncompressed RLE layout):
+memory grows with mask boundaries, not with H x W per candidate.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
 
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Inclusive (x0, y0, x1, y1) of a 2-D bool mask, None when empty."""

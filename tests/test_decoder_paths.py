@@ -75,17 +75,19 @@ def test_min_iou_skips_only_the_masks_of_prompts_the_filter_drops():
 
 
 def test_exact_mode_is_meta_arithmetic_and_fast_mode_is_close():
-    """`reassociate_attention(False)` runs `forward` everywhere (bit for bit the textbook form)."""
+    """`attention_mode(reassociate=False)` runs `forward` everywhere (bit for bit the textbook
+    form), and the attentions' setting comes back after the block."""
     decoder, (image, pe, sparse, dense) = _decoder_and_prompts(3)
     transformer = decoder.transformer
+    calls = []
     with torch.no_grad():
         fast = decoder(image, pe, sparse, dense, multimask_output=True)
-        decoder.reassociate_attention(False)
-        exact = decoder(image, pe, sparse, dense, multimask_output=True)
-        calls = []
-        for module in transformer.modules():
-            if isinstance(module, Attention):
-                module.register_forward_hook(lambda *a: calls.append(1))
-        decoder(image, pe, sparse, dense, multimask_output=True)
+        with decoder.attention_mode(reassociate=False):
+            exact = decoder(image, pe, sparse, dense, multimask_output=True)
+            for module in transformer.modules():
+                if isinstance(module, Attention):
+                    module.register_forward_hook(lambda *a: calls.append(1))
+            decoder(image, pe, sparse, dense, multimask_output=True)
     assert len(calls) == 2 * 3 + 1  # every attention went through forward
     _close(fast[1], exact[1])
+    assert all(m.reassociate for m in transformer.modules() if isinstance(m, Attention))

@@ -3,13 +3,15 @@ from a hypernetwork dot product with the upscaled image tokens, and one predicte
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from engine.modeling.common import LayerNorm2d
+from engine.modeling.transformer import Attention
 
 
 class MaskDecoder(nn.Module):
@@ -133,11 +135,19 @@ class MaskDecoder(nn.Module):
             masks[rows] = self.upscale_masks(src[rows], (height, width), hyper_in[rows])
         return masks, iou_pred
 
-    def reassociate_attention(self, enabled: bool) -> None:
-        """Re-associated cross-attention (faster; not bit-identical to Meta's) on or off."""
-        for module in self.transformer.modules():
-            if hasattr(module, "reassociate"):
-                module.reassociate = bool(enabled)
+    @contextlib.contextmanager
+    def attention_mode(self, reassociate: bool) -> Iterator[None]:
+        """Within the block, re-associated cross-attention (faster; not bit-identical to Meta's)
+        on or off; the attentions' own settings come back afterwards."""
+        attentions = [m for m in self.transformer.modules() if isinstance(m, Attention)]
+        before = [m.reassociate for m in attentions]
+        for module in attentions:
+            module.reassociate = bool(reassociate)
+        try:
+            yield
+        finally:
+            for module, value in zip(attentions, before):
+                module.reassociate = value
 
     def upscale_masks(
         self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor

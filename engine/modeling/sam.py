@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.mask_ops import MaskUpsampler
 from engine.modeling.mask_decoder import MaskDecoder
 from engine.modeling.prompt_encoder import PromptEncoder
 
@@ -115,8 +116,6 @@ class Sam(nn.Module):
         Upscale to the padded input square, drop the padding, then resize to the original size
         (bilinear, align_corners=False, as the model was trained).
         """
-        from engine.mask_ops import MaskUpsampler
-
         batch, k = masks.shape[:2]
         upsampler = MaskUpsampler(masks.shape[-2:], self.img_size, input_size, original_size)
         return upsampler.logits(masks.flatten(0, 1)).view(batch, k, *upsampler.original_size)

@@ -119,11 +119,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe  # the image side is unchanged until the end of the block: one sum
-        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(q=q, k=k, v=keys))
+        attn_out = self.cross_attn_token_to_image.tokens_to_image(q=q, k=k, v=keys)
+        queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(q=k, k=q, v=queries))
+        attn_out = self.cross_attn_image_to_token.image_to_tokens(q=k, k=q, v=queries)
+        keys = self.norm4(keys + attn_out)
         return queries, keys
 
 
@@ -140,7 +142,7 @@ class Attention(nn.Module):
     re-association would not save work, or when `reassociate` is False: the sums then run in
     Meta's order and reproduce its float32 results bit for bit (re-associated, predicted IoUs
     move by ~1e-6, enough to swap two candidates tied to that precision).
-"""
+    """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
