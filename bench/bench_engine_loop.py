@@ -6,7 +6,8 @@ On `../shared/data` persons (COCO JSON; images with at least one non-crowd perso
 the first half are gear 1's images, the second half is held out. Steps:
   1. `sa-engine ingest` the gear-1 half into store G and the held-out half into store H;
   2. `sa-engine run assisted G --references PERSONS` (round 0: the bundled default model): the
-     simulated annotator clicks every person; accepted masks + effort go to G's stage `assisted`;
+     simulated annotator clicks every person; accepted masks (finished by brush, the config's
+     `annotate.refine: brush`) + effort go to G's stage `assisted`;
   3. `sa-engine train G --from assisted --round 0`: model round 1 from the collected masks only;
   4. `sa-engine evaluate G --coco HELD.json --split all`: the gate, on the held-out half;
   5. `sa-engine run assisted H --round 0` and `--round 1` (round 1's card and checkpoint from G):

@@ -9,7 +9,10 @@ promotes a retrained model (`evaluate`) measures effort with it, so the two agre
   negative in a spilled (false-positive) one, at that region's point farthest from its boundary;
 - the previous click's low-res logits are fed back as the mask prompt;
 - the annotator stops at the target IoU, at the click budget, or when the per-mask time limit runs
-  out (clicks x seconds per click, as the paper's annotators moved on after ~30 s).
+  out (clicks x seconds per click, as the paper's annotators moved on after ~30 s);
+- a mask that reached the target is finished with the brush and eraser (`refine: brush`), as the
+  paper's annotators refined SAM's masks pixel-precisely: the delivered mask is the reference, the
+  effort figures stay those of the clicks. `refine: none` delivers SAM's mask as it is.
 
 Nothing here knows about models beyond the predictor interface (`predict(point_coords,
 point_labels, mask_input, multimask_output)` on an image whose embedding is set).
@@ -23,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 CHOICES = ("oracle", "predicted")
+REFINES = ("brush", "none")
 
 
 class PointPredictor(Protocol):
@@ -48,6 +52,9 @@ class AnnotatorConfig:
     first_choice: which of the first click's three masks the annotator keeps: "oracle" (the one
       closest to the reference, as a person looking at them picks) or "predicted" (highest
       predicted IoU, what the model alone would choose).
+    refine: what the annotator delivers once a mask reached the target: "brush" (the mask finished
+      pixel-precisely with brush and eraser, i.e. the reference, as in the paper's gear 1, so a
+      retrain learns from exact masks) or "none" (SAM's mask after the last click).
     """
 
     target_iou: float = 0.9
@@ -56,6 +63,7 @@ class AnnotatorConfig:
     time_limit_s: float = 30.0
     first_choice: str = "oracle"
     stop_at_target: bool = True
+    refine: str = "brush"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_iou <= 1.0:
@@ -68,6 +76,8 @@ class AnnotatorConfig:
             raise ValueError(
                 f"annotate.first_choice '{self.first_choice}' is invalid: use one of {CHOICES}"
             )
+        if self.refine not in REFINES:
+            raise ValueError(f"annotate.refine '{self.refine}' is invalid: use one of {REFINES}")
 
     @property
     def click_budget(self) -> int:
@@ -96,6 +106,8 @@ class MaskTrace:
     ious[i] is the IoU with the reference after click i + 1, so ious[0] is the 1-click IoU.
     seconds: simulated time until the mask was accepted (clicks up to the first that reached the
     target, or all of them) x seconds per click.
+    brushed: the mask finished with brush and eraser (`refine: brush`, only once the target was
+    reached); None when SAM's mask is delivered as it is.
     """
 
     clicks: list[Click]
@@ -106,6 +118,7 @@ class MaskTrace:
     reached_target: bool
     seconds: float
     reference_area: int = 0
+    brushed: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -115,6 +128,11 @@ class MaskTrace:
     @property
     def final_iou(self) -> float:
         return self.ious[-1]
+
+    @property
+    def delivered(self) -> np.ndarray:
+        """The mask the annotator hands in: brushed when refined, else SAM's last mask."""
+        return self.mask if self.brushed is None else self.brushed
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -218,16 +236,18 @@ class SimulatedAnnotator:
             if click is None:
                 break
             clicks.append(click)
+        reached = max(ious) >= cfg.target_iou
         return MaskTrace(
             clicks=clicks,
             ious=ious,
             mask=mask,
             low_res_logits=logits,
             predicted_iou=score,
-            reached_target=max(ious) >= cfg.target_iou,
+            reached_target=reached,
             seconds=min(clicks_to_reach(ious, cfg.target_iou, len(ious)), len(ious))
             * cfg.seconds_per_click,
             reference_area=int(np.count_nonzero(reference)),
+            brushed=reference.copy() if reached and cfg.refine == "brush" else None,
         )
 
     def annotate_image(self, references: list[np.ndarray]) -> list[tuple[int, MaskTrace]]:

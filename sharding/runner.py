@@ -38,7 +38,8 @@ class StageResult:
     image: an encoded output image (JPEG/PNG bytes) of the same size, e.g. the blurred photo.
     meta: per-image facts kept beside the output image (e.g. {"faces": 2, "plates": 0}).
     effort: one dict per mask, in the order of `masks`, for the gears with annotators (clicks,
-      iou, seconds, prefilled, annotator; see `sharding.tables.ANNOTATIONS`); empty otherwise.
+      iou, seconds, prefilled, annotator, brushed; see `sharding.tables.ANNOTATIONS`); empty
+      otherwise.
     extra: anything picklable the stage's shard step needs besides the output (Ray pipeline:
       `stages.pipeline.StageSpec.commit`, e.g. a new image embedding, the masks given up); it is
       not stored by the runner.

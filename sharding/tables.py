@@ -74,15 +74,17 @@ ANNOTATIONS = pa.schema(
         # which read back with these columns null): clicks made, IoU with the reference when the
         # mask was accepted (null without a reference: a person), seconds spent (simulated or
         # real), whether the mask was prefilled by the detector (gear 2) or added by an annotator,
-        # and who annotated it ("simulated", "person", "detector").
+        # who annotated it ("simulated", "person", "detector"), and whether the annotator finished
+        # the mask with brush and eraser after the clicks (`annotate.refine`; iou is the clicks').
         ("clicks", pa.int32()),
         ("iou", pa.float64()),
         ("seconds", pa.float64()),
         ("prefilled", pa.bool_()),
         ("annotator", pa.string()),
+        ("brushed", pa.bool_()),
     ]
 )
-EFFORT_COLUMNS = ("clicks", "iou", "seconds", "prefilled", "annotator")
+EFFORT_COLUMNS = ("clicks", "iou", "seconds", "prefilled", "annotator", "brushed")
 EMBEDDINGS = pa.schema(
     [
         ("image_id", pa.int64()),
@@ -108,8 +110,8 @@ def masks_to_table(
 ) -> pa.Table:
     """(image_id, MaskRecord) pairs to an `ANNOTATIONS` table.
 
-    effort: annotation id -> {clicks, iou, seconds, prefilled, annotator} (any subset; missing
-    keys and masks without an entry are null).
+    effort: annotation id -> {clicks, iou, seconds, prefilled, annotator, brushed} (any subset;
+    missing keys and masks without an entry are null).
     """
     rows: dict[str, list[Any]] = {name: [] for name in ANNOTATIONS.names}
     effort = effort or {}

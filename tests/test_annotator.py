@@ -70,6 +70,8 @@ def test_empty_reference_and_bad_config_are_refused():
         AnnotatorConfig(target_iou=1.5)
     with pytest.raises(ValueError, match="first_choice"):
         AnnotatorConfig(first_choice="best")
+    with pytest.raises(ValueError, match="annotate.refine 'magic'"):
+        AnnotatorConfig(refine="magic")
     assert AnnotatorConfig(max_clicks=20, seconds_per_click=4, time_limit_s=30).click_budget == 7
 
 
@@ -140,3 +142,20 @@ def test_keep_clicking_past_the_target(fixture_predictor, parity_dir):
     a, b = stop.annotate(ref), go.annotate(ref)
     assert b.n_clicks >= a.n_clicks and b.ious[: a.n_clicks] == a.ious
     assert a.seconds == b.seconds
+
+
+def test_brush_finishes_only_accepted_masks(fixture_predictor, parity_dir):
+    """refine: brush delivers the reference once the clicks reached the target (the paper's
+    annotators refined SAM's mask with brush and eraser); the effort figures are the clicks'."""
+    ref = np.load(parity_dir / "predict_i_point_multimask.npz")["masks"][1]
+    config = dict(target_iou=0.5, max_clicks=5)
+    brush = SimulatedAnnotator(fixture_predictor, AnnotatorConfig(**config)).annotate(ref)
+    plain = SimulatedAnnotator(fixture_predictor, AnnotatorConfig(**config, refine="none"))
+    plain = plain.annotate(ref)
+    assert brush.reached_target and brush.final_iou < 1.0
+    assert np.array_equal(brush.delivered, ref) and not np.array_equal(brush.mask, ref)
+    assert plain.brushed is None and plain.delivered is plain.mask
+    assert brush.ious == plain.ious and brush.seconds == plain.seconds
+    never = SimulatedAnnotator(fixture_predictor, AnnotatorConfig(target_iou=0.9999, max_clicks=2))
+    missed = never.annotate(ref)
+    assert not missed.reached_target and missed.brushed is None

@@ -119,6 +119,8 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
     assert rows, "the fixture model should reach IoU 0.5 on at least one reference"
     from engine import rle
 
+    references = ReferenceSet.load(path)
+    sources = dict(zip(*store.manifest().select(["image_id", "source"]).to_pydict().values()))
     for row in rows:
         assert row["stage"] == "assisted" and row["round"] == 0
         assert row["annotator"] == "simulated" and row["prefilled"] is False
@@ -127,6 +129,12 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
         assert len(row["point_coords"]) == row["clicks"]
         segmentation = {"size": row["rle_size"], "counts": row["rle_counts"]}
         assert int(rle.area([segmentation])[0]) == row["area"] > 0
+        # finished with brush and eraser (annotate.refine: brush): the stored mask is exactly
+        # one of the image's references, while the effort is that of the clicks
+        assert row["brushed"] is True
+        stored = rle.decode([segmentation])[0].astype(bool)
+        image = references.match(str(sources[row["image_id"]]))
+        assert any(np.array_equal(stored, r.mask()) for r in image.references)
     (run_path,) = (store.root / "runs" / "assisted").glob("*-round-0.json")
     run = json.loads(run_path.read_text())
     assert run["runner"] == "ray" and run["state"] == "finished" and run["plan"]["actors"] == 2

@@ -67,7 +67,7 @@ def mask_record(
 
 def trace_record(trace: MaskTrace, predictor: SamPredictor) -> MaskRecord:
     return mask_record(
-        trace.mask,
+        trace.delivered,
         trace.low_res_logits,
         trace.predicted_iou,
         [[c.x, c.y] for c in trace.clicks],
@@ -82,6 +82,7 @@ def trace_effort(trace: MaskTrace, prefilled: bool = False) -> dict[str, Any]:
         "seconds": float(trace.seconds),
         "prefilled": prefilled,
         "annotator": "simulated",
+        "brushed": trace.brushed is not None,
     }
 
 
