@@ -118,13 +118,16 @@ def one_run(args) -> None:
     print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "masks": masks}))
 
 
-def peak_pss(proc: subprocess.Popen) -> tuple[dict, float]:
-    """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB)."""
-    peak = [0]
+def peak_pss(proc: subprocess.Popen) -> tuple[dict, float, dict[str, tuple[int, int]]]:
+    """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB,
+    the peak sample's breakdown: process name -> (processes, KiB))."""
+    peak: list = [0, {}]
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_pss(proc.pid))
+            total, parts = tree_pss(proc.pid)
+            if total > peak[0]:
+                peak[:] = [total, parts]
             time.sleep(1.0)  # reading every process's smaps costs CPU: sample sparingly
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -133,11 +136,28 @@ def peak_pss(proc: subprocess.Popen) -> tuple[dict, float]:
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20
+    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1]
 
 
-def tree_pss(root: int) -> int:
-    """Summed PSS (KiB) of `root` and all its descendants."""
+def process_name(pid: int) -> str:
+    """A short name: Ray's own title for its workers (`ray::ModelActor`, `ray::IDLE`), else the
+    program's base name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0]
+    name = os.path.basename(first.split()[0]) if first else "?"
+    if name.startswith("python") and len(argv) > 1:  # the driver, the dashboard, ray's helpers
+        script = next((a.decode() for a in argv[1:] if a and not a.startswith(b"-")), "")
+        name = f"python {os.path.basename(script)}" if script else name
+    return name
+
+
+def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Summed PSS (KiB) of `root` and all its descendants, and per process name (count, KiB)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -146,17 +166,28 @@ def tree_pss(root: int) -> int:
             except OSError:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    total, todo = 0, [root]
+    total, parts, todo = 0, {}, [root]
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total += int(line.split()[1])
+                    kib = int(line.split()[1])
+                    total += kib
+                    name = process_name(pid)
+                    count, size = parts.get(name, (0, 0))
+                    parts[name] = (count + 1, size + kib)
         except OSError:
             pass
-    return total
+    return total, parts
+
+
+def breakdown(parts: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(
+        f"{name} x{count} {kib / 2**20:.2f}"
+        for name, (count, kib) in sorted(parts.items(), key=lambda kv: -kv[1][1])
+    )
 
 
 def main() -> None:
@@ -167,6 +198,8 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=320)
     parser.add_argument("--shard-size", type=int, default=10)
     parser.add_argument("--object-store-mb", type=int, default=None, help="ray.object_store_mb")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="print each run's peak PSS per process name (GiB)")
     parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -194,12 +227,17 @@ def main() -> None:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
                 results[mode] = peak_pss(proc)
-            (plain, plain_gib), (ray, ray_gib) = results["plain"], results["ray"]
+            (plain, plain_gib, plain_parts), (ray, ray_gib, ray_parts) = (
+                results["plain"], results["ray"]
+            )
             assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
             p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
             r_init = n / (ray["seconds"] + ray["setup"])
             print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
                   f"{r_init / p_rate:>8.2f} {plain_gib:>9.2f} {ray_gib:>8.2f}", flush=True)
+            if args.breakdown:
+                print(f"       plain peak: {breakdown(plain_parts)}\n       ray peak: "
+                      f"{breakdown(ray_parts)}", flush=True)
 
 
 if __name__ == "__main__":
