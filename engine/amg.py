@@ -137,7 +137,8 @@ class SamAutomaticMaskGenerator:
             results do not depend on it).
           fast_decoder (bool): the approximate mode: re-associated decoder attention (about 1.5x
             faster per prompt); predicted IoUs then differ from Meta's by ~1e-6, which can swap
-            candidates tied to that precision. False (default): bit-identical predicted IoUs.
+            candidates tied to that precision. False (default): Meta's arithmetic (predicted
+            IoUs bit-identical where the CPU's float32 kernels round like Meta's run did).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")

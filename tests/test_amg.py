@@ -185,8 +185,12 @@ def test_parity_set_b(small_sam, parity_dir):
 
 
 def test_parity_set_a(small_sam, parity_dir):
-    """Crops + small-region cleanup + RLE: Meta's count and order, bboxes, and predicted IoUs
-    equal to the last bit (the default decoder runs Meta's arithmetic)."""
+    """Crops + small-region cleanup + RLE: Meta's count and order, bboxes, and predicted IoUs.
+
+    The default decoder runs Meta's arithmetic, so on a CPU whose float32 kernels round like the
+    fixture machine's the IoUs are equal to the last bit; on another vector ISA (seen: AVX-512)
+    the matrix products round differently and they move by up to ~7e-6, with the same order.
+    The bound is the issue's 1e-3 tightened 10x, to catch a real change of arithmetic."""
     from engine.image_io import load_image
 
     ref = json.loads((parity_dir / "amg_coco_rle.json").read_text())
@@ -195,7 +199,8 @@ def test_parity_set_a(small_sam, parity_dir):
     assert len(out) == len(anns)
     for r, a in zip(out, anns):
         assert r["bbox"] == a["bbox"] and r["crop_box"] == a["crop_box"]
-        assert r["point_coords"] == a["point_coords"] and r["predicted_iou"] == a["predicted_iou"]
+        assert r["point_coords"] == a["point_coords"]
+        assert abs(r["predicted_iou"] - a["predicted_iou"]) < 1e-4
         assert abs(r["stability_score"] - a["stability_score"]) < 1e-3
         mine, theirs = rle.decode(r["segmentation"]), rle.decode(a["segmentation"])
         assert (mine & theirs).sum() / (mine | theirs).sum() >= 0.999
