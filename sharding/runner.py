@@ -41,7 +41,7 @@ class StageResult:
       iou, seconds, prefilled, annotator, brushed; see `sharding.tables.ANNOTATIONS`); empty
       otherwise.
     extra: anything picklable the stage's shard step needs besides the output (Ray pipeline:
-      `stages.pipeline.StageSpec.commit`, e.g. a new image embedding, the masks given up); it is
+      `stages.steps.StageSpec.commit`, e.g. a new image embedding, the masks given up); it is
       not stored by the runner.
     failure: the image failed after `extra` was made: it is quarantined as `stage_error`, as if
       the function had raised `failure`, and `extra` still reaches the shard step.

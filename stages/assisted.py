@@ -21,7 +21,7 @@ from engine.gears import ASSISTED_STAGE
 from sharding.runner import StageResult
 from sharding.store import ImageRow, ShardOutput, Store
 from stages.auto import check_checkpoint
-from stages.pipeline import StageSpec
+from stages.steps import StageSpec
 
 EMBEDDINGS_STAGE = "embeddings"  # run records of `--annotator none` (it writes no stage output)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from sharding.runner import StageResult
 from sharding.store import ImageRow
-from stages.pipeline import StageSpec
+from stages.steps import StageSpec
 
 STAGE = "classical"
 

@@ -1,4 +1,4 @@
-"""The generic shard pipeline every stage runs on Ray Data.
+"""The generic shard pipeline every stage runs on Ray Data, and its driver.
 
     pending shards -> read rows (sharding.Store) -> decode (CPU tasks) -> model actors
                    -> [post-processing (CPU tasks)] -> driver: collect per shard, commit
@@ -9,8 +9,8 @@ an image again), and commits a shard through `Store.write_shard_output` as soon 
 images have arrived. Ids are deterministic, so even a commit repeated by another run writes the
 same bytes. If the pipeline fails (a lost node whose work Ray cannot rebuild, a crashed actor),
 the driver starts it again over the unfinished shards only, without the images it already has.
-The per-image rules (decode, quarantine, ids, frame checks) are `sharding.runner`'s, shared with
-the single-process runner.
+The steps themselves and `StageSpec` are `stages.steps`; the per-image rules (decode, quarantine,
+ids, frame checks) are `sharding.runner`'s, shared with the single-process runner.
 
 A stage may hand the driver more than its output: each image's `StageResult.extra` (e.g. a new
 image embedding, megabytes) is spooled to a temporary file on the driver until its shard is
@@ -20,210 +20,23 @@ complete, then given to the stage's `commit` step together with the shard's outp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from sharding.runner import (
-    ImageOutcome,
-    ProcessFn,
-    StageResult,
-    add_outcome,
-    apply_stage,
-    check_result,
-    decode_row,
-    pending_shards,
-    stage_error,
-)
-from sharding.store import ImageRow, ShardOutput, Store, check_stage, utc_now
+from sharding.runner import ImageOutcome, add_outcome, pending_shards
+from sharding.store import ShardOutput, Store, check_stage, utc_now
 from stages.config import RayConfig
 from stages.progress import Progress
 from stages.resources import ActorPlan, plan_actors
 from stages.spool import Spool
+from stages.steps import StageSpec, build_dataset
 
 MAX_LISTED_QUARANTINE = 1000  # quarantined inputs listed in a run record (all are in the store)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage as the pipeline runs it.
-
-    name: the store stage its outputs go to (STORE/stages/<name>/round-<k>/).
-    make: `make(**make_kwargs)` builds the per-image function; it runs once in each model actor
-      (so a model is loaded there, once) and must be importable on every node.
-    finish: optional CPU step `finish(row, raw) -> StageResult` run in separate tasks after the
-      actor; then the actor's function returns `raw` (anything picklable) instead of a result.
-    uses_model: False for model-free stages (no GPUs asked for).
-    commit: optional driver step `commit(store, name, round_, shard, output, extras) -> record`
-      once all of a shard's images have arrived: `output` (ShardOutput) holds their outcomes,
-      `extras` (re-iterable) gives `(image_id, StageResult.extra or None)` for each image in
-      image_id order. It writes what the stage keeps (default: `Store.write_shard_output`) and
-      returns a completion record (at least `counts` and `quarantined`).
-    pending: optional `pending(store, round_) -> shards still to do` (default: the shards without
-      a valid completion record of this stage and round), for stages whose `commit` writes no
-      stage output.
-    """
-
-    name: str
-    make: Callable[..., Callable[[ImageRow, np.ndarray], Any]]
-    make_kwargs: dict[str, Any] = field(default_factory=dict)
-    finish: Callable[[ImageRow, Any], StageResult] | None = None
-    uses_model: bool = True
-    commit: Callable[..., dict[str, Any]] | None = None
-    pending: Callable[[Store, int], list[str]] | None = None
-
-
-# ---- the steps (module-level functions and one callable class, as Ray Data wants) ------------
-
-
-def read_shard(item: dict[str, Any], root: str) -> Iterator[dict[str, Any]]:
-    """Rows of one shard (original bytes) through the store, minus the images already received."""
-    skip = set(json.loads(item["skip"]))
-    for row in Store(root).iter_shard(item["shard"]):
-        if row.image_id not in skip:
-            yield dataclasses.asdict(row)
-
-
-def decode(row: dict[str, Any], max_pixels: int, min_side: int) -> dict[str, Any]:
-    """Decode one row; a broken image travels on as a finished (quarantined) outcome."""
-    t0 = time.perf_counter()
-    decoded = decode_row(_image_row(row), max_pixels=max_pixels, min_side=min_side)
-    broken = isinstance(decoded, ImageOutcome)
-    row["rgb"] = np.zeros((0, 0, 3), np.uint8) if broken else decoded
-    row["outcome"] = pickle.dumps(decoded) if broken else b""
-    row["decode_s"] = time.perf_counter() - t0
-    return row
-
-
-class ModelActor:
-    """A model actor: builds the stage's per-image function once, then runs it image by image.
-
-    Arguments (constructor):
-      spec (StageSpec): the stage.
-      threads (int): torch threads of this actor (its CPU share).
-    """
-
-    def __init__(self, spec: StageSpec, threads: int) -> None:
-        if spec.uses_model:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.spec = spec
-        self.process = spec.make(**spec.make_kwargs)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["image_id"])
-        outcomes, final, seconds, heights, widths = [], [], [], [], []
-        for i in range(n):
-            t0 = time.perf_counter()
-            rgb = batch["rgb"][i]
-            heights.append(int(rgb.shape[0]))
-            widths.append(int(rgb.shape[1]))
-            if len(batch["outcome"][i]):  # quarantined at decode
-                outcomes.append(batch["outcome"][i])
-                final.append(True)
-            else:
-                row = _image_row({k: batch[k][i] for k in _ROW_FIELDS})
-                if self.spec.finish is None:
-                    outcomes.append(pickle.dumps(apply_stage(self.spec.name, row, rgb, self.process)))
-                    final.append(True)
-                else:
-                    try:
-                        outcomes.append(pickle.dumps(self.process(row, rgb)))
-                        final.append(False)
-                    except Exception as exc:  # one image's failure never stops the shard
-                        outcomes.append(pickle.dumps(stage_error(row, exc)))
-                        final.append(True)
-            seconds.append(time.perf_counter() - t0)
-        keep = ("image_id", "shard", "source", "sha256", "width", "height", "decode_s")
-        return {
-            **{k: batch[k] for k in keep},
-            "h": np.array(heights),
-            "w": np.array(widths),
-            "outcome": np.array(outcomes, dtype=object),
-            "final": np.array(final),
-            "model_s": np.array(seconds),
-        }
-
-
-def post_process(row: dict[str, Any], spec: StageSpec) -> dict[str, Any]:
-    """The stage's CPU step (`spec.finish`) on the actor's raw output, off the model actors."""
-    t0 = time.perf_counter()
-    if not row["final"]:
-        image_row = _image_row({**row, "data": b""})
-        try:
-            result = spec.finish(image_row, pickle.loads(row["outcome"]))
-            outcome = check_result(spec.name, image_row, (row["h"], row["w"], 3), result)
-        except Exception as exc:
-            outcome = stage_error(image_row, exc)
-        row["outcome"], row["final"] = pickle.dumps(outcome), True
-    row["post_s"] = time.perf_counter() - t0
-    return row
-
-
-_ROW_FIELDS = ("image_id", "source", "sha256", "width", "height", "shard", "data")
-
-
-def _image_row(row: dict[str, Any]) -> ImageRow:
-    return ImageRow(
-        int(row["image_id"]),
-        str(row["source"]),
-        str(row["sha256"]),
-        int(row["width"]),
-        int(row["height"]),
-        str(row["shard"]),
-        bytes(row["data"]),
-    )
-
-
-def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], plan: ActorPlan):
-    """The Ray Data chain over the shards in `todo` (shard -> image ids to skip)."""
-    import ray
-
-    items = [{"shard": s, "skip": json.dumps(sorted(skip))} for s, skip in todo.items()]
-    ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(
-            read_shard,
-            fn_kwargs={"root": str(store.root)},
-            compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
-            num_cpus=plan.read_cpus,
-        )
-        .map(
-            decode,
-            fn_kwargs={"max_pixels": store.max_pixels, "min_side": store.min_side},
-            num_cpus=plan.decode_cpus,
-        )
-        .map_batches(
-            ModelActor,
-            fn_constructor_kwargs={"spec": spec, "threads": plan.threads},
-            batch_size=plan.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1,
-                max_size=plan.actors,
-                initial_size=plan.actors,
-                # One block (a shard's rows) per actor at a time: with Ray's default of 4 the
-                # first actor ready takes every block of a small run while the others idle
-                # (measured: 20 images, one of two actors busy, 0.47x the plain process's
-                # throughput; 0.88x with 1).
-                max_tasks_in_flight_per_actor=1,
-            ),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus or None,
-        )
-    )
-    if spec.finish is not None:
-        ds = ds.map(post_process, fn_kwargs={"spec": spec}, num_cpus=plan.post_cpus)
-    return ds
-
-
-# ---- the driver ------------------------------------------------------------------------------
 
 
 def write_output(

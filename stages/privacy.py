@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sharding.store import PRIVACY_STAGE
-from stages.pipeline import StageSpec
+from stages.steps import StageSpec
 
 
 def make_privacy(config: Any):

@@ -17,7 +17,7 @@ from engine.gears import SEMI_STAGE
 from sharding.store import Store
 from stages.assisted import commit_gear
 from stages.auto import check_checkpoint
-from stages.pipeline import StageSpec
+from stages.steps import StageSpec
 
 
 def make_semi(

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from sharding.manifest import ingest
-from sharding.runner import ImageOutcome, run_stage
+from sharding.runner import run_stage
 from sharding.store import Store
 from stages.classical import classical_spec
 from stages.config import RayConfig
-from stages.pipeline import ModelActor, StageSpec, decode, post_process, read_shard, run_pipeline
+from stages.pipeline import run_pipeline
+from stages.steps import ModelActor, StageSpec, decode, post_process, read_shard
 from stages.resources import plan_actors
 from stage_helpers import finish_raw, make_failing, make_raw
 from store_helpers import classical_stage, synthetic_photos
