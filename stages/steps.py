@@ -17,7 +17,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sharding.runner import ImageOutcome, StageResult, apply_stage, check_result, decode_row, stage_error
+from sharding.runner import (
+    ImageOutcome,
+    StageResult,
+    apply_stage,
+    check_result,
+    decode_row,
+    stage_error,
+)
 from sharding.store import ImageRow, Store
 from stages.resources import ActorPlan
 
