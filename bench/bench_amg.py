@@ -4,9 +4,13 @@
     python bench/bench_amg.py --meta-path /tmp/meta_sam   # also Meta's segment-anything 1.0, side by side
     python bench/bench_amg.py --only B --grid 8 16 32     # peak memory as points_per_side grows
     python bench/bench_amg.py --fast                      # also the approximate mode (fast_decoder)
+    python bench/bench_amg.py --only B --meta-path /tmp/meta_sam \
+        --set pred_iou_thresh=0.88 --set stability_score_thresh=0.95   # thresholds that filter
 
 Each run is a fresh subprocess, so its peak RSS is its own. Agreement with the fixture: same count,
 same order, per-mask IoU, max |predicted_iou| / |stability| differences, identical bbox / crop_box.
+With `--set key=value` (parameters other than the fixture's) the engine is compared with Meta's
+output of the same run instead, so --meta-path is then needed for an agreement figure.
 Meta's generator (only when `segment_anything` is importable from --meta-path; never a dependency)
 runs through `bench/meta_standin.py` (pure-torch stand-ins for its four torchvision symbols).
 """
@@ -18,6 +22,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,8 +99,23 @@ def agreement(out: list[dict], anns: list[dict], masks) -> dict:
     }
 
 
-def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
-    """Run one generator in this process and report (called in a subprocess)."""
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def one(
+    which: str,
+    impl: str,
+    grid: int | None,
+    meta_path: str | None,
+    overrides: dict | None = None,
+    dump: str | None = None,
+) -> dict:
+    """Run one generator in this process and report (called in a subprocess); `dump`: a file to
+    pickle the records to (masks as COCO RLE), for the agreement with another run."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
@@ -107,6 +127,7 @@ def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
     params = _params(which)
     if grid is not None:
         params["points_per_side"] = grid
+    params.update(overrides or {})
     if impl == "meta":
         sys.path.insert(0, meta_path)
         from bench.meta_standin import build_meta_sam
@@ -121,7 +142,7 @@ def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
     if impl == "engine-fast":
         params["fast_decoder"] = True  # the approximate mode
     generator = Generator(sam, **params)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = generator.generate(image)
     seconds = time.perf_counter() - start
     report = {
@@ -131,11 +152,32 @@ def one(which: str, impl: str, grid: int | None, meta_path: str | None) -> dict:
         "seconds": round(seconds, 2),
         "masks": len(out),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 2),  # steadier than wall when shared
     }
-    if which in ("A", "B") and grid is None:
+    if which in ("A", "B") and grid is None and not overrides:
         anns, masks = _reference(which, image.shape[:2])
         report["vs_fixture"] = agreement(out, anns, masks)
+    if dump:
+        import pickle
+
+        from engine import rle
+
+        for record in out:
+            if not isinstance(record["segmentation"], dict):
+                record["segmentation"] = rle.encode(record["segmentation"])[0]
+        Path(dump).write_bytes(pickle.dumps(out))
     return report
+
+
+def agreement_with(dump: str, reference_dump: str) -> dict:
+    """`agreement` between two runs' pickled records (the second is the reference)."""
+    import pickle
+
+    from engine import rle
+
+    out = pickle.loads(Path(dump).read_bytes())
+    anns = pickle.loads(Path(reference_dump).read_bytes())
+    return agreement(out, anns, [rle.decode(a["segmentation"]) for a in anns])
 
 
 def main() -> None:
@@ -144,11 +186,21 @@ def main() -> None:
     parser.add_argument("--meta-path", help="folder holding segment_anything (pip --target)")
     parser.add_argument("--grid", nargs="*", type=int, help="points_per_side values (memory curve)")
     parser.add_argument("--fast", action="store_true", help="also the approximate mode (amg.fast_decoder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a generator parameter in every run (repeatable)")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--set {item!r}: expected KEY=VALUE, e.g. --set pred_iou_thresh=0.88")
+        overrides[key] = _value(value)
     if args.one:
         which, impl, grid, meta = args.one
-        print(json.dumps(one(which, impl, None if grid == "-" else int(grid), meta)))
+        report = one(which, impl, None if grid == "-" else int(grid), meta, overrides, args.dump)
+        print(json.dumps(report))
         return
     if not PARITY.is_dir():
         sys.exit(f"{PARITY} is absent: the parity fixture is needed")
@@ -157,13 +209,18 @@ def main() -> None:
         meta_ok = (Path(args.meta_path) / "segment_anything").is_dir()
         if not meta_ok:
             print(f"segment_anything not found under {args.meta_path}: Meta's side skipped")
+    tmp = tempfile.mkdtemp(prefix="bench_amg")
     for which in args.only:
         for grid in args.grid or [None]:
             impls = ["engine"] + (["engine-fast"] if args.fast else [])
             impls += ["meta"] if meta_ok and which in ("A", "B") else []
             results = {}
+            dumps = {impl: f"{tmp}/{which}-{grid}-{impl}.pkl" for impl in impls}
             for impl in impls:
                 cmd = [sys.executable, __file__, "--one", which, impl, str(grid or "-"), str(args.meta_path)]
+                cmd += [f"--set={item}" for item in args.set]
+                if overrides:
+                    cmd += ["--dump", dumps[impl]]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode != 0:
                     print(f"{which}/{impl} failed:\n{done.stderr[-2000:]}")
@@ -175,6 +232,9 @@ def main() -> None:
                     ratio = results["meta"]["seconds"] / results[impl]["seconds"]
                     print(f"set {which}: Meta {results['meta']['seconds']} s / {impl} "
                           f"{results[impl]['seconds']} s = {ratio:.2f}x", flush=True)
+                    if overrides:
+                        vs_meta = agreement_with(dumps[impl], dumps["meta"])
+                        print(f"set {which}: {impl} vs Meta {json.dumps(vs_meta)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ code lacks (`max_mask_area_fraction`: drop masks covering >= that fraction of th
 defaults are Meta's; `configs/sa1b.yaml` holds the paper's settings.
 
 What makes it fast and bounded in memory without changing the output:
-- only low-resolution logits leave the decoder; candidates are upsampled a few at a time
-  (`engine.mask_ops.MaskUpsampler`, which `Sam.postprocess_masks` also uses) and kept as run lengths;
+- only low-resolution logits leave the decoder; each candidate is upsampled one at a time, and
+  only on the window where its logits can pass the lowest threshold applied
+  (`engine.mask_ops.MaskUpsampler.window`, bit-identical to `Sam.postprocess_masks` there);
 - the predicted-IoU filter runs before any upsampling, the stability filter before binarising;
 - candidates are kept as full-image column-major run lengths (COCO's layout), never as HxW arrays;
 - small-region cleanup works on each mask's box (`engine.amg_regions`).
@@ -187,7 +188,6 @@ class SamAutomaticMaskGenerator:
         self.max_mask_area_fraction = max_mask_area_fraction
         self.decoder_batch = int(decoder_batch)
         self.fast_decoder = bool(fast_decoder)
-        self.upsample_chunk = 8  # masks upsampled together: bounds the full-resolution memory
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, config: AmgConfig) -> "SamAutomaticMaskGenerator":
@@ -297,41 +297,42 @@ class SamAutomaticMaskGenerator:
         image_area = size[0] * size[1]
         out = _Candidates()
         local_boxes = []
-        selected = order.tolist()
-        for start in range(0, len(selected), self.upsample_chunk):
-            chunk = selected[start : start + self.upsample_chunk]
-            logits = upsampler.logits(low_res[chunk])
-            high = (logits > threshold + offset).sum((1, 2), dtype=torch.int32)
-            low = (logits > threshold - offset).sum((1, 2), dtype=torch.int32)
-            stability = high / low  # float32; 0/0 = NaN, as in Meta's code
-            masks = (logits > threshold).numpy()
-            del logits
-            for k, i in enumerate(chunk):
-                score = float(stability[k])
-                if self.stability_score_thresh > 0.0 and not score >= self.stability_score_thresh:
-                    continue
-                box = tight_box(masks[k])
-                local = [0, 0, 0, 0] if box is None else list(box)
-                image_box = [local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0]
-                if near_crop_edge(np.asarray([image_box]), crop_box, size)[0]:
-                    continue
-                if box is None:
-                    window = masks[k][:0, :0]
-                else:
-                    window = masks[k][box[1] : box[3] + 1, box[0] : box[2] + 1]
-                runs = window_to_runs(window, local[1] + y0, local[0] + x0, size)
-                if (
-                    self.max_mask_area_fraction is not None
-                    and runs_area(runs) >= self.max_mask_area_fraction * image_area
-                ):
-                    continue
-                out.runs.append(runs)
-                out.boxes.append(image_box)
-                out.iou_preds.append(float(iou_preds[i]))
-                out.stability.append(score)
-                out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
-                out.crop_boxes.append(list(crop_box))
-                local_boxes.append(local)
+        # Only logits above the lowest threshold matter: each candidate's full-resolution logits
+        # are computed on the window that can exceed it (less a margin for the resizes' rounding).
+        scale = float(low_res.abs().max()) if low_res.numel() else 0.0
+        floor = threshold - abs(offset) - 1e-3 * (1.0 + scale)
+        for i in order.tolist():
+            logits, top, left = upsampler.window(low_res[i], floor)
+            high = (logits > threshold + offset).sum(dtype=torch.int32)
+            low = (logits > threshold - offset).sum(dtype=torch.int32)
+            score = float(high / low)  # float32; 0/0 = NaN, as in Meta's code
+            if self.stability_score_thresh > 0.0 and not score >= self.stability_score_thresh:
+                continue
+            mask = (logits > threshold).numpy()
+            box = tight_box(mask)
+            local = [0, 0, 0, 0]
+            if box is not None:
+                local = [box[0] + left, box[1] + top, box[2] + left, box[3] + top]
+            image_box = [local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0]
+            if near_crop_edge(np.asarray([image_box]), crop_box, size)[0]:
+                continue
+            if box is None:
+                window = mask[:0, :0]
+            else:
+                window = mask[box[1] : box[3] + 1, box[0] : box[2] + 1]
+            runs = window_to_runs(window, local[1] + y0, local[0] + x0, size)
+            if (
+                self.max_mask_area_fraction is not None
+                and runs_area(runs) >= self.max_mask_area_fraction * image_area
+            ):
+                continue
+            out.runs.append(runs)
+            out.boxes.append(image_box)
+            out.iou_preds.append(float(iou_preds[i]))
+            out.stability.append(score)
+            out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
+            out.crop_boxes.append(list(crop_box))
+            local_boxes.append(local)
         return out, local_boxes
 
     # -- after all crops ------------------------------------------------------------------------

@@ -69,6 +69,37 @@ def test_upsampler_is_bit_identical_to_postprocess_masks(input_size, size):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize(
+    "input_size,size",
+    [((574, 1024), (673, 1201)), ((1024, 683), (1500, 1000)), ((1024, 1024), (451, 451)),
+     ((1024, 100), (1500, 146)), ((1024, 60), (1000, 58))],  # narrow: the x4 slice, no window
+)
+def test_upsampler_window_is_the_full_logits_where_they_can_pass(input_size, size):
+    """The generator's windowed upsampling: bit-identical to `logits` inside the window, and
+    nothing outside it above the floor, for blobs of every size, all-low and all-high masks."""
+    gen = torch.Generator().manual_seed(3)
+    upsampler = MaskUpsampler((256, 256), 1024, input_size, size)
+    floor = -1.01
+    for trial in range(12):
+        low = torch.randn(256, 256, generator=gen) * 2 - 14
+        r, c = (int(v) for v in torch.randint(0, 256, (2,), generator=gen))
+        side = 1 + 9 * trial
+        low[r : r + side, c : c + 2 * side] += 20
+        if trial == 10:
+            low = torch.full((256, 256), -20.0)
+        if trial == 11:
+            low = torch.randn(256, 256, generator=gen) * 5
+        full = upsampler.logits(low[None])[0]
+        logits, top, left = upsampler.window(low, floor)
+        h, w = logits.shape
+        assert torch.equal(logits, full[top : top + h, left : left + w])
+        outside = full.clone()
+        outside[top : top + h, left : left + w] = floor
+        assert not (outside > floor).any()
+        if trial < 5 and size[1] >= 128:
+            assert h * w < full.numel() // 4  # a small blob gets a small window
+
+
 def test_runs_match_pycocotools_and_decode_back():
     rng = np.random.default_rng(1)
     for _ in range(20):
