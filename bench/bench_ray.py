@@ -2,12 +2,15 @@
 
     python bench/bench_ray.py                      # 20, 50, 200 images, parity fixture model
     python bench/bench_ray.py --sizes 20 200 --points-per-side 8 --stage classical
+    python bench/bench_ray.py --sizes 50 --ray block_images=10 --ray idle_workers=null  # ray: keys
 
 For each image count N it builds a store of N real photos (demo/photos + ../shared/data/images/coco,
 downscaled to --short-side px and, where N exceeds the photos at hand, repeated with a one-pixel
 change so the store keeps every copy), then runs the same per-image work twice, each in a fresh
 subprocess: `sharding.run_stage` in one plain process, and `stages.run_pipeline` on an embedded
-local Ray (model actors sized from the machine). It prints the throughput of both, their ratio
+local Ray (model actors sized from the machine), each timed from the stage's start to its last
+commit, model loading included (the plain process loads one model, the actors one each; starting
+Ray itself is the ray+init column). It prints the throughput of both, their ratio
 (target >= 0.9) and the peak memory of each run's whole process tree (sum of PSS, so Ray's shared
 object store is counted once), which should stay flat as N grows.
 """
@@ -100,17 +103,20 @@ def one_run(args) -> None:
     if args.one == "plain":
         from sharding.runner import run_stage
 
-        process = plain()
         setup = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        report = run_stage(store, name, 0, process)
+        t1 = time.perf_counter()  # from here as in run_pipeline: the model load counts in both
+        report = run_stage(store, name, 0, plain())
         seconds, masks = time.perf_counter() - t1, report.annotations
     else:
         from stages.cluster import ray_session
         from stages.config import RayConfig
         from stages.pipeline import run_pipeline
 
-        config = RayConfig(progress=False, object_store_mb=args.object_store_mb)
+        overrides = {}
+        for pair in args.ray:
+            key, _, value = pair.partition("=")
+            overrides[key] = json.loads(value) if value not in ("", "null") else None
+        config = RayConfig(progress=False, object_store_mb=args.object_store_mb, **overrides)
         with ray_session(config) as where:
             setup = time.perf_counter() - t0
             record = run_pipeline(store, spec, 0, config, where=where)
@@ -198,6 +204,8 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=320)
     parser.add_argument("--shard-size", type=int, default=10)
     parser.add_argument("--object-store-mb", type=int, default=None, help="ray.object_store_mb")
+    parser.add_argument("--ray", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ray: config key for the Ray runs, e.g. block_images=4 (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
                         help="print each run's peak PSS per process name (GiB)")
     parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
@@ -209,7 +217,8 @@ def main() -> None:
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     print(f"stage {args.stage}, points_per_side {args.points_per_side}, photos downscaled to "
-          f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}")
+          f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}"
+          + (f", ray: {' '.join(args.ray)}" if args.ray else ""))
     print(f"{'images':>6} {'plain img/s':>11} {'ray img/s':>9} {'ratio':>6} "
           f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8}")
     with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
@@ -224,6 +233,8 @@ def main() -> None:
                        "--shard-size", str(args.shard_size)]
                 if args.object_store_mb:
                     cmd += ["--object-store-mb", str(args.object_store_mb)]
+                for pair in args.ray:
+                    cmd += ["--ray", pair]
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
                 results[mode] = peak_pss(proc)

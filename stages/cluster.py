@@ -44,6 +44,12 @@ def ray_session(config: RayConfig) -> Iterator[str]:
             object_store_memory=config.object_store_mb and config.object_store_mb * 2**20,
             include_dashboard=False,
             log_to_driver=False,
+            # Ray keeps as many idle task workers as CPUs are unreserved: none once the model
+            # actors hold fractional CPUs, so each read/decode/post task worker was killed after
+            # 1 s idle and restarted, torch imports and all (17 worker starts for 20 images).
+            _system_config=(
+                {} if config.idle_workers is None else {"num_workers_soft_limit": config.idle_workers}
+            ),
         )
         where = "an embedded local Ray on 127.0.0.1"
     try:

@@ -25,6 +25,11 @@ class RayConfig:
     decode_cpus / post_cpus: CPUs each decode / post-processing task reserves.
     read_tasks: shards read at the same time (None: one per model actor, at least 2); bounds
       how many partly processed shards the driver holds.
+    idle_workers: idle task workers the embedded local Ray keeps for the next task (Ray's
+      `num_workers_soft_limit`; None: Ray's own rule); on a cluster set
+      `RAY_num_workers_soft_limit` when starting each node.
+    block_images: images per Ray block after reading, the unit Ray hands a model actor: small
+      blocks keep every actor busy to the end of a run; Ray bundles blocks up to `batch_size`.
     max_attempts: pipeline attempts over the shards still unfinished after a failure (a lost
       node, a crashed actor); images already received are not processed again.
     progress: show the stage's progress bar (shards, images, masks/s) on stderr.
@@ -41,6 +46,8 @@ class RayConfig:
     decode_cpus: float = 0.25
     post_cpus: float = 0.25
     read_tasks: int | None = None
+    block_images: int = 4
+    idle_workers: int | None = 4
     max_attempts: int = 3
     progress: bool = True
 
@@ -50,7 +57,8 @@ class RayConfig:
                 raise ValueError(f"ray.{name}={getattr(self, name)} is invalid: use a value > 0")
         if self.io_cpus < 0:
             raise ValueError(f"ray.io_cpus={self.io_cpus} is invalid: use a value >= 0")
-        for name in ("num_cpus", "model_actors", "read_tasks", "object_store_mb"):
+        for name in ("num_cpus", "model_actors", "read_tasks", "object_store_mb", "block_images",
+                     "idle_workers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"ray.{name}={value!r} is invalid: use a positive integer or null")

@@ -11,9 +11,9 @@ from stages.config import RayConfig
 @dataclass(frozen=True)
 class ActorPlan:
     """actors: pool size; num_cpus / num_gpus: what one actor reserves; threads: torch threads
-    inside one actor (its CPU share); batch_size: images per actor call; read_tasks: shards read
-    at once; read_cpus / decode_cpus / post_cpus: what one read / decode / post-processing task
-    reserves."""
+    inside one actor (its CPU share); batch_size: images per actor call; read_tasks: shards
+    read at once; block_images: images per block after reading; read_cpus / decode_cpus / post_cpus: what
+    one read / decode / post-processing task reserves."""
 
     actors: int
     num_cpus: float
@@ -24,6 +24,7 @@ class ActorPlan:
     read_cpus: float
     decode_cpus: float
     post_cpus: float
+    block_images: int = 1
 
     def describe(self) -> str:
         where = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:.2f} CPU"
@@ -88,4 +89,5 @@ def plan_actors(
         read_cpus=config.decode_cpus,
         decode_cpus=config.decode_cpus,
         post_cpus=config.post_cpus,
+        block_images=config.block_images,
     )

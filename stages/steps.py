@@ -13,7 +13,7 @@ import json
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -128,14 +128,18 @@ class ModelActor:
         }
 
 
-def post_process(row: dict[str, Any], spec: StageSpec) -> dict[str, Any]:
-    """The stage's CPU step (`spec.finish`) on the actor's raw output, off the model actors."""
+def post_process(
+    row: dict[str, Any], name: str, finish: Callable[[ImageRow, Any], StageResult]
+) -> dict[str, Any]:
+    """The stage's CPU step (`StageSpec.finish`) on the actor's raw output, off the model actors.
+    It takes the stage's name and step, not the whole spec: unpickling the spec's model and
+    generator configs would import torch in every task worker Ray starts (~1 s each)."""
     t0 = time.perf_counter()
     if not row["final"]:
         image_row = _image_row({**row, "data": b""})
         try:
-            result = spec.finish(image_row, pickle.loads(row["outcome"]))
-            outcome = check_result(spec.name, image_row, (row["h"], row["w"], 3), result)
+            result = finish(image_row, pickle.loads(row["outcome"]))
+            outcome = check_result(name, image_row, (row["h"], row["w"], 3), result)
         except Exception as exc:
             outcome = stage_error(image_row, exc)
         row["outcome"], row["final"] = pickle.dumps(outcome), True
@@ -158,14 +162,39 @@ def _image_row(row: dict[str, Any]) -> ImageRow:
     )
 
 
+def _row_bytes(store: Store, shards: Iterable[str]) -> float:
+    """Mean bytes of a decoded row of `shards`: the encoded file (the row keeps it) plus its
+    RGB pixels (capped by the store's max_pixels, as decoding does)."""
+    wanted = set(shards)
+    manifest = store.manifest()
+    rows = [
+        (w, h)
+        for s, w, h in zip(
+            manifest.column("shard").to_pylist(),
+            manifest.column("width").to_pylist(),
+            manifest.column("height").to_pylist(),
+        )
+        if s in wanted
+    ]
+    encoded = sum(store.shard_path(s).stat().st_size for s in wanted if store.shard_path(s).is_file())
+    pixels = sum(min(w * h, store.max_pixels) for w, h in rows)
+    return (encoded + 3 * pixels) / max(1, len(rows))
+
+
 def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], plan: ActorPlan):
-    """The Ray Data chain over the shards in `todo` (shard -> image ids to skip)."""
+    """The Ray Data chain over the shards in `todo` (shard -> image ids already received)."""
     import ray
 
     items = [{"shard": s, "skip": json.dumps(sorted(skip))} for s, skip in todo.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # About `block_images` decoded images per block, not a shard's: a block is what Ray hands a
+    # model actor, and whole shards left one actor working alone on the last ones. Ray sizes
+    # blocks in bytes (a block ends once it exceeds the target: hence the half row less); this
+    # sets it for this dataset only.
+    row = _row_bytes(store, todo)
+    ds.context.target_max_block_size = max(1, round((plan.block_images - 0.5) * row))
     ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(
+        ds.flat_map(
             read_shard,
             fn_kwargs={"root": str(store.root)},
             compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
@@ -196,5 +225,9 @@ def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], pla
         )
     )
     if spec.finish is not None:
-        ds = ds.map(post_process, fn_kwargs={"spec": spec}, num_cpus=plan.post_cpus)
+        ds = ds.map(
+            post_process,
+            fn_kwargs={"name": spec.name, "finish": spec.finish},
+            num_cpus=plan.post_cpus,
+        )
     return ds

@@ -56,7 +56,15 @@ def local_ray():
     local_only()  # what `sa-engine run` does for its embedded Ray
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from stages.config import RayConfig
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"num_workers_soft_limit": RayConfig().idle_workers},
+    )
     try:
         yield ray
     finally:

@@ -14,7 +14,7 @@ from sharding.store import Store
 from stages.classical import classical_spec
 from stages.config import RayConfig
 from stages.pipeline import run_pipeline
-from stages.steps import ModelActor, StageSpec, decode, post_process, read_shard
+from stages.steps import ModelActor, StageSpec, build_dataset, decode, post_process, read_shard
 from stages.resources import plan_actors
 from stage_helpers import finish_raw, make_failing, make_raw
 from store_helpers import classical_stage, synthetic_photos
@@ -82,7 +82,7 @@ def test_steps_without_ray(small_store):
     decoded = [decode(r, max_pixels=store.max_pixels, min_side=store.min_side) for r in rows]
     raw = ModelActor(spec, threads=1)(_batch(decoded))
     assert not any(raw["final"])
-    done = [post_process({k: raw[k][i] for k in raw}, spec) for i in range(3)]
+    done = [post_process({k: raw[k][i] for k in raw}, spec.name, spec.finish) for i in range(3)]
     outcomes = [pickle.loads(d["outcome"]) for d in done]
     assert [m.segmentation for m in outcomes[0].masks] == [m.segmentation for m in expected]
     assert outcomes[1].quarantined["reason"] == "stage_error"
@@ -166,6 +166,17 @@ def test_pipeline_matches_single_process_runner(tmp_path, local_ray, demo_photos
     redo = run_pipeline(store, spec, 0, RayConfig(progress=False))
     assert redo["processed"] == ["shard-000002"]
     assert (folder / "shard-000002.annotations.parquet").read_bytes() == table
+
+
+def test_blocks_hold_block_images_images(local_ray, small_store):
+    """A block is what Ray hands a model actor: `ray.block_images` images, not a whole shard
+    (whole shards left one actor working alone on the last ones: 0.83x the plain process's
+    throughput at 50 images, 0.91x with blocks of 4)."""
+    todo = {s: [] for s in small_store.shards()}  # 2 shards of 3 images
+    for block_images, blocks in ((1, 6), (2, 4), (3, 2), (100, 2)):
+        plan = plan_actors({"CPU": 2.0}, RayConfig(block_images=block_images), uses_model=False)
+        ds = build_dataset(small_store, classical_spec(), todo, plan)
+        assert ds.materialize().num_blocks() == blocks, block_images
 
 
 @pytest.mark.slow
