@@ -12,7 +12,9 @@ local Ray (model actors sized from the machine), each timed from the stage's sta
 commit, model loading included (the plain process loads one model, the actors one each; starting
 Ray itself is the ray+init column). It prints the throughput of both, their ratio
 (target >= 0.9) and the peak memory of each run's whole process tree (sum of PSS, so Ray's shared
-object store is counted once), which should stay flat as N grows.
+object store is counted once), which should stay flat as N grows, and the high-water mark of
+resident memory the kernel keeps for the plain process and for the largest model actor (VmHWM: a
+true peak, where the once-a-second PSS sample may or may not catch an image's busiest moment).
 """
 
 from __future__ import annotations
@@ -124,16 +126,21 @@ def one_run(args) -> None:
     print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "masks": masks}))
 
 
-def peak_pss(proc: subprocess.Popen) -> tuple[dict, float, dict[str, tuple[int, int]]]:
+def peak_pss(proc: subprocess.Popen) -> tuple[dict, float, dict[str, tuple[int, int]], dict[str, int]]:
     """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB,
-    the peak sample's breakdown: process name -> (processes, KiB))."""
+    the peak sample's breakdown: process name -> (processes, KiB), and per process name the
+    largest kernel-kept high-water mark of resident memory (VmHWM, KiB): a true per-process
+    peak, where a once-a-second sample catches a moment of the image's work or not)."""
     peak: list = [0, {}]
+    hwm: dict[str, int] = {}
 
     def sample() -> None:
         while proc.poll() is None:
-            total, parts = tree_pss(proc.pid)
+            total, parts, marks = tree_pss(proc.pid)
             if total > peak[0]:
                 peak[:] = [total, parts]
+            for name, kib in marks.items():
+                hwm[name] = max(hwm.get(name, 0), kib)
             time.sleep(1.0)  # reading every process's smaps costs CPU: sample sparingly
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -142,7 +149,7 @@ def peak_pss(proc: subprocess.Popen) -> tuple[dict, float, dict[str, tuple[int, 
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1]
+    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], hwm
 
 
 def process_name(pid: int) -> str:
@@ -162,8 +169,9 @@ def process_name(pid: int) -> str:
     return name
 
 
-def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Summed PSS (KiB) of `root` and all its descendants, and per process name (count, KiB)."""
+def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]], dict[str, int]]:
+    """Summed PSS (KiB) of `root` and all its descendants, per process name (count, KiB), and per
+    process name the largest VmHWM (KiB)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -172,11 +180,15 @@ def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]]]:
             except OSError:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    total, parts, todo = 0, {}, [root]
+    total, parts, marks, todo = 0, {}, {}, [root]
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    name = process_name(pid)
+                    marks[name] = max(marks.get(name, 0), int(line.split()[1]))
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     kib = int(line.split()[1])
@@ -186,7 +198,7 @@ def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]]]:
                     parts[name] = (count + 1, size + kib)
         except OSError:
             pass
-    return total, parts
+    return total, parts, marks
 
 
 def breakdown(parts: dict[str, tuple[int, int]]) -> str:
@@ -220,7 +232,7 @@ def main() -> None:
           f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}"
           + (f", ray: {' '.join(args.ray)}" if args.ray else ""))
     print(f"{'images':>6} {'plain img/s':>11} {'ray img/s':>9} {'ratio':>6} "
-          f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8}")
+          f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8} {'plain HWM':>9} {'actor HWM':>9}")
     with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
         for n in args.sizes:
             folder = Path(tmp) / f"photos-{n}"
@@ -238,14 +250,19 @@ def main() -> None:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
                 results[mode] = peak_pss(proc)
-            (plain, plain_gib, plain_parts), (ray, ray_gib, ray_parts) = (
+            (plain, plain_gib, plain_parts, plain_hwm), (ray, ray_gib, ray_parts, ray_hwm) = (
                 results["plain"], results["ray"]
             )
+            plain_mark = max(plain_hwm.values(), default=0) / 2**20  # the one process
+            actor_mark = max(
+                (kib for name, kib in ray_hwm.items() if "ModelActor" in name), default=0
+            ) / 2**20
             assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
             p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
             r_init = n / (ray["seconds"] + ray["setup"])
             print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
-                  f"{r_init / p_rate:>8.2f} {plain_gib:>9.2f} {ray_gib:>8.2f}", flush=True)
+                  f"{r_init / p_rate:>8.2f} {plain_gib:>9.2f} {ray_gib:>8.2f} "
+                  f"{plain_mark:>9.2f} {actor_mark:>9.2f}", flush=True)
             if args.breakdown:
                 print(f"       plain peak: {breakdown(plain_parts)}\n       ray peak: "
                       f"{breakdown(ray_parts)}", flush=True)

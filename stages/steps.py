@@ -23,6 +23,7 @@ from sharding.runner import (
     apply_stage,
     check_result,
     decode_row,
+    release_freed_memory,
     stage_error,
 )
 from sharding.store import ImageRow, Store
@@ -116,6 +117,7 @@ class ModelActor:
                     except Exception as exc:  # one image's failure never stops the shard
                         outcomes.append(pickle.dumps(stage_error(row, exc)))
                         final.append(True)
+            release_freed_memory()
             seconds.append(time.perf_counter() - t0)
         keep = ("image_id", "shard", "source", "sha256", "width", "height", "decode_s")
         return {
