@@ -4,6 +4,7 @@
     python bench/bench_amg.py --meta-path /tmp/meta_sam   # also Meta's segment-anything 1.0, side by side
     python bench/bench_amg.py --only B --grid 8 16 32     # peak memory as points_per_side grows
     python bench/bench_amg.py --fast                      # also the approximate mode (fast_decoder)
+    python bench/bench_amg.py --no-prefilter              # also the exact mode without iou_prefilter
     python bench/bench_amg.py --only B --meta-path /tmp/meta_sam \
         --set pred_iou_thresh=0.88 --set stability_score_thresh=0.95   # thresholds that filter
 
@@ -141,6 +142,8 @@ def one(
         sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth")
     if impl == "engine-fast":
         params["fast_decoder"] = True  # the approximate mode
+    if impl == "engine-noprefilter":
+        params["iou_prefilter"] = False  # every prompt through Meta's arithmetic
     generator = Generator(sam, **params)
     start, cpu_start = time.perf_counter(), time.process_time()
     out = generator.generate(image)
@@ -186,6 +189,8 @@ def main() -> None:
     parser.add_argument("--meta-path", help="folder holding segment_anything (pip --target)")
     parser.add_argument("--grid", nargs="*", type=int, help="points_per_side values (memory curve)")
     parser.add_argument("--fast", action="store_true", help="also the approximate mode (amg.fast_decoder)")
+    parser.add_argument("--no-prefilter", action="store_true",
+                        help="also the exact mode with amg.iou_prefilter off")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a generator parameter in every run (repeatable)")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
@@ -213,6 +218,7 @@ def main() -> None:
     for which in args.only:
         for grid in args.grid or [None]:
             impls = ["engine"] + (["engine-fast"] if args.fast else [])
+            impls += ["engine-noprefilter"] if args.no_prefilter else []
             impls += ["meta"] if meta_ok and which in ("A", "B") else []
             results = {}
             dumps = {impl: f"{tmp}/{which}-{grid}-{impl}.pkl" for impl in impls}
@@ -227,7 +233,7 @@ def main() -> None:
                     continue
                 results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(json.dumps(results[impl]), flush=True)
-            for impl in ("engine", "engine-fast"):
+            for impl in ("engine", "engine-fast", "engine-noprefilter"):
                 if "meta" in results and impl in results:
                     ratio = results["meta"]["seconds"] / results[impl]["seconds"]
                     print(f"set {which}: Meta {results['meta']['seconds']} s / {impl} "

@@ -237,6 +237,50 @@ def test_parity_set_a(small_sam, parity_dir):
         assert (mine & theirs).sum() / (mine | theirs).sum() >= 0.999
 
 
+def test_iou_prefilter_runs_metas_arithmetic_only_where_a_mask_can_pass(small_sam, parity_dir):
+    """The prefilter (re-associated IoUs first, Meta's arithmetic for the prompts that can pass)
+    gives the output of the plain exact mode, to the last bit, with less exact work."""
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")
+    params = dict(points_per_side=8, pred_iou_thresh=0.79, stability_score_thresh=0.0)
+    plain = SamAutomaticMaskGenerator(small_sam, **params, iou_prefilter=False).generate(image)
+    generator = SamAutomaticMaskGenerator(small_sam, **params)
+    exact_prompts = []
+    run_decoder = generator._run_decoder
+
+    def counting(coords, min_iou):
+        if min_iou != float("inf"):
+            exact_prompts.append(len(coords))
+        return run_decoder(coords, min_iou)
+
+    generator._run_decoder = counting
+    filtered = generator.generate(image)
+    prompts, passing = generator._passing
+    assert prompts == 64 and 0 < passing <= 32  # the prefilter stays on
+    assert passing <= sum(exact_prompts) < prompts
+    assert len(filtered) == len(plain) > 0
+    for a, b in zip(filtered, plain):
+        assert a["predicted_iou"] == b["predicted_iou"] and a["stability_score"] == b["stability_score"]
+        assert a["bbox"] == b["bbox"] and a["point_coords"] == b["point_coords"]
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+
+
+def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
+    """A short last decoder call is padded to `decoder_batch` prompts: alone, a prompt gets the
+    bits it gets among three others (unpadded, one prompt takes other float32 kernels)."""
+    from engine.image_io import load_image
+
+    generator = SamAutomaticMaskGenerator(small_sam, points_per_side=2, pred_iou_thresh=0.0)
+    generator.predictor.set_image(load_image(parity_dir / "image.png"))
+    points = generator.point_grids[0] * np.array([1201, 673])
+    with torch.no_grad():
+        logits, ious = generator._decode(points)
+        for i in range(len(points)):
+            alone_logits, alone_ious = generator._decode(points[i : i + 1])
+            assert torch.equal(alone_ious[0], ious[i]) and torch.equal(alone_logits[0], logits[i])
+
+
 def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos):
     from typer.testing import CliRunner
 
