@@ -126,7 +126,9 @@ def one_run(args) -> None:
     print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "masks": masks}))
 
 
-def peak_pss(proc: subprocess.Popen) -> tuple[dict, float, dict[str, tuple[int, int]], dict[str, int]]:
+def peak_pss(
+    proc: subprocess.Popen,
+) -> tuple[dict, float, dict[str, tuple[int, int]], dict[str, int]]:
     """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB,
     the peak sample's breakdown: process name -> (processes, KiB), and per process name the
     largest kernel-kept high-water mark of resident memory (VmHWM, KiB): a true per-process

@@ -278,7 +278,8 @@ class SamAutomaticMaskGenerator:
         coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
         threshold = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
         prompts, passing = self._passing
-        if threshold is None or self.fast_decoder or not self.iou_prefilter or 2 * passing > prompts:
+        prefilter = self.iou_prefilter and not self.fast_decoder and 2 * passing <= prompts
+        if threshold is None or not prefilter:
             logits, ious = self._run_decoder(coords, threshold)
         else:
             with self.predictor.model.mask_decoder.attention_mode(reassociate=True):

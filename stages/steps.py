@@ -216,9 +216,9 @@ def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], pla
                 min_size=1,
                 max_size=plan.actors,
                 initial_size=plan.actors,
-                # One block (a shard's rows) per actor at a time: with Ray's default of 4 the
-                # first actor ready takes every block of a small run while the others idle
-                # (measured: 20 images, one of two actors busy, 0.47x the plain process's
+                # One block (`ray.block_images` images) per actor at a time: with Ray's default
+                # of 4 the first actor ready takes every block of a small run while the others
+                # idle (measured: 20 images, one of two actors busy, 0.47x the plain process's
                 # throughput; 0.88x with 1).
                 max_tasks_in_flight_per_actor=1,
             ),

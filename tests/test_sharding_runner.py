@@ -180,7 +180,8 @@ def test_release_freed_memory_returns_a_threads_freed_heap():
         pytest.skip("this C library has no malloc_trim (not glibc): the release is a no-op here")
 
     def resident_mib() -> float:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     seen = {}
 
