@@ -69,11 +69,14 @@ class TwoWayTransformer(nn.Module):
             # Not bit-for-bit anyway: token-major copies make every elementwise pass over the
             # image tokens (PE sums, residuals, layer norms) run along memory, ~30% of this path.
             keys, key_pe = keys.contiguous(), key_pe.contiguous()
+        # After the first block the image tokens are per prompt and token-major: a token-major
+        # PE makes their `keys + PE` sums read along memory (same values, same layout out).
+        later_pe = key_pe.contiguous()
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, point_embedding, key_pe if i == 0 else later_pe)
         attn_out = self.final_attn_token_to_image.tokens_to_image(
-            q=queries + point_embedding, k=keys + key_pe, v=keys
+            q=queries + point_embedding, k=keys + later_pe, v=keys
         )
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
@@ -129,7 +132,9 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         attn_out = self.cross_attn_image_to_token.image_to_tokens(q=k, k=q, v=queries)
-        keys = self.norm4(keys + attn_out)
+        # attn_out first: the sum takes its token-major layout, so the layer norm needs no copy
+        # of the first block's (image-major) sum; float addition commutes, the bits are the same.
+        keys = self.norm4(attn_out + keys)
         return queries, keys
 
 
