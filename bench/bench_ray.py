@@ -114,10 +114,9 @@ def one_run(args) -> None:
         from stages.config import RayConfig
         from stages.pipeline import run_pipeline
 
-        overrides = {}
-        for pair in args.ray:
-            key, _, value = pair.partition("=")
-            overrides[key] = json.loads(value) if value not in ("", "null") else None
+        from engine.cli.config import apply_overrides
+
+        overrides = apply_overrides({}, args.ray)  # the CLI's --set parsing, without "ray."
         config = RayConfig(progress=False, object_store_mb=args.object_store_mb, **overrides)
         with ray_session(config) as where:
             setup = time.perf_counter() - t0

@@ -12,8 +12,8 @@ from stages.config import RayConfig
 class ActorPlan:
     """actors: pool size; num_cpus / num_gpus: what one actor reserves; threads: torch threads
     inside one actor (its CPU share); batch_size: images per actor call; read_tasks: shards
-    read at once; block_images: images per block after reading; read_cpus / decode_cpus / post_cpus: what
-    one read / decode / post-processing task reserves."""
+    read at once; read_cpus / decode_cpus / post_cpus: what one read / decode /
+    post-processing task reserves; block_images: images per block after reading."""
 
     actors: int
     num_cpus: float
@@ -24,7 +24,7 @@ class ActorPlan:
     read_cpus: float
     decode_cpus: float
     post_cpus: float
-    block_images: int = 1
+    block_images: int
 
     def describe(self) -> str:
         where = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:.2f} CPU"

@@ -45,30 +45,22 @@ def local_ray():
     """An embedded local Ray for one test module, as `sa-engine run` starts it (127.0.0.1 only,
     no token auth, 2 logical CPUs); the repository and tests/ are importable by its workers. The
     CLI's stage commands run on it when invoked in-process (`ray_session` joins it)."""
-    from stages.cluster import LOOPBACK_ENV, local_only
+    from stages.cluster import LOOPBACK_ENV, ray_session
+    from stages.config import RayConfig
 
     env = {
         "RAY_AUTH_MODE": "disabled",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, "RAY_ADDRESS")}
     os.environ.update(env)
-    local_only()  # what `sa-engine run` does for its embedded Ray
+    os.environ.pop("RAY_ADDRESS", None)  # always the embedded Ray, never a cluster
     import ray
 
-    from stages.config import RayConfig
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _system_config={"num_workers_soft_limit": RayConfig().idle_workers},
-    )
     try:
-        yield ray
+        with ray_session(RayConfig(num_cpus=2)):  # the command's own embedded Ray
+            yield ray
     finally:
-        ray.shutdown()
         os.environ.pop(LOOPBACK_ENV, None)
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
