@@ -5,6 +5,7 @@
     python bench/bench_amg.py --only B --grid 8 16 32     # peak memory as points_per_side grows
     python bench/bench_amg.py --fast                      # also the approximate mode (fast_decoder)
     python bench/bench_amg.py --no-prefilter              # also the exact mode without iou_prefilter
+    python bench/bench_amg.py --device cuda               # on a GPU (both sides; warm timing)
     python bench/bench_amg.py --only B --meta-path /tmp/meta_sam \
         --set pred_iou_thresh=0.88 --set stability_score_thresh=0.95   # thresholds that filter
 
@@ -14,12 +15,17 @@ With `--set key=value` (parameters other than the fixture's) the engine is compa
 output of the same run instead, so --meta-path is then needed for an agreement figure.
 Meta's generator (only when `segment_anything` is importable from --meta-path; never a dependency)
 runs through `bench/meta_standin.py` (pure-torch stand-ins for its four torchvision symbols).
+On CUDA each generator runs twice on the image and the second run is timed (the first pays for
+CUDA's context and kernel loading; it is printed as `first_seconds`), TF32 is off unless --tf32
+(cuDNN's convolutions use it by default, ~1e-3 off float32: enough to reorder candidates), and
+the engine is also compared with Meta's output of the same run on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY = ROOT.parent / "shared" / "fixtures" / "sam_parity"
+SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
+PARITY = SHARED / "fixtures" / "sam_parity"
 
 
 def _params(which: str) -> dict:
@@ -114,6 +121,8 @@ def one(
     meta_path: str | None,
     overrides: dict | None = None,
     dump: str | None = None,
+    device: str = "cpu",
+    tf32: bool = False,
 ) -> dict:
     """Run one generator in this process and report (called in a subprocess); `dump`: a file to
     pickle the records to (masks as COCO RLE), for the agreement with another run."""
@@ -124,6 +133,9 @@ def one(
     from engine.image_io import load_image
 
     torch.set_num_threads(torch.get_num_threads())
+    if device != "cpu" and not tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     image = load_image(PARITY / "image.png")
     params = _params(which)
     if grid is not None:
@@ -133,30 +145,39 @@ def one(
         sys.path.insert(0, meta_path)
         from bench.meta_standin import build_meta_sam
 
-        sam = build_meta_sam(PARITY / "config.json", PARITY / "sam_small.pth")
+        sam = build_meta_sam(PARITY / "config.json", PARITY / "sam_small.pth").to(device)
         from segment_anything import SamAutomaticMaskGenerator as Generator
     else:
         from engine.amg import SamAutomaticMaskGenerator as Generator
         from engine.model import build_sam
 
-        sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth")
+        sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth", device=device)
     if impl == "engine-fast":
         params["fast_decoder"] = True  # the approximate mode
     if impl == "engine-noprefilter":
         params["iou_prefilter"] = False  # every prompt through Meta's arithmetic
     generator = Generator(sam, **params)
+    first = None
+    if device != "cpu":
+        start = time.perf_counter()
+        generator.generate(image)
+        first = round(time.perf_counter() - start, 2)
     start, cpu_start = time.perf_counter(), time.process_time()
     out = generator.generate(image)
     seconds = time.perf_counter() - start
     report = {
         "set": which,
         "impl": impl,
+        "device": device,
         "points_per_side": params["points_per_side"],
         "seconds": round(seconds, 2),
         "masks": len(out),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 2),  # steadier than wall when shared
     }
+    if first is not None:
+        report["first_seconds"] = first
+        report["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if which in ("A", "B") and grid is None and not overrides:
         anns, masks = _reference(which, image.shape[:2])
         report["vs_fixture"] = agreement(out, anns, masks)
@@ -193,6 +214,8 @@ def main() -> None:
                         help="also the exact mode with amg.iou_prefilter off")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a generator parameter in every run (repeatable)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the model of both generators)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: leave TF32 on (PyTorch's default)")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +227,8 @@ def main() -> None:
         overrides[key] = _value(value)
     if args.one:
         which, impl, grid, meta = args.one
-        report = one(which, impl, None if grid == "-" else int(grid), meta, overrides, args.dump)
+        grid = None if grid == "-" else int(grid)
+        report = one(which, impl, grid, meta, overrides, args.dump, args.device, args.tf32)
         print(json.dumps(report))
         return
     if not PARITY.is_dir():
@@ -224,8 +248,9 @@ def main() -> None:
             dumps = {impl: f"{tmp}/{which}-{grid}-{impl}.pkl" for impl in impls}
             for impl in impls:
                 cmd = [sys.executable, __file__, "--one", which, impl, str(grid or "-"), str(args.meta_path)]
-                cmd += [f"--set={item}" for item in args.set]
-                if overrides:
+                cmd += [f"--set={item}" for item in args.set] + [f"--device={args.device}"]
+                cmd += ["--tf32"] if args.tf32 else []
+                if overrides or args.device != "cpu":
                     cmd += ["--dump", dumps[impl]]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode != 0:
@@ -238,7 +263,7 @@ def main() -> None:
                     ratio = results["meta"]["seconds"] / results[impl]["seconds"]
                     print(f"set {which}: Meta {results['meta']['seconds']} s / {impl} "
                           f"{results[impl]['seconds']} s = {ratio:.2f}x", flush=True)
-                    if overrides:
+                    if overrides or args.device != "cpu":
                         vs_meta = agreement_with(dumps[impl], dumps["meta"])
                         print(f"set {which}: {impl} vs Meta {json.dumps(vs_meta)}", flush=True)
 

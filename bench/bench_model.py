@@ -4,6 +4,7 @@ Runs the parity fixture model (when ../shared is present) and vit_b with random 
 official architecture; weights do not change the cost). Prints one line per figure.
 
   python bench/bench_model.py [--device cpu|cuda] [--threads N] [--batch 64] [--vit-b-runs 2] [--bf16]
+  python bench/bench_model.py --device cuda --bf16 --vit-b-runs 10 --also vit_l vit_h   # a GPU
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from engine.image_io import load_image  # noqa: E402
 from engine.model import build_sam  # noqa: E402
 from engine.predictor import SamPredictor  # noqa: E402
 
-PARITY = ROOT.parent / "shared" / "fixtures" / "sam_parity"
+SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
+PARITY = SHARED / "fixtures" / "sam_parity"
 
 
 def peak_rss_mib() -> float:
@@ -154,6 +156,8 @@ def main() -> None:
         "--vit-b-runs", type=int, default=2, help="vit_b encoder runs (~10 s each on 2 CPU cores)"
     )
     parser.add_argument("--skip-vit-b", action="store_true")
+    parser.add_argument("--also", nargs="*", default=[], metavar="MODEL",
+                        help="more registry models (random weights), e.g. vit_l vit_h")
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,11 +183,11 @@ def main() -> None:
             )
         else:
             print(f"fixture        skipped: {PARITY} is absent")
-        if not args.skip_vit_b:
-            image = load_image(ROOT / "demo" / "photos" / "astronaut.jpg")
+        image = load_image(ROOT / "demo" / "photos" / "astronaut.jpg")
+        for model in ([] if args.skip_vit_b else ["vit_b"]) + args.also:
             bench_model(
-                "vit_b random",
-                "vit_b",
+                f"{model} random",
+                model,
                 None,
                 image,
                 device,

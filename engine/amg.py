@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from engine.amg_crops import build_all_layer_point_grids, generate_crop_boxes, near_crop_edge
 from engine.amg_masks import (
+    mask_boxes,
+    masks_to_runs,
     runs_area,
     runs_to_mask,
     runs_to_window,
@@ -67,9 +69,10 @@ class AmgConfig:
     min_mask_region_area: int = 0
     output_mode: str = "binary_mask"
     max_mask_area_fraction: float | None = None
-    decoder_batch: int = 4
+    decoder_batch: int | None = None
     fast_decoder: bool = False
     iou_prefilter: bool = True
+    batched_masks: bool | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -118,9 +121,10 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         max_mask_area_fraction: float | None = None,
-        decoder_batch: int = 4,
+        decoder_batch: int | None = None,
         fast_decoder: bool = False,
         iou_prefilter: bool = True,
+        batched_masks: bool | None = None,
     ) -> None:
         """
         Arguments:
@@ -142,8 +146,9 @@ class SamAutomaticMaskGenerator:
           output_mode (str): "binary_mask" (HxW bool), "uncompressed_rle" or "coco_rle".
           max_mask_area_fraction (float | None): drop masks covering >= this fraction of the image
             (SA-1B: 0.95; None disables, as in Meta's code).
-          decoder_batch (int): prompts per mask-decoder call (small batches stay in CPU cache;
-            results do not depend on it).
+          decoder_batch (int | None): prompts per mask-decoder call; None: 4 on a CPU (small
+            batches stay in its cache), points_per_batch on an accelerator (fewer, larger calls).
+            On a CPU results do not depend on it.
           fast_decoder (bool): the approximate mode: re-associated decoder attention (about 1.5x
             faster per prompt); predicted IoUs then differ from Meta's by ~1e-6, which can swap
             candidates tied to that precision. False (default): Meta's arithmetic (predicted
@@ -154,6 +159,11 @@ class SamAutomaticMaskGenerator:
             The output is the same; it pays while at most half of the prompts pass, so it is
             skipped for a batch of prompts when more than half of the previous batch's passed
             (zoomed-in crops pass far more often than the whole image).
+          batched_masks (bool | None): upsample, score and run-length encode `points_per_batch`
+            candidates at a time on the model's device at full resolution, as Meta's code does,
+            instead of one candidate at a time on its window on the host. The same output; None:
+            batched on an accelerator (where the per-candidate host work would dominate),
+            windowed on a CPU (where it is several times less work).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
@@ -179,8 +189,8 @@ class SamAutomaticMaskGenerator:
                 )
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if int(points_per_batch) < 1 or int(decoder_batch) < 1:
-            raise ValueError("points_per_batch and decoder_batch must be >= 1")
+        if int(points_per_batch) < 1 or (decoder_batch is not None and int(decoder_batch) < 1):
+            raise ValueError("points_per_batch and decoder_batch must be >= 1 (decoder_batch: or None)")
         if int(crop_n_layers) < 0:
             raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
@@ -200,7 +210,11 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = int(min_mask_region_area)
         self.output_mode = output_mode
         self.max_mask_area_fraction = max_mask_area_fraction
+        on_cpu = self.predictor.device.type == "cpu"
+        if decoder_batch is None:
+            decoder_batch = 4 if on_cpu else self.points_per_batch
         self.decoder_batch = int(decoder_batch)
+        self.batched_masks = (not on_cpu) if batched_masks is None else bool(batched_masks)
         self.fast_decoder = bool(fast_decoder)
         self.iou_prefilter = bool(iou_prefilter)
         self._passing = (0, 0)  # (prompts, prompts with a mask over pred_iou_thresh): last batch
@@ -335,55 +349,98 @@ class SamAutomaticMaskGenerator:
     ) -> tuple[_Candidates, list[list[int]]]:
         low_res, iou_preds = self._decode(points)
         per_point = low_res.shape[1]
-        low_res = low_res.flatten(0, 1).cpu()
-        iou_preds = iou_preds.flatten(0, 1).cpu()
+        low_res = low_res.flatten(0, 1)
+        iou_preds = iou_preds.flatten(0, 1)
         points = points.repeat(per_point, axis=0)
-        order = torch.arange(low_res.shape[0])
+        order = torch.arange(low_res.shape[0], device=low_res.device)
         if self.pred_iou_thresh > 0.0:
             order = order[iou_preds > self.pred_iou_thresh]
-        threshold = float(self.predictor.model.mask_threshold)
-        offset = self.stability_score_offset
+        iou_preds = iou_preds.cpu()
+        masks = self._batched_masks if self.batched_masks else self._windowed_masks
         x0, y0 = crop_box[0], crop_box[1]
         image_area = size[0] * size[1]
         out = _Candidates()
         local_boxes = []
-        # Only logits above the lowest threshold matter: each candidate's full-resolution logits
-        # are computed on the window that can exceed it (less a margin for the resizes' rounding).
-        scale = float(low_res.abs().max()) if low_res.numel() else 0.0
-        floor = threshold - abs(offset) - 1e-3 * (1.0 + scale)
-        for i in order.tolist():
-            logits, top, left = upsampler.window(low_res[i], floor)
-            high = (logits > threshold + offset).sum(dtype=torch.int32)
-            low = (logits > threshold - offset).sum(dtype=torch.int32)
-            score = float(high / low)  # float32; 0/0 = NaN, as in Meta's code
-            if self.stability_score_thresh > 0.0 and not score >= self.stability_score_thresh:
-                continue
-            mask = (logits > threshold).numpy()
-            box = tight_box(mask)
-            local = [0, 0, 0, 0]
-            if box is not None:
-                local = [box[0] + left, box[1] + top, box[2] + left, box[3] + top]
-            image_box = [local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0]
-            if near_crop_edge(np.asarray([image_box]), crop_box, size)[0]:
-                continue
-            if box is None:
-                window = mask[:0, :0]
-            else:
-                window = mask[box[1] : box[3] + 1, box[0] : box[2] + 1]
-            runs = window_to_runs(window, local[1] + y0, local[0] + x0, size)
+        for i, score, local, runs in masks(low_res, order, upsampler, crop_box, size):
             if (
                 self.max_mask_area_fraction is not None
                 and runs_area(runs) >= self.max_mask_area_fraction * image_area
             ):
                 continue
             out.runs.append(runs)
-            out.boxes.append(image_box)
+            out.boxes.append([local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0])
             out.iou_preds.append(float(iou_preds[i]))
             out.stability.append(score)
             out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
             out.crop_boxes.append(list(crop_box))
             local_boxes.append(local)
         return out, local_boxes
+
+    def _windowed_masks(
+        self, low_res: torch.Tensor, order: torch.Tensor, upsampler: MaskUpsampler, crop_box, size
+    ) -> Iterator[tuple[int, float, list[int], np.ndarray]]:
+        """Candidates passing the stability and crop-edge filters, one at a time on the host:
+        (index, stability score, inclusive box in the crop, full-image runs). Only logits above
+        the lowest threshold matter, so each candidate's full-resolution logits are computed on
+        the window that can exceed it (less a margin for the resizes' rounding)."""
+        low_res = low_res.cpu()
+        threshold = float(self.predictor.model.mask_threshold)
+        offset = self.stability_score_offset
+        x0, y0 = crop_box[0], crop_box[1]
+        scale = float(low_res.abs().max()) if low_res.numel() else 0.0
+        floor = threshold - abs(offset) - 1e-3 * (1.0 + scale)
+        for i in order.tolist():
+            logits, top, left = upsampler.window(low_res[i], floor)
+            high = (logits > threshold + offset).sum(dtype=torch.int32)
+            low = (logits > threshold - offset).sum(dtype=torch.int32)
+            ratio = high / low  # float32; 0/0 = NaN, as in Meta's code
+            # compared as a float32 tensor, as Meta's filter does (19/20 passes a 0.95 threshold)
+            if self.stability_score_thresh > 0.0 and not bool(ratio >= self.stability_score_thresh):
+                continue
+            score = float(ratio)
+            mask = (logits > threshold).numpy()
+            box = tight_box(mask)
+            local = [0, 0, 0, 0]
+            if box is not None:
+                local = [box[0] + left, box[1] + top, box[2] + left, box[3] + top]
+            if self._on_crop_edge(local, crop_box, size):
+                continue
+            if box is None:
+                window = mask[:0, :0]
+            else:
+                window = mask[box[1] : box[3] + 1, box[0] : box[2] + 1]
+            yield i, score, local, window_to_runs(window, local[1] + y0, local[0] + x0, size)
+
+    def _batched_masks(
+        self, low_res: torch.Tensor, order: torch.Tensor, upsampler: MaskUpsampler, crop_box, size
+    ) -> Iterator[tuple[int, float, list[int], np.ndarray]]:
+        """`_windowed_masks` for `points_per_batch` candidates at a time on the model's device,
+        at full resolution as Meta's code does (an accelerator's path: the same arithmetic, with
+        only edge positions and scores leaving the device)."""
+        threshold = float(self.predictor.model.mask_threshold)
+        offset = self.stability_score_offset
+        for chunk in order.split(self.points_per_batch):
+            logits = upsampler.logits(low_res[chunk])
+            high = (logits > threshold + offset).sum((1, 2), dtype=torch.int32)
+            low = (logits > threshold - offset).sum((1, 2), dtype=torch.int32)
+            scores = high / low  # float32; 0/0 = NaN, as in Meta's code
+            keep = torch.ones_like(scores, dtype=torch.bool)
+            if self.stability_score_thresh > 0.0:
+                keep = scores >= self.stability_score_thresh
+            masks = logits[keep] > threshold
+            del logits
+            boxes = [[0, 0, 0, 0] if b[0] < 0 else b for b in mask_boxes(masks).tolist()]
+            inside = [k for k, box in enumerate(boxes) if not self._on_crop_edge(box, crop_box, size)]
+            runs = masks_to_runs(masks[inside], crop_box[1], crop_box[0], size)
+            index, scores = chunk[keep].tolist(), scores[keep].tolist()
+            for k, mask_runs in zip(inside, runs):
+                yield index[k], scores[k], boxes[k], mask_runs
+
+    @staticmethod
+    def _on_crop_edge(local: list[int], crop_box: list[int], size: tuple[int, int]) -> bool:
+        x0, y0 = crop_box[0], crop_box[1]
+        box = [local[0] + x0, local[1] + y0, local[2] + x0, local[3] + y0]
+        return bool(near_crop_edge(np.asarray([box]), crop_box, size)[0])
 
     # -- after all crops ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ memory grows with mask boundaries, not with H x W per candidate.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -85,3 +86,63 @@ def runs_to_mask(runs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     values = np.arange(runs.size) % 2 == 1
     flat = np.repeat(values, runs)
     return np.ascontiguousarray(flat.reshape(width, height).T)
+
+
+def masks_to_runs(
+    masks: torch.Tensor, top: int, left: int, size: tuple[int, int]
+) -> list[np.ndarray]:
+    """`window_to_runs` for a batch of masks at once, on their device (an accelerator's path).
+
+    Each mask's column-major edges are found on the device (a zero row above and below every
+    column, so each run starts and ends inside its column); only the edge positions in the image
+    travel to the host, where runs that continue from one column into the next are joined.
+
+    Arguments:
+      masks (torch.Tensor): Nxhxw bool, the masks inside one window.
+      top, left (int): the window's position in the image.
+      size (tuple[int, int]): (H, W) of the image.
+    Returns:
+      (list[np.ndarray]): per mask, int64 counts as `window_to_runs` gives them.
+    """
+    height, width = size
+    total = height * width
+    columns = masks.transpose(1, 2).to(torch.int8)  # N x w x h: column-major
+    edges = torch.diff(torch.nn.functional.pad(columns, (1, 1)), dim=-1)  # N x w x (h+1)
+    which, col, row = torch.nonzero(edges, as_tuple=True)  # row-major: in image order per mask
+    position = (col + left) * height + row + top
+    which, position = which.cpu().numpy(), position.cpu().numpy().astype(np.int64)
+    bounds = np.searchsorted(which, np.arange(masks.shape[0] + 1))
+    out = []
+    for n in range(masks.shape[0]):
+        found = position[bounds[n] : bounds[n + 1]]
+        starts, ends = found[0::2], found[1::2]
+        if not starts.size:
+            out.append(np.asarray([total], np.int64))
+            continue
+        joined = starts[1:] == ends[:-1]  # a run reaching a column's end and the next one's start
+        starts = np.concatenate([starts[:1], starts[1:][~joined]])
+        ends = np.concatenate([ends[:-1][~joined], ends[-1:]])
+        cuts = np.stack([starts, ends], 1).reshape(-1)
+        tail = [total] if cuts[-1] < total else []  # no trailing empty run, as window_to_runs
+        out.append(np.diff(np.concatenate([[0], cuts, tail])).astype(np.int64))
+    return out
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Inclusive (x0, y0, x1, y1) of each mask of an Nxhxw bool batch, on its device; -1 rows
+    for empty masks."""
+    n, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
+
+    def first_last(hit: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(length, device=hit.device)
+        first = torch.where(hit, index, length).amin(1)
+        last = torch.where(hit, index, -1).amax(1)
+        return first, last
+
+    y0, y1 = first_last(rows, h)
+    x0, x1 = first_last(cols, w)
+    boxes = torch.stack([x0, y0, x1, y1], 1)
+    return torch.where(rows.any(1)[:, None], boxes, torch.full_like(boxes, -1))

@@ -14,7 +14,15 @@ from pycocotools import mask as mask_utils
 from engine import rle
 from engine.amg import AmgConfig, SamAutomaticMaskGenerator, image_record
 from engine.amg_crops import generate_crop_boxes, near_crop_edge
-from engine.amg_masks import runs_area, runs_to_mask, runs_to_window, window_to_runs
+from engine.amg_masks import (
+    mask_boxes,
+    masks_to_runs,
+    runs_area,
+    runs_to_mask,
+    runs_to_window,
+    tight_box,
+    window_to_runs,
+)
 from engine.amg_nms import nms
 from engine.amg_regions import clean_mask, clean_window
 from engine.mask_ops import MaskUpsampler
@@ -119,6 +127,24 @@ def test_runs_match_pycocotools_and_decode_back():
             box = (cols.min(), rows.min(), cols.max(), rows.max())
             window, top, left = runs_to_window(runs, (h, w), box, margin=1)
             assert np.array_equal(window, full[top : top + window.shape[0], left : left + window.shape[1]])
+
+
+def test_batched_runs_and_boxes_equal_the_per_mask_ones():
+    """The accelerator path's batch encoder (edges on the device) gives `window_to_runs`'s counts
+    and `tight_box`'s boxes: empty and full masks, windows on image edges, runs that continue
+    from one column into the next."""
+    rng = np.random.default_rng(2)
+    for case in range(300):
+        height, width = (int(v) for v in rng.integers(1, 14, size=2))
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        masks = rng.random((4, h, w)) < rng.random()
+        masks[0] = case % 3 == 0  # all set or all clear
+        runs = masks_to_runs(torch.as_tensor(masks), top, left, (height, width))
+        boxes = mask_boxes(torch.as_tensor(masks)).tolist()
+        for mask, got, box in zip(masks, runs, boxes):
+            assert np.array_equal(got, window_to_runs(mask, top, left, (height, width)))
+            assert (tight_box(mask) or (-1, -1, -1, -1)) == tuple(box)
 
 
 def test_window_cleanup_equals_whole_image_cleanup():
@@ -264,6 +290,25 @@ def test_iou_prefilter_runs_metas_arithmetic_only_where_a_mask_can_pass(small_sa
         assert a["predicted_iou"] == b["predicted_iou"] and a["stability_score"] == b["stability_score"]
         assert a["bbox"] == b["bbox"] and a["point_coords"] == b["point_coords"]
         assert np.array_equal(a["segmentation"], b["segmentation"])
+
+
+def test_batched_masks_give_the_windowed_output(small_sam, parity_dir):
+    """The accelerator's post-processing (whole batches at full resolution on the model's device,
+    as Meta's code) and the CPU's (one candidate at a time on its window) give the same records to
+    the last bit: here both on the CPU, through crops, both filters, cleanup and the area filter."""
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")[::2, ::2].copy()
+    params = dict(points_per_side=6, pred_iou_thresh=0.5, stability_score_thresh=0.6, crop_n_layers=1,
+                  min_mask_region_area=30, max_mask_area_fraction=0.5, output_mode="uncompressed_rle")
+    windowed = SamAutomaticMaskGenerator(small_sam, **params).generate(image)
+    generator = SamAutomaticMaskGenerator(small_sam, **params, batched_masks=True)
+    assert generator.decoder_batch == 4 and generator.batched_masks  # CPU: decoder calls unchanged
+    batched = generator.generate(image)
+    assert len(batched) == len(windowed) > 5
+    assert len({tuple(r["crop_box"]) for r in batched}) > 1
+    for a, b in zip(batched, windowed):
+        assert a == b
 
 
 def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
