@@ -8,8 +8,8 @@ defaults are Meta's; `configs/sa1b.yaml` holds the paper's settings.
 
 What makes it fast and bounded in memory without changing the output:
 - with a predicted-IoU threshold, the prompts that cannot pass it are found first with the
-  cheaper re-associated attention (IoUs only); Meta's arithmetic runs only for the others
-  (`iou_prefilter`);
+  IoU-only pass of `engine.modeling.iou_only` (a quarter of the work); Meta's arithmetic runs
+  only for the others (`iou_prefilter`);
 - only low-resolution logits leave the decoder; each candidate is upsampled one at a time, and
   only on the window where its logits can pass the lowest threshold applied
   (`engine.mask_ops.MaskUpsampler.window`, bit-identical to `Sam.postprocess_masks` there);
@@ -40,12 +40,16 @@ from engine.amg_masks import (
 from engine.amg_nms import nms
 from engine.amg_regions import clean_mask, clean_window
 from engine.mask_ops import MaskUpsampler
+from engine.modeling import iou_only
 from engine.predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # How far under pred_iou_thresh a prompt's re-associated IoU may be and still get Meta's
 # arithmetic: the two differ by ~5e-6 (fixture sets A and B), so this is ~2000x that.
 PREFILTER_MARGIN = 1e-2
+# The prefilter's pass costs about a quarter of the exact one's IoUs (CPU, fixture model): it
+# pays while fewer than about three quarters of the prompts pass.
+PREFILTER_MAX_PASSING = 0.7
 
 
 @dataclass
@@ -154,11 +158,12 @@ class SamAutomaticMaskGenerator:
             candidates tied to that precision. False (default): Meta's arithmetic (predicted
             IoUs bit-identical where the CPU's float32 kernels round like Meta's run did).
           iou_prefilter (bool): with pred_iou_thresh > 0 in the exact mode, first find the
-            prompts that cannot pass the predicted-IoU filter with the re-associated attention
-            (IoUs only, about half the work), and run Meta's arithmetic only for the others.
-            The output is the same; it pays while at most half of the prompts pass, so it is
-            skipped for a batch of prompts when more than half of the previous batch's passed
-            (zoomed-in crops pass far more often than the whole image).
+            prompts that cannot pass the predicted-IoU filter with `engine.modeling.iou_only`
+            (IoUs alone to ~1e-6, about a quarter of the exact decoder's work), and run Meta's
+            arithmetic only for the others. The output is the same; it pays while up to about
+            three quarters of the prompts pass, so it is skipped for a batch of prompts when
+            more than that of the previous batch's passed (zoomed-in crops pass far more often
+            than the whole image).
           batched_masks (bool | None): upsample, score and run-length encode `points_per_batch`
             candidates at a time on the model's device at full resolution, as Meta's code does,
             instead of one candidate at a time on its window on the host. The same output; None:
@@ -218,6 +223,7 @@ class SamAutomaticMaskGenerator:
         self.fast_decoder = bool(fast_decoder)
         self.iou_prefilter = bool(iou_prefilter)
         self._passing = (0, 0)  # (prompts, prompts with a mask over pred_iou_thresh): last batch
+        self._iou_context: iou_only.IouContext | None = None
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, config: AmgConfig) -> "SamAutomaticMaskGenerator":
@@ -261,6 +267,7 @@ class SamAutomaticMaskGenerator:
         crop = image[y0:y1, x0:x1, :]
         crop_size = (int(crop.shape[0]), int(crop.shape[1]))
         self.predictor.set_image(crop)
+        self._iou_context = None  # the prefilter's per-image part, made on first use
         upsampler = MaskUpsampler(
             tuple(self.predictor.model.prompt_encoder.mask_input_size),
             self.predictor.model.img_size,
@@ -292,12 +299,11 @@ class SamAutomaticMaskGenerator:
         coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
         threshold = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
         prompts, passing = self._passing
-        prefilter = self.iou_prefilter and not self.fast_decoder and 2 * passing <= prompts
+        prefilter = self.iou_prefilter and not self.fast_decoder and passing <= PREFILTER_MAX_PASSING * prompts
         if threshold is None or not prefilter:
             logits, ious = self._run_decoder(coords, threshold)
         else:
-            with self.predictor.model.mask_decoder.attention_mode(reassociate=True):
-                _, rough = self._run_decoder(coords, math.inf)  # IoUs only: no upscaling
+            rough = self._rough_ious(coords)
             rows = (rough > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
             logits = rough.new_zeros(len(coords), rough.shape[1], *self._low_res_size())
             ious = rough
@@ -306,6 +312,27 @@ class SamAutomaticMaskGenerator:
         if threshold is not None:
             self._passing = (len(coords), int((ious > threshold).any(1).sum()))
         return logits, ious
+
+    def _rough_ious(self, coords: torch.Tensor) -> torch.Tensor:
+        """Bx3 predicted IoUs to ~1e-6 (the prefilter's pass): `engine.modeling.iou_only`, with
+        the image's part computed once per crop."""
+        model = self.predictor.model
+        decoder = model.mask_decoder
+        if not iou_only.supports(decoder):
+            with decoder.attention_mode(reassociate=True):
+                return self._run_decoder(coords, math.inf)[1]  # IoUs only: no upscaling
+        if self._iou_context is None:
+            no_mask = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            self._iou_context = iou_only.iou_context(
+                decoder, self.predictor.features, no_mask, model.prompt_encoder.get_dense_pe()
+            )
+        ious = []
+        for start in range(0, coords.shape[0], self.decoder_batch):
+            part = coords[start : start + self.decoder_batch]
+            labels = torch.ones(part.shape[:2], dtype=torch.int, device=part.device)
+            sparse, _ = model.prompt_encoder(points=(part, labels), boxes=None, masks=None)
+            ious.append(iou_only.iou_predictions(decoder, self._iou_context, sparse)[:, 1:])
+        return torch.cat(ious)
 
     def _run_decoder(
         self, coords: torch.Tensor, min_iou: float | None
