@@ -97,17 +97,11 @@ def iou_predictions(decoder: MaskDecoder, context: IouContext, sparse: torch.Ten
     """B x (1 + K) predicted IoUs of B prompts (sparse embeddings B x N x C), as
     `MaskDecoder.predict_masks` gives them (to ~1e-6), without any mask."""
     transformer = decoder.transformer
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    prompt = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)  # B x N x C
+    prompt = decoder.prompt_tokens(sparse)  # B x N x C
     queries = prompt
     keys = None  # the image tokens: shared until the first image->token attention
     for i, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + prompt
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = layer.token_self_attention(queries, prompt)
         if keys is None:
             attn_out = _tokens_to_shared_image(
                 layer.cross_attn_token_to_image, queries + prompt, context.first_k, context.first_v

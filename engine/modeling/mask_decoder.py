@@ -102,9 +102,7 @@ class MaskDecoder(nn.Module):
 
         needed: from the Bx(1+K) predicted IoUs, the B bools of the prompts whose masks are
         computed (the others' stay 0); None computes all."""
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+        tokens = self.prompt_tokens(sparse_prompt_embeddings)
 
         # One image embedding and one positional encoding serve every prompt. Without mask prompts
         # the dense embedding is one vector broadcast over the batch, so the image side enters the
@@ -134,6 +132,12 @@ class MaskDecoder(nn.Module):
         if len(rows):
             masks[rows] = self.upscale_masks(src[rows], (height, width), hyper_in[rows])
         return masks, iou_pred
+
+    def prompt_tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """B x (1 + K + N) x C transformer tokens: IoU token, mask tokens, then the prompt's."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
+        return torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
     @contextlib.contextmanager
     def attention_mode(self, reassociate: bool) -> Iterator[None]:

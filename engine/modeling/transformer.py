@@ -116,13 +116,7 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.skip_first_layer_pe:
-            # The first layer's tokens ARE the prompt encodings: replace, no residual, no PE re-added.
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self.token_self_attention(queries, query_pe)
 
         q = queries + query_pe
         k = keys + key_pe  # the image side is unchanged until the end of the block: one sum
@@ -136,6 +130,16 @@ class TwoWayAttentionBlock(nn.Module):
         # of the first block's (image-major) sum; float addition commutes, the bits are the same.
         keys = self.norm4(attn_out + keys)
         return queries, keys
+
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """The block's first step: the prompt tokens attend to each other (then norm1)."""
+        if self.skip_first_layer_pe:
+            # The first layer's tokens ARE the prompt encodings: replace, no residual, no PE re-added.
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        return self.norm1(queries)
 
 
 class Attention(nn.Module):
