@@ -457,7 +457,9 @@ class SamAutomaticMaskGenerator:
             masks = logits[keep] > threshold
             del logits
             boxes = [[0, 0, 0, 0] if b[0] < 0 else b for b in mask_boxes(masks).tolist()]
-            inside = [k for k, box in enumerate(boxes) if not self._on_crop_edge(box, crop_box, size)]
+            origin = np.asarray([crop_box[0], crop_box[1], crop_box[0], crop_box[1]])
+            image_boxes = np.asarray(boxes, np.int64).reshape(-1, 4) + origin
+            inside = np.flatnonzero(~near_crop_edge(image_boxes, crop_box, size)).tolist()
             runs = masks_to_runs(masks[inside], crop_box[1], crop_box[0], size)
             index, scores = chunk[keep].tolist(), scores[keep].tolist()
             for k, mask_runs in zip(inside, runs):
