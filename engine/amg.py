@@ -40,7 +40,7 @@ from engine.amg_masks import (
 from engine.amg_nms import nms
 from engine.amg_regions import clean_mask, clean_window
 from engine.mask_ops import MaskUpsampler
-from engine.modeling import iou_only
+from engine.modeling import batch_rows, iou_only
 from engine.predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -152,15 +152,18 @@ class SamAutomaticMaskGenerator:
             (SA-1B: 0.95; None disables, as in Meta's code).
           decoder_batch (int | None): prompts per mask-decoder call; None: 4 on a CPU (small
             batches stay in its cache), points_per_batch on an accelerator (fewer, larger calls).
-            On a CPU results do not depend on it.
-          fast_decoder (bool): the approximate mode: re-associated decoder attention (about 1.5x
-            faster per prompt); predicted IoUs then differ from Meta's by ~1e-6, which can swap
-            candidates tied to that precision. False (default): Meta's arithmetic (predicted
-            IoUs bit-identical where the CPU's float32 kernels round like Meta's run did).
-          iou_prefilter (bool): with pred_iou_thresh > 0 in the exact mode, first find the
-            prompts that cannot pass the predicted-IoU filter with `engine.modeling.iou_only`
-            (IoUs alone to ~1e-6, about a quarter of the exact decoder's work), and run Meta's
-            arithmetic only for the others. The output is the same; it pays while up to about
+            Results do not depend on it: the exact mode computes the prompt-side layers at the
+            row count of a call over points_per_batch prompts, as Meta's generator makes
+            (`engine.modeling.batch_rows`).
+          fast_decoder (bool): the approximate mode: re-associated decoder attention and a fused
+            upscaling layer norm (about 1.5x faster per prompt); predicted IoUs then differ from
+            Meta's by ~1e-6, which can swap candidates tied to that precision. False (default):
+            Meta's arithmetic, batch shapes and upscaling kernels (predicted IoUs and logits
+            bit-identical to Meta's generator run on the same machine).
+          iou_prefilter (bool): with pred_iou_thresh > 0, first find the prompts that cannot
+            pass the predicted-IoU filter with `engine.modeling.iou_only` (IoUs alone to ~1e-6,
+            about a quarter of the exact decoder's work), and run the decoder (Meta's arithmetic,
+            or the re-associated one with fast_decoder) only for the others. The output is the same; it pays while up to about
             three quarters of the prompts pass, so it is skipped for a batch of prompts when
             more than that of the previous batch's passed (zoomed-in crops pass far more often
             than the whole image).
@@ -299,16 +302,20 @@ class SamAutomaticMaskGenerator:
         coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
         threshold = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
         prompts, passing = self._passing
-        prefilter = self.iou_prefilter and not self.fast_decoder and passing <= PREFILTER_MAX_PASSING * prompts
+        prefilter = self.iou_prefilter and passing <= PREFILTER_MAX_PASSING * prompts
+        # The exact mode computes the prompt tokens as Meta's batch of len(points) would.
+        meta_batch = None if self.fast_decoder else len(points)
         if threshold is None or not prefilter:
-            logits, ious = self._run_decoder(coords, threshold)
+            with batch_rows.as_batch_of(meta_batch):
+                logits, ious = self._run_decoder(coords, threshold)
         else:
             rough = self._rough_ious(coords)
             rows = (rough > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
             logits = rough.new_zeros(len(coords), rough.shape[1], *self._low_res_size())
             ious = rough
             if len(rows):
-                logits[rows], ious[rows] = self._run_decoder(coords[rows], threshold)
+                with batch_rows.as_batch_of(meta_batch):
+                    logits[rows], ious[rows] = self._run_decoder(coords[rows], threshold)
         if threshold is not None:
             self._passing = (len(coords), int((ious > threshold).any(1).sum()))
         return logits, ious

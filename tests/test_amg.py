@@ -263,13 +263,17 @@ def test_parity_set_a(small_sam, parity_dir):
         assert (mine & theirs).sum() / (mine | theirs).sum() >= 0.999
 
 
-def test_iou_prefilter_runs_metas_arithmetic_only_where_a_mask_can_pass(small_sam, parity_dir):
-    """The prefilter (re-associated IoUs first, Meta's arithmetic for the prompts that can pass)
-    gives the output of the plain exact mode, to the last bit, with less exact work."""
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast_decoder"])
+def test_iou_prefilter_runs_the_decoder_only_where_a_mask_can_pass(small_sam, parity_dir, fast):
+    """The prefilter (IoU-only pass first, the decoder for the prompts that can pass) gives the
+    output of the same mode without it, to the last bit, with less decoder work: in the exact
+    mode (Meta's arithmetic) and in the approximate one (re-associated attention)."""
     from engine.image_io import load_image
 
     image = load_image(parity_dir / "image.png")
-    params = dict(points_per_side=8, pred_iou_thresh=0.79, stability_score_thresh=0.0)
+    params = dict(
+        points_per_side=8, pred_iou_thresh=0.79, stability_score_thresh=0.0, fast_decoder=fast
+    )
     plain = SamAutomaticMaskGenerator(small_sam, **params, iou_prefilter=False).generate(image)
     generator = SamAutomaticMaskGenerator(small_sam, **params)
     exact_prompts = []
@@ -324,6 +328,24 @@ def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
         for i in range(len(points)):
             alone_logits, alone_ious = generator._decode(points[i : i + 1])
             assert torch.equal(alone_ious[0], ious[i]) and torch.equal(alone_logits[0], logits[i])
+
+
+def test_exact_mode_computes_prompts_as_metas_batch_does(small_sam, parity_dir):
+    """Meta's generator decodes `points_per_batch` prompts a call; the engine decodes 4 a call on
+    a CPU (or fewer: the IoU prefilter drops prompts), but computes the prompt-side layers at the
+    row count of Meta's batch (`engine.modeling.batch_rows`), so its records are those of
+    one call over the whole batch, to the last bit (on this machine's float32 kernels, 28 and
+    448 rows round differently: predicted IoUs ~5e-6 apart without it)."""
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")
+    params = dict(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.0,
+                  stability_score_thresh=0.0, output_mode="uncompressed_rle")
+    whole = SamAutomaticMaskGenerator(small_sam, **params, decoder_batch=64).generate(image)
+    small = SamAutomaticMaskGenerator(small_sam, **params, decoder_batch=4).generate(image)
+    assert len(small) == len(whole) > 20
+    for a, b in zip(small, whole):
+        assert a == b
 
 
 def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos):

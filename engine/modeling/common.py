@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.modeling import batch_rows
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a BxCxHxW tensor (the neck and upscaling layers use it)."""
@@ -21,6 +23,15 @@ class LayerNorm2d(nn.Module):
         x = (x - mean) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
+    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` on ... x C values, in the same arithmetic: the mask decoder's upscaling
+        input is channels-last in memory (Meta's too), so the channel means run along memory in
+        both, and the elementwise steps are the same float32 operations."""
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight * x + self.bias
+
 
 class MLPBlock(nn.Module):
     """lin1 -> activation -> lin2, the feed-forward part of a transformer block."""
@@ -32,4 +43,5 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        # In the decoder x holds prompt tokens (see batch_rows; elsewhere it is a plain call).
+        return batch_rows.linear(self.lin2, self.act(batch_rows.linear(self.lin1, x)))

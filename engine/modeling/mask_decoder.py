@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.modeling import batch_rows
 from engine.modeling.common import LayerNorm2d
 from engine.modeling.transformer import Attention
 
@@ -57,6 +58,9 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
         self.upscale_pixels = 512  # embedding pixels upscaled at a time, over the whole batch
+        # The upscaling's LayerNorm2d as one fused kernel (faster, ~1e-6 off) or in Meta's
+        # arithmetic; `attention_mode` sets it with the attention's.
+        self.fused_norm = True
 
     def forward(
         self,
@@ -141,17 +145,20 @@ class MaskDecoder(nn.Module):
 
     @contextlib.contextmanager
     def attention_mode(self, reassociate: bool) -> Iterator[None]:
-        """Within the block, re-associated cross-attention (faster; not bit-identical to Meta's)
-        on or off; the attentions' own settings come back afterwards."""
+        """Within the block, the fast arithmetic (re-associated cross-attention, the upscaling's
+        fused layer norm; not bit-identical to Meta's) on or off; the settings in force before
+        come back afterwards."""
         attentions = [m for m in self.transformer.modules() if isinstance(m, Attention)]
-        before = [m.reassociate for m in attentions]
+        before = [m.reassociate for m in attentions], self.fused_norm
         for module in attentions:
             module.reassociate = bool(reassociate)
+        self.fused_norm = bool(reassociate)
         try:
             yield
         finally:
-            for module, value in zip(attentions, before):
+            for module, value in zip(attentions, before[0]):
                 module.reassociate = value
+            self.fused_norm = before[1]
 
     def upscale_masks(
         self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor
@@ -161,7 +168,8 @@ class MaskDecoder(nn.Module):
         A 2x2, stride-2 transposed convolution maps each input pixel to its own 2x2 output block,
         so both are one matrix product over the channel axis, computed channels-last straight
         from the transformer's token layout (PyTorch's CPU transposed convolution is several
-        times slower); the pixel blocks are put in place only once, on the K mask logits.
+        times slower; the products give its bits); the pixel blocks are put in place only once,
+        on the K mask logits.
         Returns B x K x 4H x 4W.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
@@ -183,14 +191,26 @@ class MaskDecoder(nn.Module):
         for top in range(0, height, rows):
             part = tokens[:, top : top + rows].reshape(batch, -1, channels)
             mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
-            mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
-            fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
+            if self.fused_norm:
+                mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
+                fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
+            else:  # Meta's arithmetic: its layer norm, and GELUs on channels-last images
+                mid = _as_image(act1, norm.channels_last(mid))
+                fine = _as_image(act2, block_matmul(mid, up2))
             part_masks = (fine @ hyper_in.transpose(1, 2)).view(batch, -1, width, 2, 2, 2, 2, k)
             # row = 4i + 2a + a2, column = 4j + 2b + b2
             part_masks = part_masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
             n = part_masks.shape[2]
             masks[:, :, 4 * top : 4 * (top + n)] = part_masks.reshape(batch, k, 4 * n, 4 * width)
         return masks
+
+
+def _as_image(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`activation(x)` for B x N x C values, applied to them as a channels-last B x C x N x 1
+    image: that is what Meta's upscaling hands its GELUs, and PyTorch computes the GELU of a
+    channels-last image with another kernel (other float32 bits) than that of a plain array."""
+    out = activation(x.permute(0, 2, 1).unsqueeze(-1))
+    return out.squeeze(-1).permute(0, 2, 1)
 
 
 class MLP(nn.Module):
@@ -213,5 +233,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == last else F.relu(layer(x))
+            x = batch_rows.linear(layer, x)  # one row per prompt (see batch_rows)
+            x = x if i == last else F.relu(x)
         return torch.sigmoid(x) if self.sigmoid_output else x

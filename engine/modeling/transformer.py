@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from engine.modeling import batch_rows
 from engine.modeling.common import MLPBlock
 
 
@@ -182,13 +183,26 @@ class Attention(nn.Module):
         batch, heads, tokens, head_dim = x.shape
         return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = self._split_heads(self.q_proj(q))
-        k = self._split_heads(self.k_proj(k))
-        v = self._split_heads(self.v_proj(v))
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prompt_queries: bool = True,
+        prompt_keys: bool = True,
+    ) -> torch.Tensor:
+        """Meta's order of operations. prompt_queries / prompt_keys: q (and the output) / k and v
+        are prompt tokens, whose projections `batch_rows` may compute at another batch's size."""
+        q = self._split_heads(self._project(self.q_proj, q, prompt_queries))
+        k = self._split_heads(self._project(self.k_proj, k, prompt_keys))
+        v = self._split_heads(self._project(self.v_proj, v, prompt_keys))
         attn = q @ k.permute(0, 1, 3, 2)
         attn = (attn / math.sqrt(q.shape[-1])).softmax(dim=-1)
-        return self.out_proj(self._merge_heads(attn @ v))
+        return self._project(self.out_proj, self._merge_heads(attn @ v), prompt_queries)
+
+    @staticmethod
+    def _project(layer: nn.Linear, x: torch.Tensor, prompt_side: bool) -> torch.Tensor:
+        return batch_rows.linear(layer, x) if prompt_side else layer(x)
 
     def _head_weights(self, linear: nn.Linear) -> torch.Tensor:
         """A q/k/v projection weight as heads x head_dim x embedding_dim."""
@@ -199,7 +213,7 @@ class Attention(nn.Module):
         batch, tokens, width = q.shape
         heads = self.num_heads
         if not self.reassociate or batch * heads * tokens >= k.shape[0] * self.internal_dim:
-            return self(q, k, v)  # cheaper to project the (shared) keys once
+            return self(q, k, v, prompt_keys=False)  # cheaper to project the (shared) keys once
         head_dim = self.internal_dim // heads
         qh = self._split_heads(self.q_proj(q))  # B x H x N x d
         # (q Wq_h + bq)(k Wk_h + bk)^T = [(q Wq_h + bq) Wk_h^T] k^T + a constant per query row
@@ -215,7 +229,7 @@ class Attention(nn.Module):
         batch, tokens, width = k.shape
         heads = self.num_heads
         if not self.reassociate or heads * tokens >= self.internal_dim:
-            return self(q, k, v)
+            return self(q, k, v, prompt_queries=False)
         head_dim = self.internal_dim // heads
         image_tokens = q.shape[1]
         kh = self.k_proj(k).view(batch, tokens, heads, head_dim).transpose(1, 2)  # B x H x N x d
