@@ -163,8 +163,8 @@ class SamAutomaticMaskGenerator:
           iou_prefilter (bool): with pred_iou_thresh > 0, first find the prompts that cannot
             pass the predicted-IoU filter with `engine.modeling.iou_only` (IoUs alone to ~1e-6,
             about a quarter of the exact decoder's work), and run the decoder (Meta's arithmetic,
-            or the re-associated one with fast_decoder) only for the others. The output is the same; it pays while up to about
-            three quarters of the prompts pass, so it is skipped for a batch of prompts when
+            or the re-associated one with fast_decoder) only for the others. The output is the
+            same; it pays while up to about three quarters of the prompts pass, so it is skipped for a batch of prompts when
             more than that of the previous batch's passed (zoomed-in crops pass far more often
             than the whole image).
           batched_masks (bool | None): upsample, score and run-length encode `points_per_batch`

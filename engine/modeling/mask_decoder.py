@@ -149,16 +149,16 @@ class MaskDecoder(nn.Module):
         fused layer norm; not bit-identical to Meta's) on or off; the settings in force before
         come back afterwards."""
         attentions = [m for m in self.transformer.modules() if isinstance(m, Attention)]
-        before = [m.reassociate for m in attentions], self.fused_norm
+        attentions_before, fused_norm_before = [m.reassociate for m in attentions], self.fused_norm
         for module in attentions:
             module.reassociate = bool(reassociate)
         self.fused_norm = bool(reassociate)
         try:
             yield
         finally:
-            for module, value in zip(attentions, before[0]):
+            for module, value in zip(attentions, attentions_before):
                 module.reassociate = value
-            self.fused_norm = before[1]
+            self.fused_norm = fused_norm_before
 
     def upscale_masks(
         self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor
