@@ -152,8 +152,8 @@ class SamAutomaticMaskGenerator:
             (SA-1B: 0.95; None disables, as in Meta's code).
           decoder_batch (int | None): prompts per mask-decoder call; None: 4 on a CPU (small
             batches stay in its cache), points_per_batch on an accelerator (fewer, larger calls).
-            Results do not depend on it: the exact mode computes the prompt-side layers at the
-            row count of a call over points_per_batch prompts, as Meta's generator makes
+            Results do not depend on it: the exact mode pads the prompt-side layers' calls to
+            round as a call over points_per_batch prompts does, as Meta's generator makes
             (`engine.modeling.batch_rows`).
           fast_decoder (bool): the approximate mode: re-associated decoder attention and a fused
             upscaling layer norm (about 1.5x faster per prompt); predicted IoUs then differ from
