@@ -16,6 +16,8 @@ What makes it fast and bounded in memory without changing the output:
 - the predicted-IoU filter runs before any upsampling, the stability filter before binarising;
 - candidates are kept as full-image column-major run lengths (COCO's layout), never as HxW arrays;
 - small-region cleanup works on each mask's box (`engine.amg_regions`).
+- the decoder's large temporaries reuse freed heap memory instead of fresh pages
+  (`engine.heap`, set when the predictor is made).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from engine import heap
 from engine.atomic import atomic_write_bytes
 from engine.modeling import Sam
 from engine.transforms import ResizeLongestSide
@@ -111,6 +112,7 @@ class SamPredictor:
           autocast_dtype (torch.dtype | None): e.g. torch.bfloat16 to run encoder and decoder under
             autocast; outputs are returned as float32. None runs in the model's dtype.
         """
+        heap.reuse_freed_memory()  # the decoder's large temporaries: no fresh pages per call
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
         self.autocast_dtype = autocast_dtype

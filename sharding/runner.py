@@ -14,10 +14,7 @@ exact. The (stage, round) columns of the annotation tables tell outputs of diffe
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.heap import release_freed_memory
 from engine.image_io import ImageLoadError, load_image
 from engine.records import ImageRecord, MaskRecord
 from sharding.store import ImageRow, ShardOutput, Store, check_stage, utc_now
@@ -133,29 +131,6 @@ def apply_stage(stage: str, row: ImageRow, rgb: np.ndarray, process: ProcessFn) 
     except Exception as exc:  # one image's failure is recorded, never stops the shard
         return stage_error(row, exc)
     return check_result(stage, row, rgb.shape, result)
-
-
-def release_freed_memory() -> None:
-    """Give the memory the last image freed back to the OS (glibc's `malloc_trim`), once per image.
-
-    glibc keeps freed memory in its heaps for reuse, and the large buffers of images of many sizes
-    end up there, so a long-lived worker's resident memory crept up with the images it had seen
-    (each Ray model actor, whose work runs on a thread whose arena never shrinks by itself: ~0.55
-    GiB after 20 images, ~0.75 GiB after 200). A trim costs well under a millisecond; where the
-    C library has none (macOS, musl) this does nothing.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 def stage_error(row: ImageRow, exc: Exception, extra: Any = None) -> ImageOutcome:

@@ -17,13 +17,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from engine.heap import release_freed_memory
 from sharding.runner import (
     ImageOutcome,
     StageResult,
     apply_stage,
     check_result,
     decode_row,
-    release_freed_memory,
     stage_error,
 )
 from sharding.store import ImageRow, Store

@@ -167,34 +167,3 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
         i for shard in killed.shards() for i in killed.done_record("classical", 0, shard)["images"]
     ]
     assert sorted(images) == list(range(1, 25))
-
-
-def test_release_freed_memory_returns_a_threads_freed_heap():
-    """What an image freed is given back after it (a model actor's work runs on a thread, whose
-    glibc arena keeps freed memory below its last live block until trimmed)."""
-    import threading
-
-    from sharding.runner import _malloc_trim, release_freed_memory
-
-    if _malloc_trim() is None:
-        pytest.skip("this C library has no malloc_trim (not glibc): the release is a no-op here")
-
-    def resident_mib() -> float:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    seen = {}
-
-    def image_like_work() -> None:
-        blocks = [bytearray(64 * 1024) for _ in range(3000)]  # ~190 MiB below the mmap threshold
-        last = blocks[-1]  # stays live: the freed memory below it cannot shrink the heap
-        del blocks
-        seen["freed"] = resident_mib()
-        release_freed_memory()
-        seen["released"] = resident_mib()
-        del last
-
-    worker = threading.Thread(target=image_like_work)
-    worker.start()
-    worker.join()
-    assert seen["freed"] - seen["released"] > 100, seen
