@@ -84,3 +84,18 @@ def near_crop_edge(
     at_crop = np.abs(boxes - crop) <= atol
     at_image = np.abs(boxes - image) <= atol
     return np.any(at_crop & ~at_image, axis=1)
+
+
+def surely_near_crop_edge(
+    inner_box_xyxy: list[int], crop_box: list[int], image_size: tuple[int, int], atol: float = 20.0
+) -> bool:
+    """Whether every mask containing the inclusive box `inner_box_xyxy` (image frame) is dropped
+    by `near_crop_edge`: a box inside the crop that grows only gets closer to the crop's edges,
+    and on a side whose crop edge is more than 2 * atol from the image's, no box coordinate
+    within atol of the crop edge is within atol of the image edge.
+    """
+    image = (0, 0, image_size[1], image_size[0])
+    return any(
+        abs(inner_box_xyxy[j] - crop_box[j]) <= atol and abs(crop_box[j] - image[j]) > 2 * atol
+        for j in range(4)
+    )

@@ -100,6 +100,12 @@ class MaskUpsampler:
             )
             self._factor = factor
 
+    @property
+    def low_res_needed(self) -> tuple[int, int] | None:
+        """(rows, cols) of the low-res logits that `logits` and `window` read (the image's part
+        of the padded square, plus the resize's reach); None: all of them."""
+        return self._keep
+
     def logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Bx256x256 low-res logits -> BxHxW logits at the original size (Meta's arithmetic)."""
         x = low_res[:, None]

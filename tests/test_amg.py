@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from engine import rle
 from engine.amg import AmgConfig, SamAutomaticMaskGenerator, image_record
-from engine.amg_crops import generate_crop_boxes, near_crop_edge
+from engine.amg_crops import generate_crop_boxes, near_crop_edge, surely_near_crop_edge
 from engine.amg_masks import (
     mask_boxes,
     masks_to_runs,
@@ -296,6 +296,84 @@ def test_iou_prefilter_runs_the_decoder_only_where_a_mask_can_pass(small_sam, pa
         assert np.array_equal(a["segmentation"], b["segmentation"])
 
 
+def test_surely_near_crop_edge_implies_every_larger_box_is_dropped():
+    """A box that `surely_near_crop_edge` flags is dropped by `near_crop_edge`, and so is every
+    box inside the crop that contains it (what the stability prefilter relies on)."""
+    rng = np.random.default_rng(0)
+    size = (673, 1201)
+    crops, _ = generate_crop_boxes(size, 2, 512 / 1500)
+    flagged = 0
+    for crop in crops:
+        for _ in range(200):
+            xs = np.sort(rng.integers(crop[0], crop[2], 2))
+            ys = np.sort(rng.integers(crop[1], crop[3], 2))
+            inner = [int(xs[0]), int(ys[0]), int(xs[1]), int(ys[1])]
+            if not surely_near_crop_edge(inner, crop, size):
+                continue
+            flagged += 1
+            for _ in range(5):
+                outer = [
+                    int(rng.integers(crop[0], inner[0] + 1)),
+                    int(rng.integers(crop[1], inner[1] + 1)),
+                    int(rng.integers(inner[2], crop[2])),
+                    int(rng.integers(inner[3], crop[3])),
+                ]
+                assert near_crop_edge(np.asarray([outer]), crop, size)[0]
+    assert flagged > 100
+    # the whole image has no inner edge: nothing is surely dropped
+    assert not surely_near_crop_edge([0, 0, 5, 5], [0, 0, size[1], size[0]], size)
+
+
+@pytest.mark.parametrize("margin", ["default", "too_small"])
+def test_stability_prefilter_gives_the_output_without_it(small_sam, parity_dir, margin, monkeypatch):
+    """The stability prefilter (rough masks bounded, Meta's arithmetic only for prompts with a
+    mask that may pass the stability and crop-edge filters) gives the output without it, to the
+    last bit, decoding far fewer prompts exactly. With a margin too small for the rough masks'
+    difference, its check on the prompts decoded both ways catches it: it warns, decodes what
+    it dropped and turns itself off (the output is still the same)."""
+    import engine.amg as amg
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")[::2, ::2].copy()  # 337 x 601
+    params = dict(
+        points_per_side=6, crop_n_layers=1, crop_n_points_downscale_factor=1,
+        pred_iou_thresh=0.8, stability_score_thresh=0.92, output_mode="coco_rle",
+    )
+
+    def counted(generator: SamAutomaticMaskGenerator) -> list[int]:
+        exact_prompts = []
+        run_decoder = generator._run_decoder
+
+        def counting(coords, min_iou):
+            if min_iou != float("inf"):  # (not the IoU-only fallback)
+                exact_prompts.append(len(coords))
+            return run_decoder(coords, min_iou)
+
+        generator._run_decoder = counting
+        return exact_prompts
+
+    without = SamAutomaticMaskGenerator(small_sam, **params, stability_prefilter=False)
+    without_prompts = counted(without)
+    plain = without.generate(image)
+    if margin == "too_small":
+        monkeypatch.setattr(amg, "STABILITY_MARGIN", 1e-9)
+    generator = SamAutomaticMaskGenerator(small_sam, **params)
+    assert generator.stability_prefilter  # on by default on a CPU
+    exact_prompts = counted(generator)
+    if margin == "too_small":
+        with pytest.warns(RuntimeWarning, match="stability_prefilter"):
+            bounded = generator.generate(image)
+        assert not generator.stability_prefilter
+    else:
+        bounded = generator.generate(image)
+        assert 0 < 2 * sum(exact_prompts) < sum(without_prompts)
+    assert len(bounded) == len(plain) > 0
+    assert [r["segmentation"] for r in bounded] == [r["segmentation"] for r in plain]
+    for a, b in zip(bounded, plain):
+        assert a["predicted_iou"] == b["predicted_iou"] and a["stability_score"] == b["stability_score"]
+        assert a["bbox"] == b["bbox"] and a["point_coords"] == b["point_coords"]
+
+
 def test_batched_masks_give_the_windowed_output(small_sam, parity_dir):
     """The accelerator's post-processing (whole batches at full resolution on the model's device,
     as Meta's code) and the CPU's (one candidate at a time on its window) give the same records to
@@ -320,13 +398,16 @@ def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
     bits it gets among three others (unpadded, one prompt takes other float32 kernels)."""
     from engine.image_io import load_image
 
-    generator = SamAutomaticMaskGenerator(small_sam, points_per_side=2, pred_iou_thresh=0.0)
+    generator = SamAutomaticMaskGenerator(
+        small_sam, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0
+    )
     generator.predictor.set_image(load_image(parity_dir / "image.png"))
     points = generator.point_grids[0] * np.array([1201, 673])
+    whole = ([0, 0, 1201, 673], (673, 1201))
     with torch.no_grad():
-        logits, ious = generator._decode(points)
+        logits, ious, _ = generator._decode(points, None, *whole)
         for i in range(len(points)):
-            alone_logits, alone_ious = generator._decode(points[i : i + 1])
+            alone_logits, alone_ious, _ = generator._decode(points[i : i + 1], None, *whole)
             assert torch.equal(alone_ious[0], ious[i]) and torch.equal(alone_logits[0], logits[i])
 
 

@@ -119,7 +119,35 @@ def test_iou_only_pass_equals_the_decoders_ious(depth, prompts):
     sparse = torch.randn(prompts, 2, 256)
     assert iou_only.supports(decoder)
     with torch.no_grad(), decoder.attention_mode(reassociate=False):
-        _, expected = decoder.predict_masks(image, pe, sparse, no_mask.expand(prompts, -1, 32, 32))
+        masks, expected = decoder.predict_masks(image, pe, sparse, no_mask.expand(prompts, -1, 32, 32))
         context = iou_only.iou_context(decoder, image, no_mask, pe)
         got = iou_only.iou_predictions(decoder, context, sparse)
+        # the stability prefilter's rough masks: the multimask outputs, where the IoUs pass,
+        # on the low-res part the generator reads (the rest 0)
+        threshold = float(expected[:, 1:].median())
+        rough, rough_ious = iou_only.rough_masks(decoder, context, sparse, (32, 32), threshold, (70, 90))
     _close(got, expected, expected.abs().max().item())
+    _close(rough_ious, expected, expected.abs().max().item())
+    passing = (rough_ious[:, 1:] > threshold).any(1)
+    assert 0 < int(passing.sum()) <= prompts
+    scale = masks.abs().max().item()
+    _close(rough[passing][..., :72, :90], masks[passing, 1:][..., :72, :90], scale)  # (whole pixels: 72)
+    assert not rough[~passing].any() and not rough[..., 72:, :].any() and not rough[..., 92:].any()
+
+
+def test_upscaling_only_the_rows_read_gives_their_bits():
+    """`low_res_rows`: the generator's resizes read no logits of the padding below the image, so
+    the exact upscaling runs only the row chunks making the rows read, each with its own shape:
+    those rows are the full call's bits, the rest 0."""
+    torch.manual_seed(1)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=512)
+    decoder = MaskDecoder(transformer_dim=256, transformer=transformer)
+    for p in decoder.output_upscaling.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    tokens, hyper = torch.randn(4, 64 * 64, 256), torch.randn(4, 3, 32)
+    with torch.no_grad(), decoder.attention_mode(reassociate=False):
+        full = decoder.upscale_masks(tokens, (64, 64), hyper)
+        for rows in (1, 146, 150, 256):
+            part = decoder.upscale_masks(tokens, (64, 64), hyper, low_res_rows=rows)
+            assert torch.equal(part[:, :, :rows], full[:, :, :rows])
+            assert not part[:, :, -(-rows // 8) * 8 :].any()  # chunks of 2 image rows (8 low-res)

@@ -13,7 +13,8 @@ pass computes the same function with them folded into matrix products:
   `keys + pe` sum is ever formed;
 - the image->token output bias passes into the value rows (each head's softmax sums to one) and
   the residual is the matrix product's accumulator, updated in place;
-- the last token->image attention runs for the IoU token only (the masks are not needed).
+- the last token->image attention runs for the IoU token only (the masks are not needed),
+  or for the output tokens when `rough_masks` also wants the masks.
 
 The arithmetic is float32 in another order than Meta's: predicted IoUs differ by ~1e-6, far
 inside the prefilter's margin (`engine.amg.PREFILTER_MARGIN`); the masks that are kept always
@@ -96,6 +97,60 @@ def iou_context(
 def iou_predictions(decoder: MaskDecoder, context: IouContext, sparse: torch.Tensor) -> torch.Tensor:
     """B x (1 + K) predicted IoUs of B prompts (sparse embeddings B x N x C), as
     `MaskDecoder.predict_masks` gives them (to ~1e-6), without any mask."""
+    queries, keys, prompt = _transformer(decoder, context, sparse)
+    iou_token = _final_tokens(decoder, context, queries, prompt, keys, slice(0, 1))[:, 0]
+    return decoder.iou_prediction_head(iou_token)
+
+
+@torch.no_grad()
+def rough_masks(
+    decoder: MaskDecoder,
+    context: IouContext,
+    sparse: torch.Tensor,
+    size: tuple[int, int],
+    min_iou: float | None,
+    low_res_needed: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B x (K - 1) x 4H x 4W low-res logits of the multimask outputs and B x (1 + K) predicted
+    IoUs, as `MaskDecoder.predict_masks` gives them (logits to ~2e-6 of 1 + the largest): the
+    IoU pass, then for the prompts with a multimask IoU over `min_iou` (None: all; the others'
+    logits stay 0) the final attention of those mask tokens and the upscaling (the decoder's
+    fused layer norm), only of the image pixels making the low-res `low_res_needed` (rows,
+    cols) (each pixel's 4 x 4 logits depend on it alone; the others stay 0). The generator's
+    stability prefilter bounds masks with it."""
+    queries, keys, prompt = _transformer(decoder, context, sparse)
+    iou_token = _final_tokens(decoder, context, queries, prompt, keys, slice(0, 1))[:, 0]
+    ious = decoder.iou_prediction_head(iou_token)
+    batch = queries.shape[0]
+    masks = keys.new_zeros(batch, decoder.num_mask_tokens - 1, 4 * size[0], 4 * size[1])
+    rows = torch.arange(batch, device=keys.device)
+    if min_iou is not None:
+        rows = (ious[:, 1:] > min_iou).any(1).nonzero()[:, 0]
+    if not len(rows):
+        return masks, ious
+    multimask = slice(2, 1 + decoder.num_mask_tokens)  # token 0: IoU, 1: the single-mask output
+    tokens = _final_tokens(decoder, context, queries[rows], prompt[rows], keys[rows], multimask)
+    mlps = list(decoder.output_hypernetworks_mlps)[1:]
+    hyper_in = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
+    height, width = size
+    if low_res_needed is not None:
+        height, width = (min(n, -(-int(m) // 4)) for n, m in zip(size, low_res_needed))
+    image = keys[rows].view(len(rows), size[0], size[1], -1)[:, :height, :width]
+    fused_before = decoder.fused_norm
+    decoder.fused_norm = True
+    try:
+        part = decoder.upscale_masks(image.reshape(len(rows), height * width, -1), (height, width), hyper_in)
+    finally:
+        decoder.fused_norm = fused_before
+    masks[rows, :, : 4 * height, : 4 * width] = part
+    return masks, ious
+
+
+def _transformer(
+    decoder: MaskDecoder, context: IouContext, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-way blocks in the folded arithmetic: the tokens before the final attention
+    (B x T x C), the image tokens (B x M x C) and the prompt tokens (their positional part)."""
     transformer = decoder.transformer
     prompt = decoder.prompt_tokens(sparse)  # B x N x C
     queries = prompt
@@ -120,12 +175,24 @@ def iou_predictions(decoder: MaskDecoder, context: IouContext, sparse: torch.Ten
             logits = _image_logits(attention, queries + prompt, keys, context.pe_q[i - 1])
         keys = _add_image_update(attention, logits, queries, keys)
         keys = layer.norm4(keys)
-    iou_query = queries[:, :1]
+    return queries, keys, prompt
+
+
+def _final_tokens(
+    decoder: MaskDecoder,
+    context: IouContext,
+    queries: torch.Tensor,
+    prompt: torch.Tensor,
+    keys: torch.Tensor,
+    which: slice,
+) -> torch.Tensor:
+    """The final token->image attention and norm for the output tokens `which` only."""
+    transformer = decoder.transformer
+    out = queries[:, which]
     attn_out = _tokens_to_image(
-        transformer.final_attn_token_to_image, iou_query + prompt[:, :1], keys, context.pe_k[-1]
+        transformer.final_attn_token_to_image, out + prompt[:, which], keys, context.pe_k[-1]
     )
-    iou_token = transformer.norm_final_attn(iou_query + attn_out)[:, 0]
-    return decoder.iou_prediction_head(iou_token)
+    return transformer.norm_final_attn(out + attn_out)
 
 
 def _heads(attention: Attention, x: torch.Tensor) -> torch.Tensor:

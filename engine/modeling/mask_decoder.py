@@ -70,6 +70,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         min_iou: float | None = None,
+        low_res_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Arguments:
@@ -81,6 +82,9 @@ class MaskDecoder(nn.Module):
           min_iou (float | None): the automatic generator's predicted-IoU filter: the upscaling
             (a third of the decoder's work) runs only for prompts with a returned mask whose
             predicted IoU is > min_iou; the other prompts' logits are left at 0 (unused).
+          low_res_rows (int | None): the generator's resizes read only the low-res rows of the
+            image, not of the padding below it: only the upscaling's row chunks that make them
+            run (the same chunks, so the same bits), the other rows are 0. None: all.
         Returns:
           (torch.Tensor): BxKx(4H)x(4W) mask logits, K = 3 or 1.
           (torch.Tensor): BxK predicted IoU (not squashed: may leave [0, 1]).
@@ -90,7 +94,12 @@ class MaskDecoder(nn.Module):
         if min_iou is not None:
             needed = lambda iou: (iou[:, selected] > min_iou).any(1)  # noqa: E731
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, needed
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            needed,
+            low_res_rows,
         )
         return masks[:, selected, :, :], iou_pred[:, selected]
 
@@ -101,11 +110,12 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         needed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        low_res_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All 1 + num_multimask_outputs masks and IoU predictions, token order [iou, masks, prompts].
 
         needed: from the Bx(1+K) predicted IoUs, the B bools of the prompts whose masks are
-        computed (the others' stay 0); None computes all."""
+        computed (the others' stay 0); None computes all. low_res_rows: see `forward`."""
         tokens = self.prompt_tokens(sparse_prompt_embeddings)
 
         # One image embedding and one positional encoding serve every prompt. Without mask prompts
@@ -130,11 +140,11 @@ class MaskDecoder(nn.Module):
         )
         src = src.expand(batch, -1, -1)
         if needed is None:
-            return self.upscale_masks(src, (height, width), hyper_in), iou_pred
+            return self.upscale_masks(src, (height, width), hyper_in, low_res_rows), iou_pred
         rows = needed(iou_pred).nonzero()[:, 0]
         masks = src.new_zeros(batch, hyper_in.shape[1], 4 * height, 4 * width)
         if len(rows):
-            masks[rows] = self.upscale_masks(src[rows], (height, width), hyper_in[rows])
+            masks[rows] = self.upscale_masks(src[rows], (height, width), hyper_in[rows], low_res_rows)
         return masks, iou_pred
 
     def prompt_tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
@@ -161,7 +171,11 @@ class MaskDecoder(nn.Module):
             self.fused_norm = fused_norm_before
 
     def upscale_masks(
-        self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        size: tuple[int, int],
+        hyper_in: torch.Tensor,
+        low_res_rows: int | None = None,
     ) -> torch.Tensor:
         """`output_upscaling` then the hypernetwork product, on B x (H*W) x C image tokens.
 
@@ -169,7 +183,8 @@ class MaskDecoder(nn.Module):
         so both are one matrix product over the channel axis, computed channels-last straight
         from the transformer's token layout (PyTorch's CPU transposed convolution is several
         times slower; the products give its bits); the pixel blocks are put in place only once,
-        on the K mask logits.
+        on the K mask logits. With `low_res_rows` only the chunks making the first that many
+        rows run; the rows after them are 0.
         Returns B x K x 4H x 4W.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
@@ -188,7 +203,10 @@ class MaskDecoder(nn.Module):
         # A few grid rows at a time: the intermediates (16x the input) then stay in the CPU's
         # cache instead of being written to and read back from fresh memory.
         rows = max(1, self.upscale_pixels // max(1, batch * width))
-        for top in range(0, height, rows):
+        stop = height if low_res_rows is None else min(height, -(-int(low_res_rows) // 4))
+        stop = min(height, -(-stop // rows) * rows)  # whole chunks: each keeps its shape
+        masks[:, :, 4 * stop :] = 0
+        for top in range(0, stop, rows):
             part = tokens[:, top : top + rows].reshape(batch, -1, channels)
             mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
             if self.fused_norm:
