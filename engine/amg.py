@@ -127,8 +127,8 @@ class _Candidates:
 
 @dataclass
 class _MaskBound:
-    """The stability prefilter's pass over a batch: the re-associated decoder's low-res logits
-    and IoUs, which prompts may pass, and the margin `delta` its decision allowed for."""
+    """The stability prefilter's pass over a batch: the rough low-res logits and IoUs, which
+    prompts may pass, and the margin `delta` its decision allowed for."""
 
     logits: torch.Tensor
     ious: torch.Tensor
@@ -473,8 +473,8 @@ class SamAutomaticMaskGenerator:
         self, coords: torch.Tensor, min_iou: float | None, masks: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`engine.modeling.iou_only` over `coords`, with the image's part computed once per
-        crop: Bx3 predicted IoUs to ~1e-6 and, with `masks`, Bx3 low-res logits to ~1e-5 of
-        the largest (upscaled only for prompts with an IoU over `min_iou`)."""
+        crop: Bx3 predicted IoUs to ~1e-6 and, with `masks`, Bx3 low-res logits to ~2e-6 of
+        1 + the largest (upscaled only for prompts with an IoU over `min_iou`)."""
         model = self.predictor.model
         decoder = model.mask_decoder
         if not iou_only.supports(decoder):
