@@ -153,6 +153,10 @@ class MaskUpsampler:
         span_y = _output_span(y_taps, int(rows[0]), int(rows[-1]), self.input_size[0])
         span_x = _output_span(x_taps, int(cols[0]), int(cols[-1]), self.input_size[1])
         (top, bottom), (left, right) = span_y, span_x
+        if bottom < top or right < left:
+            # the hot cells are only in the resize's margin (past the image's part of the padded
+            # square), which no output pixel reads
+            return LogitWindow(low_res.new_zeros(0, 0), 0, 0)
         if (bottom - top + 1) * (right - left + 1) * 2 > height * width:  # little to save
             full = self.logits(low_res[None])[0]
             return LogitWindow(full[top : bottom + 1, left : right + 1], top, left)
@@ -216,12 +220,13 @@ def _linear_taps(n_in: int, n_out: int) -> _Taps:
 
 
 def _output_span(taps: _Taps, lo: int, hi: int, n_mid: int) -> tuple[int, int]:
-    """Output indices whose value can depend on low-res cells lo..hi (via the x4 first resize)."""
+    """Output indices start..stop whose value can depend on low-res cells lo..hi (via the x4 first
+    resize); stop < start when no output reads them (cells in the margin past the image)."""
     # first-resize index y reads low-res cells max(0, (y - 2) // 4) and the one after it
     mid_lo, mid_hi = max(0, 4 * lo - 2), min(n_mid - 1, 4 * hi + 5)
     start = int(torch.searchsorted(taps.second, mid_lo))
     stop = int(torch.searchsorted(taps.first, mid_hi, right=True)) - 1
-    return start, max(start, stop)
+    return start, stop
 
 
 def _source_span(a: int, b: int, n: int) -> tuple[int, int]:

@@ -88,7 +88,8 @@ def test_upsampler_window_is_the_full_logits_where_they_can_pass(input_size, siz
     gen = torch.Generator().manual_seed(3)
     upsampler = MaskUpsampler((256, 256), 1024, input_size, size)
     floor = -1.01
-    for trial in range(12):
+    keep_rows, keep_cols = upsampler.low_res_needed
+    for trial in range(14):
         low = torch.randn(256, 256, generator=gen) * 2 - 14
         r, c = (int(v) for v in torch.randint(0, 256, (2,), generator=gen))
         side = 1 + 9 * trial
@@ -97,6 +98,10 @@ def test_upsampler_window_is_the_full_logits_where_they_can_pass(input_size, siz
             low = torch.full((256, 256), -20.0)
         if trial == 11:
             low = torch.randn(256, 256, generator=gen) * 5
+        if trial in (12, 13):  # hot only in the resize's margin past the image: no pixel reads it
+            low = torch.full((256, 256), -20.0)
+            low[keep_rows - 1, : keep_cols - 2] = 20.0 if trial == 12 else -20.0
+            low[: keep_rows - 2, keep_cols - 1] = 20.0 if trial == 13 else -20.0
         full = upsampler.logits(low[None])[0]
         logits, top, left = upsampler.window(low, floor)
         h, w = logits.shape
