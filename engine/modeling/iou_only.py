@@ -244,28 +244,6 @@ def _tokens_to_image(
     return attention.out_proj(values.transpose(1, 2).flatten(2))
 
 
-def _token_to_normed_image(
-    attention: Attention, q: torch.Tensor, image: torch.Tensor, norm: torch.nn.LayerNorm, pe_k: torch.Tensor
-) -> torch.Tensor:
-    """`_tokens_to_image` for one token (B x 1 x C) over `norm(image)`, without forming it:
-    the layer norm's per-token mean and scale are applied to the H x M logits and weights."""
-    heads = attention.num_heads
-    batch, _, width = q.shape
-    var, mean = torch.var_mean(image, dim=-1, correction=0)  # B x M
-    scale = torch.rsqrt(var + norm.eps)
-    qh = _heads(attention, attention.q_proj(q))  # B x H x 1 x d
-    reach = (qh @ _weight(attention.k_proj, heads)).view(batch, heads, width)  # B x H x C
-    reach = reach * norm.weight  # (reach . beta) is constant along each row: drops out
-    centred = reach @ image.transpose(1, 2) - reach.sum(-1, keepdim=True) * mean[:, None, :]
-    logits = centred * scale[:, None, :] + _per_head(qh, pe_k).view(batch, heads, -1)
-    weights = logits.softmax(-1) * scale[:, None, :]  # B x H x M
-    mixed = weights @ image - (weights @ mean[:, :, None])  # B x H x C
-    mixed = (mixed * norm.weight + norm.bias).view(batch, heads, 1, width)
-    values = mixed @ _weight(attention.v_proj, heads).transpose(1, 2)  # B x H x 1 x d
-    values = values + attention.v_proj.bias.view(heads, 1, -1)
-    return attention.out_proj(values.transpose(1, 2).flatten(2))
-
-
 def _image_logits(
     attention: Attention, k: torch.Tensor, image: torch.Tensor, pe_q: torch.Tensor
 ) -> torch.Tensor:
