@@ -31,6 +31,11 @@ import torch
 from engine.modeling.mask_decoder import MaskDecoder
 from engine.modeling.transformer import Attention
 
+# Embedding pixels the rough masks upscale a chunk (the exact decoder's 512 are the chunk its bits
+# were checked with): 4x fewer chunks cut the elementwise steps' overhead, ~41 -> ~28 ms for the
+# upscaling of 4 prompts on the fixture model (2-core CPU); the intermediates stay ~4 MiB.
+ROUGH_UPSCALE_PIXELS = 2048
+
 
 @dataclass
 class IouContext:
@@ -139,7 +144,9 @@ def rough_masks(
     fused_before = decoder.fused_norm
     decoder.fused_norm = True
     try:
-        part = decoder.upscale_masks(image.reshape(len(rows), height * width, -1), (height, width), hyper_in)
+        part = decoder.upscale_masks(
+            image.reshape(len(rows), height * width, -1), (height, width), hyper_in, pixels=ROUGH_UPSCALE_PIXELS
+        )
     finally:
         decoder.fused_norm = fused_before
     masks[rows, :, : 4 * height, : 4 * width] = part

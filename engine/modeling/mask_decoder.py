@@ -176,6 +176,7 @@ class MaskDecoder(nn.Module):
         size: tuple[int, int],
         hyper_in: torch.Tensor,
         low_res_rows: int | None = None,
+        pixels: int | None = None,
     ) -> torch.Tensor:
         """`output_upscaling` then the hypernetwork product, on B x (H*W) x C image tokens.
 
@@ -202,7 +203,7 @@ class MaskDecoder(nn.Module):
         masks = image_tokens.new_empty(batch, k, 4 * height, 4 * width)
         # A few grid rows at a time: the intermediates (16x the input) then stay in the CPU's
         # cache instead of being written to and read back from fresh memory.
-        rows = max(1, self.upscale_pixels // max(1, batch * width))
+        rows = max(1, (pixels or self.upscale_pixels) // max(1, batch * width))
         stop = height if low_res_rows is None else min(height, -(-int(low_res_rows) // 4))
         stop = min(height, -(-stop // rows) * rows)  # whole chunks: each keeps its shape
         masks[:, :, 4 * stop :] = 0
