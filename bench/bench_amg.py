@@ -8,11 +8,15 @@
     python bench/bench_amg.py --device cuda               # on a GPU (both sides; warm timing)
     python bench/bench_amg.py --only B --meta-path /tmp/meta_sam \
         --set pred_iou_thresh=0.88 --set stability_score_thresh=0.95   # thresholds that filter
+    python bench/bench_amg.py --only A --meta-path /tmp/meta_sam --image demo/photos/chelsea.jpg \
+        --model other_config.json other.pth --set points_per_batch=32   # another model and photo
 
 Each run is a fresh subprocess, so its peak RSS is its own. Agreement with the fixture: same count,
 same order, per-mask IoU, max |predicted_iou| / |stability| differences, identical bbox / crop_box.
-With `--set key=value` (parameters other than the fixture's) the engine is compared with Meta's
-output of the same run instead, so --meta-path is then needed for an agreement figure.
+With `--set key=value` (parameters other than the fixture's), `--image` or `--model` the engine
+is compared with Meta's output of the same run instead, so --meta-path is then needed for an
+agreement figure. `--model CONFIG CHECKPOINT` takes any config.json-style architecture (as the
+fixture's) and a plain state dict, for both generators.
 Meta's generator (only when `segment_anything` is importable from --meta-path; never a dependency)
 runs through `bench/meta_standin.py` (pure-torch stand-ins for its four torchvision symbols).
 On CUDA each generator runs twice on the image and the second run is timed (the first pays for
@@ -123,6 +127,8 @@ def one(
     dump: str | None = None,
     device: str = "cpu",
     tf32: bool = False,
+    image_path: str | None = None,
+    model: tuple[str, str] | None = None,
 ) -> dict:
     """Run one generator in this process and report (called in a subprocess); `dump`: a file to
     pickle the records to (masks as COCO RLE), for the agreement with another run."""
@@ -136,7 +142,8 @@ def one(
     if device != "cpu" and not tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    image = load_image(PARITY / "image.png")
+    image = load_image(image_path or PARITY / "image.png")
+    config, checkpoint = model or (PARITY / "config.json", PARITY / "sam_small.pth")
     params = _params(which)
     if grid is not None:
         params["points_per_side"] = grid
@@ -145,13 +152,13 @@ def one(
         sys.path.insert(0, meta_path)
         from bench.meta_standin import build_meta_sam
 
-        sam = build_meta_sam(PARITY / "config.json", PARITY / "sam_small.pth").to(device)
+        sam = build_meta_sam(config, checkpoint).to(device)
         from segment_anything import SamAutomaticMaskGenerator as Generator
     else:
         from engine.amg import SamAutomaticMaskGenerator as Generator
         from engine.model import build_sam
 
-        sam = build_sam(PARITY / "config.json", checkpoint=PARITY / "sam_small.pth", device=device)
+        sam = build_sam(config, checkpoint=checkpoint, device=device)
     if impl == "engine-fast":
         params["fast_decoder"] = True  # the approximate mode
     if impl == "engine-noprefilter":
@@ -178,7 +185,7 @@ def one(
     if first is not None:
         report["first_seconds"] = first
         report["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    if which in ("A", "B") and grid is None and not overrides:
+    if which in ("A", "B") and grid is None and not overrides and not image_path and not model:
         anns, masks = _reference(which, image.shape[:2])
         report["vs_fixture"] = agreement(out, anns, masks)
     if dump:
@@ -216,6 +223,9 @@ def main() -> None:
                         help="override a generator parameter in every run (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the model of both generators)")
     parser.add_argument("--tf32", action="store_true", help="CUDA: leave TF32 on (PyTorch's default)")
+    parser.add_argument("--image", help="another photo than the fixture's (compared with Meta's run)")
+    parser.add_argument("--model", nargs=2, metavar=("CONFIG", "CHECKPOINT"),
+                        help="another model than the fixture's: config.json and state dict")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +238,8 @@ def main() -> None:
     if args.one:
         which, impl, grid, meta = args.one
         grid = None if grid == "-" else int(grid)
-        report = one(which, impl, grid, meta, overrides, args.dump, args.device, args.tf32)
+        report = one(which, impl, grid, meta, overrides, args.dump, args.device, args.tf32,
+                     args.image, args.model)
         print(json.dumps(report))
         return
     if not PARITY.is_dir():
@@ -239,6 +250,7 @@ def main() -> None:
         if not meta_ok:
             print(f"segment_anything not found under {args.meta_path}: Meta's side skipped")
     tmp = tempfile.mkdtemp(prefix="bench_amg")
+    compare_runs = bool(overrides or args.device != "cpu" or args.image or args.model)
     for which in args.only:
         for grid in args.grid or [None]:
             impls = ["engine"] + (["engine-fast"] if args.fast else [])
@@ -250,7 +262,9 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", which, impl, str(grid or "-"), str(args.meta_path)]
                 cmd += [f"--set={item}" for item in args.set] + [f"--device={args.device}"]
                 cmd += ["--tf32"] if args.tf32 else []
-                if overrides or args.device != "cpu":
+                cmd += [f"--image={Path(args.image).resolve()}"] if args.image else []
+                cmd += ["--model", *map(str, map(Path.resolve, map(Path, args.model)))] if args.model else []
+                if compare_runs:
                     cmd += ["--dump", dumps[impl]]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode != 0:
@@ -263,7 +277,7 @@ def main() -> None:
                     ratio = results["meta"]["seconds"] / results[impl]["seconds"]
                     print(f"set {which}: Meta {results['meta']['seconds']} s / {impl} "
                           f"{results[impl]['seconds']} s = {ratio:.2f}x", flush=True)
-                    if overrides or args.device != "cpu":
+                    if compare_runs:
                         vs_meta = agreement_with(dumps[impl], dumps["meta"])
                         print(f"set {which}: {impl} vs Meta {json.dumps(vs_meta)}", flush=True)
 
