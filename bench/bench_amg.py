@@ -263,7 +263,7 @@ def main() -> None:
                 cmd += [f"--set={item}" for item in args.set] + [f"--device={args.device}"]
                 cmd += ["--tf32"] if args.tf32 else []
                 cmd += [f"--image={Path(args.image).resolve()}"] if args.image else []
-                cmd += ["--model", *map(str, map(Path.resolve, map(Path, args.model)))] if args.model else []
+                cmd += ["--model", *(str(Path(path).resolve()) for path in args.model)] if args.model else []
                 if compare_runs:
                     cmd += ["--dump", dumps[impl]]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

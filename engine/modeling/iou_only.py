@@ -141,14 +141,13 @@ def rough_masks(
     if low_res_needed is not None:
         height, width = (min(n, -(-int(m) // 4)) for n, m in zip(size, low_res_needed))
     image = keys[rows].view(len(rows), size[0], size[1], -1)[:, :height, :width]
-    fused_before = decoder.fused_norm
-    decoder.fused_norm = True
-    try:
-        part = decoder.upscale_masks(
-            image.reshape(len(rows), height * width, -1), (height, width), hyper_in, pixels=ROUGH_UPSCALE_PIXELS
-        )
-    finally:
-        decoder.fused_norm = fused_before
+    part = decoder.upscale_masks(
+        image.reshape(len(rows), height * width, -1),
+        (height, width),
+        hyper_in,
+        pixels=ROUGH_UPSCALE_PIXELS,
+        fused_norm=True,
+    )
     masks[rows, :, : 4 * height, : 4 * width] = part
     return masks, ious
 

@@ -177,6 +177,7 @@ class MaskDecoder(nn.Module):
         hyper_in: torch.Tensor,
         low_res_rows: int | None = None,
         pixels: int | None = None,
+        fused_norm: bool | None = None,
     ) -> torch.Tensor:
         """`output_upscaling` then the hypernetwork product, on B x (H*W) x C image tokens.
 
@@ -185,12 +186,16 @@ class MaskDecoder(nn.Module):
         from the transformer's token layout (PyTorch's CPU transposed convolution is several
         times slower; the products give its bits); the pixel blocks are put in place only once,
         on the K mask logits. With `low_res_rows` only the chunks making the first that many
-        rows run; the rows after them are 0.
+        rows run; the rows after them are 0. `pixels`: embedding pixels a chunk takes over the
+        whole batch (None: `upscale_pixels`, the chunk Meta's bits were checked with).
+        `fused_norm`: the layer norm as one fused kernel or in Meta's arithmetic (None:
+        `self.fused_norm`).
         Returns B x K x 4H x 4W.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
         batch, _, channels = image_tokens.shape
         height, width = size
+        fused_norm = self.fused_norm if fused_norm is None else fused_norm
 
         def block_matmul(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
             # weight in x out x 2 x 2 -> (2 * 2 * out) x in: output channels last, per sub-pixel
@@ -210,7 +215,7 @@ class MaskDecoder(nn.Module):
         for top in range(0, stop, rows):
             part = tokens[:, top : top + rows].reshape(batch, -1, channels)
             mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
-            if self.fused_norm:
+            if fused_norm:
                 mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
                 fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
             else:  # Meta's arithmetic: its layer norm, and GELUs on channels-last images
