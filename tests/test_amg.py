@@ -301,6 +301,21 @@ def test_iou_prefilter_runs_the_decoder_only_where_a_mask_can_pass(small_sam, pa
         assert np.array_equal(a["segmentation"], b["segmentation"])
 
 
+def test_iou_prefilter_with_batches_of_one_prompt_more_than_a_call(small_sam, parity_dir):
+    """Batches of 5 prompts end in an IoU-pass call of one prompt; the image's shared tokens of
+    that call must not be updated in place (they were: the crop's later batches then got wrong
+    IoUs and dropped prompts that pass)."""
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")[::2, ::2].copy()
+    params = dict(points_per_side=5, points_per_batch=5, pred_iou_thresh=0.75,
+                  stability_score_thresh=0.0, output_mode="coco_rle")
+    plain = SamAutomaticMaskGenerator(small_sam, **params, iou_prefilter=False).generate(image)
+    filtered = SamAutomaticMaskGenerator(small_sam, **params).generate(image)
+    assert len(plain) > 3
+    assert filtered == plain
+
+
 def test_surely_near_crop_edge_implies_every_larger_box_is_dropped():
     """A box that `surely_near_crop_edge` flags is dropped by `near_crop_edge`, and so is every
     box inside the crop that contains it (what the stability prefilter relies on)."""

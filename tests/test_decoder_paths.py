@@ -126,6 +126,12 @@ def test_iou_only_pass_equals_the_decoders_ious(depth, prompts):
         # on the low-res part the generator reads (the rest 0)
         threshold = float(expected[:, 1:].median())
         rough, rough_ious = iou_only.rough_masks(decoder, context, sparse, (32, 32), threshold, (70, 90))
+        # one prompt a call: the image's shared tokens, expanded over a batch of 1, are not a
+        # stride-0 view; they must stay untouched for the crop's later calls
+        src = context.src.clone()
+        alone = [iou_only.iou_predictions(decoder, context, sparse[i : i + 1]) for i in range(prompts)]
+        assert torch.equal(context.src, src)
+        _close(torch.cat(alone), expected, expected.abs().max().item())
     _close(got, expected, expected.abs().max().item())
     _close(rough_ious, expected, expected.abs().max().item())
     passing = (rough_ious[:, 1:] > threshold).any(1)

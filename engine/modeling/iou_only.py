@@ -174,12 +174,13 @@ def _transformer(
         queries = layer.norm2(queries + attn_out)
         queries = layer.norm3(queries + layer.mlp(queries))
         attention = layer.cross_attn_image_to_token
-        if keys is None:
+        shared = keys is None
+        if shared:
             logits = _per_head(_heads(attention, attention.k_proj(queries + prompt)), context.first_q)
             keys = context.src.expand(queries.shape[0], -1, -1)
         else:
             logits = _image_logits(attention, queries + prompt, keys, context.pe_q[i - 1])
-        keys = _add_image_update(attention, logits, queries, keys)
+        keys = _add_image_update(attention, logits, queries, keys, in_place=not shared)
         keys = layer.norm4(keys)
     return queries, keys, prompt
 
@@ -266,12 +267,13 @@ def _image_logits(
 
 
 def _add_image_update(
-    attention: Attention, logits: torch.Tensor, v: torch.Tensor, image: torch.Tensor
+    attention: Attention, logits: torch.Tensor, v: torch.Tensor, image: torch.Tensor, in_place: bool
 ) -> torch.Tensor:
     """image + image->token attention output (softmax over each head's N tokens): the output
     projection is applied to the N value rows first, its bias spread over the H heads (their
-    weights sum to H), and the residual is the product's accumulator (in place when `image` is
-    per prompt, a fresh tensor when it is the shared one)."""
+    weights sum to H), and the residual is the product's accumulator: in place when `image` is
+    per prompt, a fresh tensor when it is the shared one (the image's tokens expanded over the
+    batch: for one prompt that view is not even strided 0, so it must not be told by strides)."""
     heads = attention.num_heads
     batch, _, tokens, image_tokens = logits.shape
     width = image.shape[-1]
@@ -280,6 +282,6 @@ def _add_image_update(
     out_weight = attention.out_proj.weight.view(width, heads, -1).permute(1, 2, 0)  # H x d x C
     projected = (vh @ out_weight).reshape(batch, heads * tokens, width)
     projected = projected + attention.out_proj.bias / heads
-    if image.stride(0) == 0:
-        return torch.baddbmm(image, attn, projected)
-    return image.baddbmm_(attn, projected)
+    if in_place:
+        return image.baddbmm_(attn, projected)
+    return torch.baddbmm(image, attn, projected)
