@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -127,8 +128,9 @@ class _Candidates:
 
 @dataclass
 class _MaskBound:
-    """The stability prefilter's pass over a batch: the rough low-res logits and IoUs, which
-    prompts may pass, and the margin `delta` its decision allowed for."""
+    """The stability prefilter's pass over a batch: which prompts may pass, the margin `delta`
+    its decision allowed for, the rough IoUs, and the rough low-res logits of the prompts that
+    may pass (in order), to check against Meta's once those are decoded."""
 
     logits: torch.Tensor
     ious: torch.Tensor
@@ -137,21 +139,45 @@ class _MaskBound:
     iou_filter: bool
     low_res_needed: tuple[int, int] | None  # the part of the logits the generator reads
 
-    def holds(self, rows: torch.Tensor, exact_logits: torch.Tensor, exact_ious: torch.Tensor) -> bool:
-        """Whether the prompts `rows`, also decoded exactly, are within STABILITY_CHECK of the
-        margins (exact logits are computed where an IoU passes the filter: compared there)."""
-        if not len(rows):
+    def holds(self, exact_logits: torch.Tensor, exact_ious: torch.Tensor) -> bool:
+        """Whether the prompts that may pass, decoded exactly (their logits and IoUs, in order),
+        are within STABILITY_CHECK of the margins (exact logits are computed where an IoU passes
+        the filter: compared there)."""
+        if not len(exact_logits):
             return True
         computed = exact_logits.flatten(1).abs().amax(1) > 0
-        approx, exact = self.logits[rows][computed], exact_logits[computed]
+        approx, exact = self.logits.to(exact_logits.device)[computed], exact_logits[computed]
         if self.low_res_needed is not None:
             height, width = self.low_res_needed
             approx, exact = approx[..., :height, :width], exact[..., :height, :width]
         logits_ok = not len(approx) or float((approx - exact).abs().max()) <= STABILITY_CHECK * self.delta
+        rows = self.may_pass.nonzero()[:, 0].to(exact_ious.device)
         ious_ok = not self.iou_filter or float(
             (self.ious[rows] - exact_ious).abs().max()
         ) <= STABILITY_CHECK * PREFILTER_MARGIN
         return logits_ok and ious_ok
+
+
+@dataclass
+class _Batch:
+    """One `points_per_batch` batch of a crop, from its screening to its masks.
+
+    points: B x 2 point prompts (crop frame); coords: B x 1 x 2 (the model's input frame,
+    float64 as Meta's). ious: B x 3 predicted IoUs (rough ones, to ~1e-6, until the rows' exact
+    ones are decoded). rows: the prompts decoded in Meta's arithmetic (ascending); logits: their
+    len(rows) x 3 low-res logits (0 until decoded; only where an IoU passes the filter); decoded:
+    how many of them are. meta_batch: the call size whose rounding the prompt side reproduces.
+    bound: the stability prefilter's pass, until checked.
+    """
+
+    points: np.ndarray
+    coords: torch.Tensor
+    ious: torch.Tensor
+    rows: torch.Tensor
+    logits: torch.Tensor
+    meta_batch: int | None
+    decoded: int = 0
+    bound: _MaskBound | None = None
 
 
 class SamAutomaticMaskGenerator:
@@ -326,6 +352,12 @@ class SamAutomaticMaskGenerator:
     def _process_crop(
         self, image: np.ndarray, crop_box: list[int], layer: int, size: tuple[int, int]
     ) -> _Candidates:
+        """One crop's candidates, batch by batch in Meta's order, then its NMS.
+
+        Each batch is screened first (`_screen`); the prompts it leaves for Meta's arithmetic wait
+        until `decoder_batch` of them are at hand, across batches, so that few decoder calls are
+        padded (a prompt's bits do not depend on its call's other prompts); a batch's masks are
+        made as soon as all of its prompts are decoded, in batch order (`_decode_waiting`)."""
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = (int(crop.shape[0]), int(crop.shape[1]))
@@ -342,73 +374,113 @@ class SamAutomaticMaskGenerator:
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         data = _Candidates()
         local_boxes = []
+        waiting: deque[_Batch] = deque()
         for start in range(0, len(points), self.points_per_batch):
-            batch, boxes = self._process_batch(
-                points[start : start + self.points_per_batch], upsampler, crop_box, size
+            waiting.append(
+                self._screen(points[start : start + self.points_per_batch], upsampler, crop_box, size)
             )
-            data.extend(batch)
-            local_boxes.extend(boxes)
+            last = start + self.points_per_batch >= len(points)
+            self._decode_waiting(waiting, flush=last)
+            while waiting and waiting[0].decoded == len(waiting[0].rows):
+                batch, boxes = self._process_batch(waiting.popleft(), upsampler, crop_box, size)
+                data.extend(batch)
+                local_boxes.extend(boxes)
         self.predictor.reset_image()
         if not len(data):
             return data
         keep = nms(torch.as_tensor(local_boxes), torch.as_tensor(data.iou_preds), self.box_nms_thresh)
         return data.select(keep)
 
-    def _decode(
+    def _screen(
         self, points: np.ndarray, upsampler: MaskUpsampler, crop_box: list[int], size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Low-res logits Bx3x256x256, predicted IoUs Bx3 for single foreground points, and the B
-        bools of the prompts whose logits and IoUs are Meta's (the others' logits stay 0).
+    ) -> "_Batch":
+        """Which prompts of a batch of single foreground points need Meta's arithmetic.
 
         A prompt is left out only when none of its masks can pass the filters: the rough pass's
         masks bound every one under the stability filter or on a crop edge, or (without a
-        stability threshold) its IoU-only-pass IoUs are all under `pred_iou_thresh`. Left-out masks are only ever dropped, so the output is that of
-        decoding every prompt."""
+        stability threshold) its IoU-only-pass IoUs are all under `pred_iou_thresh`. Left-out
+        masks are only ever dropped, so the output is that of decoding every prompt. Without a
+        prefilter every prompt is decoded here, in one go."""
         predictor = self.predictor
         coords = predictor.transform.apply_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
-        threshold = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        threshold = self._iou_threshold()
         rows = torch.arange(len(coords), device=coords.device)
         ious = None
         bound = None
         prompts, passing = self._passing
         if self._bounds_masks():
             bound = self._mask_bound(coords, threshold, upsampler, crop_box, size)
-            ious = bound.ious
-            may_pass = bound.may_pass.to(rows.device)
-            rows, dropped = rows[may_pass], rows[~may_pass]
+            ious = bound.ious.clone()
+            rows = bound.may_pass.to(rows.device).nonzero()[:, 0]
         elif threshold is not None and self.iou_prefilter and passing <= PREFILTER_MAX_PASSING * prompts:
             ious = self._rough_ious(coords)
             rows = (ious > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
-        exact = torch.zeros(len(coords), dtype=torch.bool, device=coords.device)
-        exact[rows] = True
         # The exact mode computes the prompt tokens as Meta's batch of len(points) would.
         meta_batch = None if self.fast_decoder else len(points)
         if ious is None:
             with batch_rows.as_batch_of(meta_batch):
                 logits, ious = self._run_decoder(coords, threshold)
+            batch = _Batch(points, coords, ious, rows, logits, meta_batch, decoded=len(rows))
         else:
-            ious = ious.clone()
-            logits = ious.new_zeros(len(coords), ious.shape[1], *self._low_res_size())
-            if len(rows):
-                with batch_rows.as_batch_of(meta_batch):
-                    logits[rows], ious[rows] = self._run_decoder(coords[rows], threshold)
-        if bound is not None and len(dropped) and not bound.holds(rows, logits[rows], ious[rows]):
-            # The rough masks are further from Meta's arithmetic than the bound allows (never
-            # seen): decode what it dropped, and stop bounding for this generator.
+            logits = ious.new_zeros(len(rows), ious.shape[1], *self._low_res_size())
+            batch = _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound)
+        if threshold is not None:  # (the rough IoUs where the exact ones are still to come)
+            self._passing = (len(coords), int((ious > threshold).any(1).sum()))
+        return batch
+
+    def _decode_waiting(self, waiting: "deque[_Batch]", flush: bool) -> None:
+        """Meta's arithmetic for the screened prompts of the waiting batches, in order, in calls of
+        `decoder_batch` prompts of batches of the same size (their prompt side rounds as that
+        size's call); fewer are left waiting for the next batch unless `flush`."""
+        todo = [(batch, j) for batch in waiting for j in range(batch.decoded, len(batch.rows))]
+        threshold = self._iou_threshold()
+        while todo:
+            meta_batch = todo[0][0].meta_batch
+            same = next((i for i, (b, _) in enumerate(todo) if b.meta_batch != meta_batch), len(todo))
+            count = same if flush or same < len(todo) else same - same % self.decoder_batch
+            if not count:
+                break
+            part, todo = todo[:count], todo[same:]
+            coords = torch.cat([batch.coords[batch.rows[j : j + 1]] for batch, j in part])
+            with batch_rows.as_batch_of(meta_batch):
+                logits, ious = self._run_decoder(coords, threshold)
+            for n, (batch, j) in enumerate(part):
+                batch.logits[j] = logits[n]
+                batch.ious[batch.rows[j]] = ious[n]
+                batch.decoded = j + 1
+        for batch in waiting:
+            if batch.decoded == len(batch.rows):
+                self._check_bound(batch)
+
+    def _check_bound(self, batch: "_Batch") -> None:
+        """Once a batch's screened prompts are decoded: if the rough masks turn out further from
+        Meta's arithmetic than the stability prefilter's margin allows (never seen), or the
+        prefilter was turned off meanwhile, decode the prompts it dropped too."""
+        bound = batch.bound
+        batch.bound = None  # checked once
+        if bound is None or bound.may_pass.all():
+            return
+        if self.stability_prefilter and bound.holds(batch.logits, batch.ious[batch.rows]):
+            return
+        if self.stability_prefilter:
             warnings.warn(
                 f"stability_prefilter: the rough masks differ from Meta's arithmetic by "
                 f"more than {STABILITY_CHECK} of its margin on this model; it is now off",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             self.stability_prefilter = False
-            exact[dropped] = True
-            with batch_rows.as_batch_of(meta_batch):
-                logits[dropped], ious[dropped] = self._run_decoder(coords[dropped], threshold)
-        if threshold is not None:
-            self._passing = (len(coords), int((ious > threshold).any(1).sum()))
-        return logits, ious, exact
+        dropped = (~bound.may_pass).nonzero()[:, 0].to(batch.rows.device)
+        with batch_rows.as_batch_of(batch.meta_batch):
+            logits, ious = self._run_decoder(batch.coords[dropped], self._iou_threshold())
+        batch.ious[dropped] = ious
+        rows, order = torch.cat([batch.rows, dropped]).sort()
+        batch.rows, batch.logits = rows, torch.cat([batch.logits, logits])[order]
+        batch.decoded = len(rows)
+
+    def _iou_threshold(self) -> float | None:
+        return self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
 
     def _bounds_masks(self) -> bool:
         return self.stability_prefilter and self.stability_score_thresh > 0.0 and not self.fast_decoder
@@ -436,12 +508,17 @@ class SamAutomaticMaskGenerator:
         model = self.predictor.model
         min_iou = None if threshold is None else threshold - PREFILTER_MARGIN
         if iou_only.supports(model.mask_decoder):
-            logits, ious = self._rough_pass(coords, min_iou, masks=True)
+            rows, logits, ious = self._rough_pass(coords, min_iou, masks=True)
         else:
             with model.mask_decoder.attention_mode(reassociate=True), batch_rows.as_batch_of(None):
                 logits, ious = self._run_decoder(coords, min_iou)
-        host = logits.cpu()
-        candidates = torch.ones_like(ious, dtype=torch.bool) if min_iou is None else ious > min_iou
+            rows = torch.arange(len(coords), device=ious.device)
+            if min_iou is not None:
+                rows = (ious > min_iou).any(1).nonzero()[:, 0]
+            logits = logits[rows]
+        host = logits.cpu()  # rows' logits: host[r] is prompt rows[r]'s
+        rows = rows.cpu()
+        candidates = ious[rows].cpu() > (-math.inf if min_iou is None else min_iou)
         t = float(model.mask_threshold)
         offset = self.stability_score_offset
         scale = 1.0 + (max(-float(host.min()), float(host.max())) if host.numel() else 0.0)
@@ -449,10 +526,11 @@ class SamAutomaticMaskGenerator:
         floor = t - abs(offset) - delta - 1e-3 * scale  # (the window's rounding margin)
         x0, y0 = crop_box[0], crop_box[1]
         may_pass = torch.zeros(len(coords), dtype=torch.bool)
-        for b, k in candidates.cpu().nonzero().tolist():
+        for r, k in candidates.nonzero().tolist():
+            b = int(rows[r])
             if may_pass[b]:
                 continue
-            window, top, left = upsampler.window(host[b, k], floor)
+            window, top, left = upsampler.window(host[r, k], floor)
             most = int((window > t + offset - delta).sum())  # pixels over the high threshold, at most
             fewest = int((window > t - offset + delta).sum())  # over the low one, at least
             if not most or (fewest and most / fewest < self.stability_score_thresh * (1 - 1e-6)):
@@ -463,43 +541,50 @@ class SamAutomaticMaskGenerator:
                 if surely_near_crop_edge(box, crop_box, size):
                     continue
             may_pass[b] = True
-        return _MaskBound(logits, ious, may_pass, delta, threshold is not None, self._low_res_needed)
+        kept = may_pass[rows]  # (every prompt that may pass has rough logits)
+        return _MaskBound(
+            host[kept], ious, may_pass, delta, threshold is not None, self._low_res_needed
+        )
 
     def _rough_ious(self, coords: torch.Tensor) -> torch.Tensor:
         """Bx3 predicted IoUs to ~1e-6 (the IoU prefilter's pass)."""
-        return self._rough_pass(coords, None, masks=False)[1]
+        return self._rough_pass(coords, None, masks=False)[2]
 
     def _rough_pass(
         self, coords: torch.Tensor, min_iou: float | None, masks: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """`engine.modeling.iou_only` over `coords`, with the image's part computed once per
-        crop: Bx3 predicted IoUs to ~1e-6 and, with `masks`, Bx3 low-res logits to ~2e-6 of
-        1 + the largest (upscaled only for prompts with an IoU over `min_iou`)."""
+        crop: (rows, logits, ious): Bx3 predicted IoUs to ~1e-6 and, with `masks`, the Rx3
+        low-res logits, to ~2e-6 of 1 + the largest, of the R prompts `rows` with an IoU over
+        `min_iou` (None: all)."""
         model = self.predictor.model
         decoder = model.mask_decoder
         if not iou_only.supports(decoder):
             with decoder.attention_mode(reassociate=True):
-                return None, self._run_decoder(coords, math.inf)[1]  # IoUs only: no upscaling
+                return None, None, self._run_decoder(coords, math.inf)[1]  # IoUs only: no upscaling
         if self._iou_context is None:
             no_mask = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
             self._iou_context = iou_only.iou_context(
                 decoder, self.predictor.features, no_mask, model.prompt_encoder.get_dense_pe()
             )
         size = tuple(self.predictor.features.shape[-2:])
-        logits, ious = [], []
+        rows, logits, ious = [], [], []
         for start in range(0, coords.shape[0], self.decoder_batch):
             part = coords[start : start + self.decoder_batch]
             labels = torch.ones(part.shape[:2], dtype=torch.int, device=part.device)
             sparse, _ = model.prompt_encoder(points=(part, labels), boxes=None, masks=None)
             if masks:
-                part_logits, part_ious = iou_only.rough_masks(
+                part_rows, part_logits, part_ious = iou_only.rough_masks(
                     decoder, self._iou_context, sparse, size, min_iou, self._low_res_needed
                 )
+                rows.append(part_rows + start)
                 logits.append(part_logits)
             else:
                 part_ious = iou_only.iou_predictions(decoder, self._iou_context, sparse)
             ious.append(part_ious[:, 1:])
-        return (torch.cat(logits) if masks else None), torch.cat(ious)
+        if not masks:
+            return None, None, torch.cat(ious)
+        return torch.cat(rows), torch.cat(logits), torch.cat(ious)
 
     def _run_decoder(
         self, coords: torch.Tensor, min_iou: float | None
@@ -536,18 +621,15 @@ class SamAutomaticMaskGenerator:
         return tuple(4 * s for s in self.predictor.features.shape[-2:])
 
     def _process_batch(
-        self,
-        points: np.ndarray,
-        upsampler: MaskUpsampler,
-        crop_box: list[int],
-        size: tuple[int, int],
+        self, batch: _Batch, upsampler: MaskUpsampler, crop_box: list[int], size: tuple[int, int]
     ) -> tuple[_Candidates, list[list[int]]]:
-        low_res, iou_preds, exact = self._decode(points, upsampler, crop_box, size)
-        per_point = low_res.shape[1]
-        low_res = low_res.flatten(0, 1)
-        iou_preds = iou_preds.flatten(0, 1)
-        points = points.repeat(per_point, axis=0)
-        live = exact.repeat_interleave(per_point)
+        """A decoded batch's candidates that pass the filters, in Meta's (point-major) order."""
+        per_point = batch.logits.shape[1]
+        rows = batch.rows.cpu().numpy()
+        low_res = batch.logits.flatten(0, 1)
+        iou_preds = batch.ious[batch.rows].flatten()
+        points = batch.points[rows].repeat(per_point, axis=0)
+        live = torch.ones_like(iou_preds, dtype=torch.bool)
         if self.pred_iou_thresh > 0.0:
             live &= iou_preds > self.pred_iou_thresh
         order = live.nonzero()[:, 0]

@@ -115,32 +115,38 @@ def rough_masks(
     size: tuple[int, int],
     min_iou: float | None,
     low_res_needed: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """B x (K - 1) x 4H x 4W low-res logits of the multimask outputs and B x (1 + K) predicted
-    IoUs, as `MaskDecoder.predict_masks` gives them (logits to ~2e-6 of 1 + the largest): the
-    IoU pass, then for the prompts with a multimask IoU over `min_iou` (None: all; the others'
-    logits stay 0) the final attention of those mask tokens and the upscaling (the decoder's
-    fused layer norm), only of the image pixels making the low-res `low_res_needed` (rows,
-    cols) (each pixel's 4 x 4 logits depend on it alone; the others stay 0). The generator's
-    stability prefilter bounds masks with it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IoU pass, then the multimask outputs' low-res logits of the prompts with a multimask
+    IoU over `min_iou` (None: all), as `MaskDecoder.predict_masks` gives them (to ~2e-6 of 1 +
+    the largest): the final attention of those mask tokens and the upscaling (the decoder's fused
+    layer norm), only of the image pixels making the low-res `low_res_needed` (rows, cols) (each
+    pixel's 4 x 4 logits depend on it alone; the others stay 0). The generator's stability
+    prefilter bounds masks with them.
+
+    Returns:
+      (rows, logits, ious): the R prompts upscaled (indices into the batch, ascending), their
+        R x (K - 1) x 4H x 4W logits, and the B x (1 + K) predicted IoUs of all B prompts.
+    """
     queries, keys, prompt = _transformer(decoder, context, sparse)
     iou_token = _final_tokens(decoder, context, queries, prompt, keys, slice(0, 1))[:, 0]
     ious = decoder.iou_prediction_head(iou_token)
     batch = queries.shape[0]
-    masks = keys.new_zeros(batch, decoder.num_mask_tokens - 1, 4 * size[0], 4 * size[1])
     rows = torch.arange(batch, device=keys.device)
     if min_iou is not None:
         rows = (ious[:, 1:] > min_iou).any(1).nonzero()[:, 0]
+    masks = keys.new_zeros(len(rows), decoder.num_mask_tokens - 1, 4 * size[0], 4 * size[1])
     if not len(rows):
-        return masks, ious
+        return rows, masks, ious
     multimask = slice(2, 1 + decoder.num_mask_tokens)  # token 0: IoU, 1: the single-mask output
-    tokens = _final_tokens(decoder, context, queries[rows], prompt[rows], keys[rows], multimask)
+    if len(rows) < batch:
+        queries, prompt, keys = queries[rows], prompt[rows], keys[rows]
+    tokens = _final_tokens(decoder, context, queries, prompt, keys, multimask)
     mlps = list(decoder.output_hypernetworks_mlps)[1:]
     hyper_in = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
     height, width = size
     if low_res_needed is not None:
         height, width = (min(n, -(-int(m) // 4)) for n, m in zip(size, low_res_needed))
-    image = keys[rows].view(len(rows), size[0], size[1], -1)[:, :height, :width]
+    image = keys.view(len(rows), size[0], size[1], -1)[:, :height, :width]
     part = decoder.upscale_masks(
         image.reshape(len(rows), height * width, -1),
         (height, width),
@@ -148,8 +154,8 @@ def rough_masks(
         pixels=ROUGH_UPSCALE_PIXELS,
         fused_norm=True,
     )
-    masks[rows, :, : 4 * height, : 4 * width] = part
-    return masks, ious
+    masks[:, :, : 4 * height, : 4 * width] = part
+    return rows, masks, ious
 
 
 def _transformer(
