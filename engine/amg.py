@@ -438,7 +438,8 @@ class SamAutomaticMaskGenerator:
         while todo:
             meta_batch = todo[0][0].meta_batch
             same = next((i for i, (b, _) in enumerate(todo) if b.meta_batch != meta_batch), len(todo))
-            count = same if flush or same < len(todo) else same - same % self.decoder_batch
+            size = self._call_size(meta_batch)
+            count = same if flush or same < len(todo) else same - same % size
             if not count:
                 break
             part, todo = todo[:count], todo[same:]
@@ -586,22 +587,29 @@ class SamAutomaticMaskGenerator:
             return None, None, torch.cat(ious)
         return torch.cat(rows), torch.cat(logits), torch.cat(ious)
 
+    def _call_size(self, meta_batch: int | None) -> int:
+        """Prompts a decoder call takes: `decoder_batch`, or Meta's batch where that is smaller
+        (in the exact mode a call of 1-3 prompts rounds as Meta's call of that many, not as 4)."""
+        return self.decoder_batch if meta_batch is None else min(self.decoder_batch, meta_batch)
+
     def _run_decoder(
         self, coords: torch.Tensor, min_iou: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask decoder over `coords` (Bx1x2, input frame), `decoder_batch` prompts a call.
+        """The mask decoder over `coords` (Bx1x2, input frame), `_call_size` prompts a call (of
+        the `batch_rows.as_batch_of` in force).
 
-        A short last call is padded to `decoder_batch` prompts with copies of its last one: the
-        float32 matrix kernels round differently for one or two prompts than for four or more,
-        and a prompt's result must not depend on where the batch ends."""
+        A short last call is padded to that size with copies of its last one: the float32 matrix
+        kernels round differently for one or two prompts than for four or more, and a prompt's
+        result must not depend on where the batch ends."""
         model = self.predictor.model
         dense_pe = model.prompt_encoder.get_dense_pe()
+        size = self._call_size(batch_rows.batch_of())
         logits, ious = [], []
-        for start in range(0, coords.shape[0], self.decoder_batch):
-            part = coords[start : start + self.decoder_batch]
+        for start in range(0, coords.shape[0], size):
+            part = coords[start : start + size]
             real = part.shape[0]
-            if real < self.decoder_batch:
-                part = torch.cat([part, part[-1:].expand(self.decoder_batch - real, -1, -1)])
+            if real < size:
+                part = torch.cat([part, part[-1:].expand(size - real, -1, -1)])
             labels = torch.ones(part.shape[:2], dtype=torch.int, device=part.device)
             sparse, dense = model.prompt_encoder(points=(part, labels), boxes=None, masks=None)
             low_res, iou = model.mask_decoder(

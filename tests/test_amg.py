@@ -425,10 +425,13 @@ def test_batched_masks_give_the_windowed_output(small_sam, parity_dir):
         assert a == b
 
 
-def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
-    """A short last decoder call is padded to `decoder_batch` prompts: alone, a prompt gets the
-    bits it gets among three others (unpadded, one prompt takes other float32 kernels)."""
+def test_a_prompt_decodes_the_same_whatever_its_call(small_sam, parity_dir):
+    """A short last decoder call is padded to its size with copies: alone, a prompt gets the
+    bits it gets among three others (unpadded, one prompt takes other float32 kernels). A Meta
+    batch of fewer prompts than `decoder_batch` (points_per_batch 1-3, or a crop's last batch)
+    is decoded in calls of that many, as Meta's generator does."""
     from engine.image_io import load_image
+    from engine.modeling import batch_rows
 
     generator = SamAutomaticMaskGenerator(
         small_sam, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0
@@ -436,12 +439,25 @@ def test_a_prompt_decodes_the_same_whatever_its_batch(small_sam, parity_dir):
     generator.predictor.set_image(load_image(parity_dir / "image.png"))
     points = generator.point_grids[0] * np.array([1201, 673])
     whole = ([0, 0, 1201, 673], (673, 1201))
+    calls = []
+    run_decoder = generator.predictor.model.mask_decoder.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["sparse_prompt_embeddings"].shape[0])
+        return run_decoder(*args, **kwargs)
+
+    generator.predictor.model.mask_decoder.forward = counting
     with torch.no_grad():
         together = generator._screen(points, None, *whole)  # no prefilter: decoded at once
+        coords = together.coords
         for i in range(len(points)):
-            alone = generator._screen(points[i : i + 1], None, *whole)
-            assert torch.equal(alone.ious[0], together.ious[i])
-            assert torch.equal(alone.logits[0], together.logits[i])
+            with batch_rows.as_batch_of(4):
+                logits, ious = generator._run_decoder(coords[i : i + 1], None)
+            assert torch.equal(ious[0], together.ious[i]) and torch.equal(logits[0], together.logits[i])
+        assert calls == [4] * 5
+        calls.clear()
+        alone = generator._screen(points[:1], None, *whole)  # Meta's batch of one prompt
+        assert calls == [1] and alone.ious.shape == (1, 3)
 
 
 def test_exact_mode_computes_prompts_as_metas_batch_does(small_sam, parity_dir):

@@ -41,6 +41,11 @@ def as_batch_of(prompts: int | None) -> Iterator[None]:
         _AS_BATCH_OF.reset(token)
 
 
+def batch_of() -> int | None:
+    """The batch size `as_batch_of` set (None: none)."""
+    return _AS_BATCH_OF.get()
+
+
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` for prompt-side `x` (B x ... x C, one entry of dim 0 per prompt) with the bits of
     its rows in a call over the batch size of `as_batch_of` (when that is larger)."""

@@ -204,6 +204,15 @@ class MaskDecoder(nn.Module):
             return out.view(*out.shape[:-2], -1, conv.out_channels)
 
         k = hyper_in.shape[1]
+        if batch == 1 and not fused_norm:
+            # PyTorch lays a single image's upscaling out channels-first (other float32 bits,
+            # ~4e-7 off): Meta's own modules then, on Meta's channels-last view of the tokens
+            grid = image_tokens.transpose(1, 2).view(1, channels, height, width)
+            fine = self.output_upscaling(grid)
+            masks = (hyper_in @ fine.view(1, fine.shape[1], -1)).view(1, k, 4 * height, 4 * width)
+            if low_res_rows is not None:
+                masks[:, :, int(low_res_rows) :] = 0
+            return masks
         tokens = image_tokens.reshape(batch, height, width, channels)
         masks = image_tokens.new_empty(batch, k, 4 * height, 4 * width)
         # A few grid rows at a time: the intermediates (16x the input) then stay in the CPU's
