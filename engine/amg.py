@@ -430,9 +430,9 @@ class SamAutomaticMaskGenerator:
         return batch
 
     def _decode_waiting(self, waiting: "deque[_Batch]", flush: bool) -> None:
-        """Meta's arithmetic for the screened prompts of the waiting batches, in order, in calls of
-        `decoder_batch` prompts of batches of the same size (their prompt side rounds as that
-        size's call); fewer are left waiting for the next batch unless `flush`."""
+        """Meta's arithmetic for the screened prompts of the waiting batches, in order, in full
+        calls (`_call_size`) of prompts of batches of the same size (their prompt side rounds as
+        that size's call); fewer are left waiting for the next batch unless `flush`."""
         todo = [(batch, j) for batch in waiting for j in range(batch.decoded, len(batch.rows))]
         threshold = self._iou_threshold()
         while todo:
