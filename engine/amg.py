@@ -68,6 +68,14 @@ PREFILTER_MAX_PASSING = 0.7
 # dropped).
 STABILITY_MARGIN = 1e-3
 STABILITY_CHECK = 0.1
+# The stability prefilter's rough masks cost about a fifth of Meta's arithmetic for a prompt (CPU,
+# fixture model: ~7 against ~35 ms, on top of the IoU pass): it pays while fewer than about four
+# in five of the prompts it upscales have a mask that may pass, and with no IoU pass to share
+# (no IoU threshold, or most prompts passing it), fewer than about two in three. A batch skips it
+# when more than this share of the prompts near or over the IoU threshold in the crop's batches
+# so far had a mask that may pass (in a batch without the bound: that kept a mask, which may
+# pass); counted over the crop, as one batch's few prompts near the threshold say little.
+STABILITY_PREFILTER_MAX_PASSING = 0.6
 
 
 @dataclass
@@ -167,7 +175,7 @@ class _Batch:
     ones are decoded). rows: the prompts decoded in Meta's arithmetic (ascending); logits: their
     len(rows) x 3 low-res logits (0 until decoded; only where an IoU passes the filter); decoded:
     how many of them are. meta_batch: the call size whose rounding the prompt side reproduces.
-    bound: the stability prefilter's pass, until checked.
+    bound: the stability prefilter's pass, until checked; bounded: whether it had one.
     """
 
     points: np.ndarray
@@ -178,6 +186,7 @@ class _Batch:
     meta_batch: int | None
     decoded: int = 0
     bound: _MaskBound | None = None
+    bounded: bool = False
 
 
 class SamAutomaticMaskGenerator:
@@ -248,7 +257,9 @@ class SamAutomaticMaskGenerator:
             with a mask that may pass. The same output (a check on the prompts decoded both
             ways turns it off if the margin ever looks thin); it pays because most masks fail
             (fixture set A at 0.88 / 0.95: 171 crop prompts pass the IoU filter, 30 are decoded
-            exactly, 24 masks pass). None: on where masks are windowed on the host (a CPU).
+            exactly, 24 masks pass); a batch skips it when most prompts of the crop's batches
+            before it had a mask that may pass (`STABILITY_PREFILTER_MAX_PASSING`: then it costs more
+            than it saves). None: on where masks are windowed on the host (a CPU).
           batched_masks (bool | None): upsample, score and run-length encode `points_per_batch`
             candidates at a time on the model's device at full resolution, as Meta's code does,
             instead of one candidate at a time on its window on the host. The same output; None:
@@ -311,6 +322,9 @@ class SamAutomaticMaskGenerator:
             not self.batched_masks if stability_prefilter is None else bool(stability_prefilter)
         )
         self._passing = (0, 0)  # (prompts, prompts with a mask over pred_iou_thresh): last batch
+        # (prompts near or over the IoU threshold, those with a mask that may pass): the crop's
+        # batches so far
+        self._may_pass = (0, 0)
         self._iou_context: iou_only.IouContext | None = None
         self._low_res_needed: tuple[int, int] | None = None  # the crop's; None: all
 
@@ -364,6 +378,7 @@ class SamAutomaticMaskGenerator:
         self.predictor.set_image(crop)
         self._iou_context = None  # the prefilter's per-image part, made on first use
         self._passing = (0, 0)  # a crop is a new image: its first batch always takes the IoU pass
+        self._may_pass = (0, 0)  # ... and the stability prefilter
         upsampler = MaskUpsampler(
             tuple(self.predictor.model.prompt_encoder.mask_input_size),
             self.predictor.model.img_size,
@@ -399,8 +414,7 @@ class SamAutomaticMaskGenerator:
         A prompt is left out only when none of its masks can pass the filters: the rough pass's
         masks bound every one under the stability filter or on a crop edge, or (without a
         stability threshold) its IoU-only-pass IoUs are all under `pred_iou_thresh`. Left-out
-        masks are only ever dropped, so the output is that of decoding every prompt. Without a
-        prefilter every prompt is decoded here, in one go."""
+        masks are only ever dropped, so the output is that of decoding every prompt."""
         predictor = self.predictor
         coords = predictor.transform.apply_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, device=predictor.device)[:, None, :]  # float64, as Meta's
@@ -416,17 +430,13 @@ class SamAutomaticMaskGenerator:
         elif threshold is not None and self.iou_prefilter and passing <= PREFILTER_MAX_PASSING * prompts:
             ious = self._rough_ious(coords)
             rows = (ious > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
+        masks = self.predictor.model.mask_decoder.num_mask_tokens - 1
+        if ious is None:  # every prompt through Meta's arithmetic
+            ious = torch.zeros(len(coords), masks, device=coords.device)
+        logits = ious.new_zeros(len(rows), masks, *self._low_res_size())
         # The exact mode computes the prompt tokens as Meta's batch of len(points) would.
         meta_batch = None if self.fast_decoder else len(points)
-        if ious is None:
-            with batch_rows.as_batch_of(meta_batch):
-                logits, ious = self._run_decoder(coords, threshold)
-            batch = _Batch(points, coords, ious, rows, logits, meta_batch, decoded=len(rows))
-        else:
-            logits = ious.new_zeros(len(rows), ious.shape[1], *self._low_res_size())
-            batch = _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound)
-        if threshold is not None:  # (the rough IoUs where the exact ones are still to come)
-            self._passing = (len(coords), int((ious > threshold).any(1).sum()))
+        batch = _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound, bounded=bound is not None)
         return batch
 
     def _decode_waiting(self, waiting: "deque[_Batch]", flush: bool) -> None:
@@ -484,7 +494,13 @@ class SamAutomaticMaskGenerator:
         return self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
 
     def _bounds_masks(self) -> bool:
-        return self.stability_prefilter and self.stability_score_thresh > 0.0 and not self.fast_decoder
+        near, may_pass = self._may_pass
+        return (
+            self.stability_prefilter
+            and self.stability_score_thresh > 0.0
+            and not self.fast_decoder
+            and may_pass <= STABILITY_PREFILTER_MAX_PASSING * near
+        )
 
     def _mask_bound(
         self,
@@ -543,6 +559,8 @@ class SamAutomaticMaskGenerator:
                     continue
             may_pass[b] = True
         kept = may_pass[rows]  # (every prompt that may pass has rough logits)
+        near, count = self._may_pass
+        self._may_pass = (near + len(rows), count + int(may_pass.sum()))
         return _MaskBound(
             host[kept], ious, may_pass, delta, threshold is not None, self._low_res_needed
         )
@@ -645,9 +663,14 @@ class SamAutomaticMaskGenerator:
         masks = self._batched_masks if self.batched_masks else self._windowed_masks
         x0, y0 = crop_box[0], crop_box[1]
         image_area = size[0] * size[1]
+        threshold = self._iou_threshold()
+        if threshold is not None:
+            self._passing = (len(batch.points), int((batch.ious > threshold).any(1).sum()))
         out = _Candidates()
         local_boxes = []
+        kept = set()
         for i, score, local, runs in masks(low_res, order, upsampler, crop_box, size):
+            kept.add(i // per_point)
             if (
                 self.max_mask_area_fraction is not None
                 and runs_area(runs) >= self.max_mask_area_fraction * image_area
@@ -660,6 +683,12 @@ class SamAutomaticMaskGenerator:
             out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
             out.crop_boxes.append(list(crop_box))
             local_boxes.append(local)
+        if not batch.bounded:  # what the stability prefilter would have upscaled and kept, at least
+            near = len(batch.points) if threshold is None else int(
+                (batch.ious > threshold - PREFILTER_MARGIN).any(1).sum()
+            )
+            before, count = self._may_pass
+            self._may_pass = (before + near, count + len(kept))
         return out, local_boxes
 
     def _windowed_masks(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
@@ -389,13 +391,24 @@ def test_stability_prefilter_gives_the_output_without_it(
     generator = SamAutomaticMaskGenerator(small_sam, **params)
     assert generator.stability_prefilter  # on by default on a CPU
     exact_prompts = counted(generator)
+    bounded_batches = []
+    mask_bound = generator._mask_bound
+
+    def bounding(*args):
+        bounded_batches.append(1)
+        return mask_bound(*args)
+
+    generator._mask_bound = bounding
     if margin == "too_small":
         with pytest.warns(RuntimeWarning, match="stability_prefilter"):
             bounded = generator.generate(image)
         assert not generator.stability_prefilter
     else:
         bounded = generator.generate(image)
-        assert 0 < 2 * sum(exact_prompts) < sum(without_prompts)
+        # (batches of 5 skip the prefilter after one where most prompts may pass: fewer gains)
+        assert 0 < (2 if per_batch == 64 else 1) * sum(exact_prompts) < sum(without_prompts)
+        batches = 5 * -(-36 // per_batch)  # 5 crops of 6 x 6 points
+        assert (len(bounded_batches) == batches) == (per_batch == 64)
         calls = sum(-(-n // generator.decoder_batch) for n in exact_prompts)
         crops = 5  # at most one short call per crop and batch size (the last batch is shorter)
         assert calls <= -(-sum(exact_prompts) // generator.decoder_batch) + 2 * crops
@@ -447,8 +460,14 @@ def test_a_prompt_decodes_the_same_whatever_its_call(small_sam, parity_dir):
         return run_decoder(*args, **kwargs)
 
     generator.predictor.model.mask_decoder.forward = counting
+
+    def decoded(points):  # no prefilter: every prompt
+        batch = generator._screen(points, None, *whole)
+        generator._decode_waiting(deque([batch]), flush=True)
+        return batch
+
     with torch.no_grad():
-        together = generator._screen(points, None, *whole)  # no prefilter: decoded at once
+        together = decoded(points)
         coords = together.coords
         for i in range(len(points)):
             with batch_rows.as_batch_of(4):
@@ -456,7 +475,7 @@ def test_a_prompt_decodes_the_same_whatever_its_call(small_sam, parity_dir):
             assert torch.equal(ious[0], together.ious[i]) and torch.equal(logits[0], together.logits[i])
         assert calls == [4] * 5
         calls.clear()
-        alone = generator._screen(points[:1], None, *whole)  # Meta's batch of one prompt
+        alone = decoded(points[:1])  # Meta's batch of one prompt
         assert calls == [1] and alone.ious.shape == (1, 3)
 
 
