@@ -273,14 +273,16 @@ class SamAutomaticMaskGenerator:
                 raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
             if int(crop_n_points_downscale_factor) < 1:
                 raise ValueError("crop_n_points_downscale_factor must be >= 1")
-            grids = build_all_layer_point_grids(
-                int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor)
-            )
-            if any(len(g) == 0 for g in grids):
+            last = int(int(points_per_side) / int(crop_n_points_downscale_factor) ** int(crop_n_layers))
+            if last < 1:
                 raise ValueError(
                     f"points_per_side={points_per_side} leaves no points on crop layer "
-                    f"{crop_n_layers} with downscale {crop_n_points_downscale_factor}"
+                    f"{crop_n_layers} with downscale {crop_n_points_downscale_factor}: raise "
+                    "points_per_side or lower crop_n_layers / crop_n_points_downscale_factor"
                 )
+            grids = build_all_layer_point_grids(
+                int(points_per_side), max(0, int(crop_n_layers)), int(crop_n_points_downscale_factor)
+            )
         else:
             grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
             if len(grids) != int(crop_n_layers) + 1:

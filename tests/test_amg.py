@@ -215,6 +215,10 @@ def test_generator_records_and_filters(small_sam, parity_dir):
         SamAutomaticMaskGenerator(small_sam, points_per_side=None)
     with pytest.raises(ValueError, match="output_mode"):
         SamAutomaticMaskGenerator(small_sam, output_mode="png")
+    # 2 points a side leave int(2 / 4) = 0 on the second crop layer (Meta's code divides by 0)
+    with pytest.raises(ValueError, match="leaves no points on crop layer 2"):
+        SamAutomaticMaskGenerator(small_sam, points_per_side=2, crop_n_layers=2,
+                                  crop_n_points_downscale_factor=2)
 
 
 def test_configs_are_the_documented_settings():
