@@ -50,6 +50,9 @@ def draw(trial: int, photos: list[Path], models: list[str]) -> tuple[str, Path, 
     )
     # keep a trial to seconds: Meta's generator takes ~2 s an encoder pass (21 with 2 layers)
     params["points_per_side"] = min(params["points_per_side"], (12, 8, 4)[params["crop_n_layers"]])
+    # at least one point on the last crop layer (both generators refuse fewer)
+    fewest = params["crop_n_points_downscale_factor"] ** params["crop_n_layers"]
+    params["points_per_side"] = max(params["points_per_side"], fewest)
     return model, photo, long_side, params
 
 
