@@ -175,7 +175,7 @@ class _Batch:
     ones are decoded). rows: the prompts decoded in Meta's arithmetic (ascending); logits: their
     len(rows) x 3 low-res logits (0 until decoded; only where an IoU passes the filter); decoded:
     how many of them are. meta_batch: the call size whose rounding the prompt side reproduces.
-    bound: the stability prefilter's pass, until checked; bounded: whether it had one.
+    bound: the stability prefilter's pass (None: the batch had none).
     """
 
     points: np.ndarray
@@ -186,7 +186,6 @@ class _Batch:
     meta_batch: int | None
     decoded: int = 0
     bound: _MaskBound | None = None
-    bounded: bool = False
 
 
 class SamAutomaticMaskGenerator:
@@ -281,7 +280,7 @@ class SamAutomaticMaskGenerator:
                     "points_per_side or lower crop_n_layers / crop_n_points_downscale_factor"
                 )
             grids = build_all_layer_point_grids(
-                int(points_per_side), max(0, int(crop_n_layers)), int(crop_n_points_downscale_factor)
+                int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor)
             )
         else:
             grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
@@ -399,6 +398,7 @@ class SamAutomaticMaskGenerator:
             last = start + self.points_per_batch >= len(points)
             self._decode_waiting(waiting, flush=last)
             while waiting and waiting[0].decoded == len(waiting[0].rows):
+                self._check_bound(waiting[0])
                 batch, boxes = self._process_batch(waiting.popleft(), upsampler, crop_box, size)
                 data.extend(batch)
                 local_boxes.extend(boxes)
@@ -438,8 +438,7 @@ class SamAutomaticMaskGenerator:
         logits = ious.new_zeros(len(rows), masks, *self._low_res_size())
         # The exact mode computes the prompt tokens as Meta's batch of len(points) would.
         meta_batch = None if self.fast_decoder else len(points)
-        batch = _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound, bounded=bound is not None)
-        return batch
+        return _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound)
 
     def _decode_waiting(self, waiting: "deque[_Batch]", flush: bool) -> None:
         """Meta's arithmetic for the screened prompts of the waiting batches, in order, in full
@@ -462,16 +461,12 @@ class SamAutomaticMaskGenerator:
                 batch.logits[j] = logits[n]
                 batch.ious[batch.rows[j]] = ious[n]
                 batch.decoded = j + 1
-        for batch in waiting:
-            if batch.decoded == len(batch.rows):
-                self._check_bound(batch)
 
     def _check_bound(self, batch: "_Batch") -> None:
-        """Once a batch's screened prompts are decoded: if the rough masks turn out further from
-        Meta's arithmetic than the stability prefilter's margin allows (never seen), or the
-        prefilter was turned off meanwhile, decode the prompts it dropped too."""
+        """Once a batch's screened prompts are decoded, before its masks: if the rough masks turn
+        out further from Meta's arithmetic than the stability prefilter's margin allows (never
+        seen), or the prefilter was turned off meanwhile, decode the prompts it dropped too."""
         bound = batch.bound
-        batch.bound = None  # checked once
         if bound is None or bound.may_pass.all():
             return
         if self.stability_prefilter and bound.holds(batch.logits, batch.ious[batch.rows]):
@@ -685,7 +680,7 @@ class SamAutomaticMaskGenerator:
             out.points.append([float(points[i, 0]) + x0, float(points[i, 1]) + y0])
             out.crop_boxes.append(list(crop_box))
             local_boxes.append(local)
-        if not batch.bounded:  # what the stability prefilter would have upscaled and kept, at least
+        if batch.bound is None:  # what the stability prefilter would have upscaled and kept, at least
             near = len(batch.points) if threshold is None else int(
                 (batch.ious > threshold - PREFILTER_MARGIN).any(1).sum()
             )
