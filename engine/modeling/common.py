@@ -23,15 +23,6 @@ class LayerNorm2d(nn.Module):
         x = (x - mean) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
-    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` on ... x C values, in the same arithmetic: the mask decoder's upscaling
-        input is channels-last in memory (Meta's too), so the channel means run along memory in
-        both, and the elementwise steps are the same float32 operations."""
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).pow(2).mean(-1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight * x + self.bias
-
 
 class MLPBlock(nn.Module):
     """lin1 -> activation -> lin2, the feed-forward part of a transformer block."""

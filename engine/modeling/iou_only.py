@@ -31,11 +31,6 @@ import torch
 from engine.modeling.mask_decoder import MaskDecoder
 from engine.modeling.transformer import Attention
 
-# Embedding pixels the rough masks upscale a chunk (the exact decoder's 512 are the chunk its bits
-# were checked with): 4x fewer chunks cut the elementwise steps' overhead, ~41 -> ~28 ms for the
-# upscaling of 4 prompts on the fixture model (2-core CPU); the intermediates stay ~4 MiB.
-ROUGH_UPSCALE_PIXELS = 2048
-
 
 @dataclass
 class IouContext:
@@ -151,7 +146,6 @@ def rough_masks(
         image.reshape(len(rows), height * width, -1),
         (height, width),
         hyper_in,
-        pixels=ROUGH_UPSCALE_PIXELS,
         fused_norm=True,
     )
     masks[:, :, : 4 * height, : 4 * width] = part
