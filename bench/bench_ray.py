@@ -15,7 +15,10 @@ imports, are the ray+init column). It prints the throughput of both, their ratio
 (target >= 0.9) and the peak memory of each run's whole process tree (sum of PSS, so Ray's shared
 object store is counted once), which should stay flat as N grows, and the high-water mark of
 resident memory the kernel keeps for the plain process and for the largest model actor (VmHWM: a
-true peak, where the once-a-second PSS sample may or may not catch an image's busiest moment).
+true peak, where the once-a-second PSS sample may or may not catch an image's busiest moment),
+and the CPU seconds each run's process tree used, whole command (imports and Ray's start
+included); `--breakdown` splits Ray's by role (driver, model actors, Ray Data's helper actors,
+task workers, Ray's daemons): where a Ray run's extra time goes on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,24 +132,41 @@ def one_run(args) -> None:
     print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "masks": masks}))
 
 
-def peak_pss(
-    proc: subprocess.Popen,
-) -> tuple[dict, float, dict[str, tuple[int, int]], dict[str, int]]:
-    """Wait for `proc`, sampling the summed PSS of its whole process tree; (its JSON, peak GiB,
-    the peak sample's breakdown: process name -> (processes, KiB), and per process name the
-    largest kernel-kept high-water mark of resident memory (VmHWM, KiB): a true per-process
-    peak, where a once-a-second sample catches a moment of the image's work or not)."""
+@dataclass
+class TreeSample:
+    """What `watch` saw of one run's process tree."""
+
+    result: dict  # the run's JSON line
+    peak_gib: float  # summed PSS of the whole tree at the largest sample
+    peak_parts: dict[str, tuple[int, int]]  # that sample: process name -> (processes, KiB)
+    hwm: dict[str, int]  # per process name the largest VmHWM (KiB): a true per-process peak
+    cpu: dict[int, tuple[str, float]]  # pid -> (last name seen, CPU seconds last seen)
+
+
+def watch(proc: subprocess.Popen) -> TreeSample:
+    """Wait for `proc`, sampling its whole process tree: the summed PSS once a second (reading
+    every process's smaps costs CPU), and each process's CPU time five times a second (cheap:
+    its stat line), so a process that ends is counted to within 0.2 s of its end."""
     peak: list = [0, {}]
     hwm: dict[str, int] = {}
+    cpu: dict[int, tuple[str, float]] = {}
 
     def sample() -> None:
+        ticks = 0
         while proc.poll() is None:
-            total, parts, marks = tree_pss(proc.pid)
-            if total > peak[0]:
-                peak[:] = [total, parts]
-            for name, kib in marks.items():
-                hwm[name] = max(hwm.get(name, 0), kib)
-            time.sleep(1.0)  # reading every process's smaps costs CPU: sample sparingly
+            pids = tree_pids(proc.pid)
+            for pid in pids:
+                seconds = cpu_seconds(pid)
+                if seconds is not None:
+                    cpu[pid] = (process_name(pid), seconds)
+            if ticks % 5 == 0:
+                total, parts, marks = tree_pss(pids)
+                if total > peak[0]:
+                    peak[:] = [total, parts]
+                for name, kib in marks.items():
+                    hwm[name] = max(hwm.get(name, 0), kib)
+            ticks += 1
+            time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -153,7 +174,63 @@ def peak_pss(
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], hwm
+    return TreeSample(json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], hwm, cpu)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of `pid` so far (None: it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Ray Data's cluster-wide helper actors: detached, so a long-running cluster starts them once,
+# while an embedded local Ray starts them (a worker process each) in every command.
+RAY_DATA_HELPERS = (
+    "ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker"
+)
+
+
+def cpu_roles(sample: TreeSample, root: int) -> dict[str, float]:
+    """The run's CPU seconds by role: the driver (the measured process: imports, Ray's start and
+    Ray Data's executor), model actors, Ray Data's helper actors, task workers (reads, decodes,
+    post-processing, idle), and Ray's own daemons (GCS, raylet, dashboard, agents, log monitor)."""
+    roles = dict.fromkeys(
+        ("driver", "model actors", "Ray Data helpers", "task workers", "Ray daemons"), 0.0
+    )
+    for pid, (name, seconds) in sample.cpu.items():
+        if pid == root:
+            role = "driver"
+        elif "ModelActor" in name:
+            role = "model actors"
+        elif name in RAY_DATA_HELPERS:
+            role = "Ray Data helpers"
+        elif name.startswith("ray::") or "default_worker" in name:
+            role = "task workers"
+        else:
+            role = "Ray daemons"
+        roles[role] += seconds
+    return roles
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def process_name(pid: int) -> str:
@@ -173,21 +250,11 @@ def process_name(pid: int) -> str:
     return name
 
 
-def tree_pss(root: int) -> tuple[int, dict[str, tuple[int, int]], dict[str, int]]:
-    """Summed PSS (KiB) of `root` and all its descendants, per process name (count, KiB), and per
-    process name the largest VmHWM (KiB)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    total, parts, marks, todo = 0, {}, {}, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str, int]]:
+    """Summed PSS (KiB) of `pids`, per process name (count, KiB), and per process name the
+    largest VmHWM (KiB)."""
+    total, parts, marks = 0, {}, {}
+    for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -223,7 +290,8 @@ def main() -> None:
     parser.add_argument("--ray", action="append", default=[], metavar="KEY=VALUE",
                         help="a ray: config key for the Ray runs, e.g. block_images=4 (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="print each run's peak PSS per process name (GiB)")
+                        help="print each run's peak PSS per process name (GiB) and the Ray "
+                        "run's CPU seconds by role")
     parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -236,7 +304,8 @@ def main() -> None:
           f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}"
           + (f", ray: {' '.join(args.ray)}" if args.ray else ""))
     print(f"{'images':>6} {'plain img/s':>11} {'ray img/s':>9} {'ratio':>6} "
-          f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8} {'plain HWM':>9} {'actor HWM':>9}")
+          f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8} {'plain HWM':>9} {'actor HWM':>9} "
+          f"{'plain CPU':>9} {'ray CPU':>7}")
     with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
         for n in args.sizes:
             folder = Path(tmp) / f"photos-{n}"
@@ -253,23 +322,27 @@ def main() -> None:
                     cmd += ["--ray", pair]
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
-                results[mode] = peak_pss(proc)
-            (plain, plain_gib, plain_parts, plain_hwm), (ray, ray_gib, ray_parts, ray_hwm) = (
-                results["plain"], results["ray"]
-            )
-            plain_mark = max(plain_hwm.values(), default=0) / 2**20  # the one process
+                results[mode] = (watch(proc), proc.pid)
+            (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
+            plain, ray = plain_run.result, ray_run.result
+            plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
             actor_mark = max(
-                (kib for name, kib in ray_hwm.items() if "ModelActor" in name), default=0
+                (kib for name, kib in ray_run.hwm.items() if "ModelActor" in name), default=0
             ) / 2**20
+            plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
             assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
             p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
             r_init = n / (ray["seconds"] + ray["setup"])
             print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
-                  f"{r_init / p_rate:>8.2f} {plain_gib:>9.2f} {ray_gib:>8.2f} "
-                  f"{plain_mark:>9.2f} {actor_mark:>9.2f}", flush=True)
+                  f"{r_init / p_rate:>8.2f} {plain_run.peak_gib:>9.2f} {ray_run.peak_gib:>8.2f} "
+                  f"{plain_mark:>9.2f} {actor_mark:>9.2f} {sum(plain_cpu.values()):>9.1f} "
+                  f"{sum(ray_cpu.values()):>7.1f}", flush=True)
             if args.breakdown:
-                print(f"       plain peak: {breakdown(plain_parts)}\n       ray peak: "
-                      f"{breakdown(ray_parts)}", flush=True)
+                print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
+                      f"{breakdown(ray_run.peak_parts)}", flush=True)
+                print("       ray CPU s: " + ", ".join(
+                    f"{role} {seconds:.1f}" for role, seconds in ray_cpu.items()
+                ), flush=True)
 
 
 if __name__ == "__main__":
