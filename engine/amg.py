@@ -455,8 +455,9 @@ class SamAutomaticMaskGenerator:
                 break
             part, todo = todo[:count], todo[same:]
             coords = torch.cat([batch.coords[batch.rows[j : j + 1]] for batch, j in part])
+            positions = [int(batch.rows[j]) for batch, j in part]
             with batch_rows.as_batch_of(meta_batch):
-                logits, ious = self._run_decoder(coords, threshold)
+                logits, ious = self._run_decoder(coords, threshold, positions)
             for n, (batch, j) in enumerate(part):
                 batch.logits[j] = logits[n]
                 batch.ious[batch.rows[j]] = ious[n]
@@ -481,7 +482,9 @@ class SamAutomaticMaskGenerator:
             self.stability_prefilter = False
         dropped = (~bound.may_pass).nonzero()[:, 0].to(batch.rows.device)
         with batch_rows.as_batch_of(batch.meta_batch):
-            logits, ious = self._run_decoder(batch.coords[dropped], self._iou_threshold())
+            logits, ious = self._run_decoder(
+                batch.coords[dropped], self._iou_threshold(), dropped.tolist()
+            )
         batch.ious[dropped] = ious
         rows, order = torch.cat([batch.rows, dropped]).sort()
         batch.rows, batch.logits = rows, torch.cat([batch.logits, logits])[order]
@@ -608,10 +611,11 @@ class SamAutomaticMaskGenerator:
         return self.decoder_batch if meta_batch is None else min(self.decoder_batch, meta_batch)
 
     def _run_decoder(
-        self, coords: torch.Tensor, min_iou: float | None
+        self, coords: torch.Tensor, min_iou: float | None, positions: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask decoder over `coords` (Bx1x2, input frame), `_call_size` prompts a call (of
-        the `batch_rows.as_batch_of` in force).
+        the `batch_rows.as_batch_of` in force); `positions`: the prompts' positions in Meta's
+        batch (None: 0, 1, 2, ...), whose rounding their prompt side reproduces.
 
         A short last call is padded to that size with copies of its last one: the float32 matrix
         kernels round differently for one or two prompts than for four or more, and a prompt's
@@ -623,19 +627,21 @@ class SamAutomaticMaskGenerator:
         for start in range(0, coords.shape[0], size):
             part = coords[start : start + size]
             real = part.shape[0]
+            at = None if positions is None else positions[start : start + size] + [-1] * (size - real)
             if real < size:
                 part = torch.cat([part, part[-1:].expand(size - real, -1, -1)])
             labels = torch.ones(part.shape[:2], dtype=torch.int, device=part.device)
-            sparse, dense = model.prompt_encoder(points=(part, labels), boxes=None, masks=None)
-            low_res, iou = model.mask_decoder(
-                image_embeddings=self.predictor.features,
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-                min_iou=min_iou,
-                low_res_rows=None if self._low_res_needed is None else self._low_res_needed[0],
-            )
+            with batch_rows.at_positions(at):
+                sparse, dense = model.prompt_encoder(points=(part, labels), boxes=None, masks=None)
+                low_res, iou = model.mask_decoder(
+                    image_embeddings=self.predictor.features,
+                    image_pe=dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=True,
+                    min_iou=min_iou,
+                    low_res_rows=None if self._low_res_needed is None else self._low_res_needed[0],
+                )
             logits.append(low_res[:real].float())
             ious.append(iou[:real].float())
         return torch.cat(logits), torch.cat(ious)

@@ -290,10 +290,10 @@ def test_iou_prefilter_runs_the_decoder_only_where_a_mask_can_pass(small_sam, pa
     exact_prompts = []
     run_decoder = generator._run_decoder
 
-    def counting(coords, min_iou):
+    def counting(coords, min_iou, positions=None):
         if min_iou != float("inf"):
             exact_prompts.append(len(coords))
-        return run_decoder(coords, min_iou)
+        return run_decoder(coords, min_iou, positions)
 
     generator._run_decoder = counting
     filtered = generator.generate(image)
@@ -379,10 +379,10 @@ def test_stability_prefilter_gives_the_output_without_it(
         exact_prompts = []
         run_decoder = generator._run_decoder
 
-        def counting(coords, min_iou):
+        def counting(coords, min_iou, positions=None):
             if min_iou != float("inf"):  # (not the IoU-only fallback)
                 exact_prompts.append(len(coords))
-            return run_decoder(coords, min_iou)
+            return run_decoder(coords, min_iou, positions)
 
         generator._run_decoder = counting
         return exact_prompts
@@ -475,12 +475,63 @@ def test_a_prompt_decodes_the_same_whatever_its_call(small_sam, parity_dir):
         coords = together.coords
         for i in range(len(points)):
             with batch_rows.as_batch_of(4):
-                logits, ious = generator._run_decoder(coords[i : i + 1], None)
+                logits, ious = generator._run_decoder(coords[i : i + 1], None, [i])
             assert torch.equal(ious[0], together.ious[i]) and torch.equal(logits[0], together.logits[i])
         assert calls == [4] * 5
         calls.clear()
         alone = decoded(points[:1])  # Meta's batch of one prompt
         assert calls == [1] and alone.ious.shape == (1, 3)
+        # Meta's batches of 3: a prompt decoded away from its own position (here in a call with
+        # another batch's prompt at the same position) still gets the bits of its position
+        generator.points_per_batch = 3
+        calls.clear()
+        three = decoded(points[:3])
+        assert calls == [3]
+        for order in ([2], [2, 0], [1, 2, 2], [0, 2, 1]):
+            with batch_rows.as_batch_of(3):
+                logits, ious = generator._run_decoder(coords[order], None, order)
+            assert torch.equal(ious, three.ious[order]) and torch.equal(logits, three.logits[order])
+
+
+def test_prompt_side_rows_get_the_bits_of_their_position_in_metas_call():
+    """A float32 kernel may round a row by where it lies in its call (an AMD EPYC rounds the last
+    prompt of a 3-prompt call of the point projection apart from the others); the prompt-side
+    products under `as_batch_of` give each prompt the rows it has at its own position of Meta's
+    call, whatever the call's size and order, padding (-1) and prompts sharing a position."""
+    from engine.modeling import batch_rows
+
+    generator = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(256, 2048)
+    projection = torch.randn(2, 128, generator=generator)
+    products = [
+        (lambda x: batch_rows.linear(layer, x), layer, (7, 256)),
+        (lambda x: batch_rows.rowwise(lambda c: c @ projection, x, ("projection", (2, 128))),
+         lambda c: c @ projection, (2, 2)),
+    ]
+    with torch.no_grad():
+        for wrapped, plain, row_shape in products:
+            for prompts in (3, 5, 7, 64):
+                batches = torch.randn(2, prompts, *row_shape, generator=generator)
+                want = [plain(batch) for batch in batches]  # Meta's calls
+                for size in sorted({1, 2, min(4, prompts), prompts}):
+                    picks = torch.randint(0, prompts, (2, size), generator=generator).tolist()
+                    picks[0][-1] = prompts - 1  # the last position, where the rounding may differ
+                    positions = picks[0] + picks[1]
+                    x = torch.cat([batches[0][picks[0]], batches[1][picks[1]]])
+                    for start in range(0, len(positions), size):
+                        at = positions[start : start + size]
+                        with batch_rows.as_batch_of(prompts), batch_rows.at_positions(at):
+                            out = wrapped(x[start : start + size])
+                        batch = start // size
+                        assert torch.equal(out, want[batch][at]), (prompts, size, at)
+                with batch_rows.as_batch_of(prompts), batch_rows.at_positions([prompts - 1, -1]):
+                    out = wrapped(torch.stack([batches[0][-1], batches[0][-1]]))
+                assert torch.equal(out[0], want[0][-1])
+    # prompts of one position take one call each, padding none
+    seen = []
+    ones = torch.arange(4.0)[:, None]
+    out = batch_rows._in_place(lambda c: seen.append(c.clone()) or c * 2, ones, (1, 1, -1, 0), 3)
+    assert len(seen) == 2 and torch.equal(out[[0, 1, 3]], ones[[0, 1, 3]] * 2)
 
 
 def test_exact_mode_computes_prompts_as_metas_batch_does(small_sam, parity_dir):

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from engine.modeling import batch_rows
 from engine.modeling.common import LayerNorm2d
 
 
@@ -135,10 +136,16 @@ class PositionEmbeddingRandom(nn.Module):
             "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
         )
 
-    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """...x2 coordinates in [0, 1] -> ...x(2*num_pos_feats)."""
+    def _encode(self, coords: torch.Tensor, prompt_side: bool = False) -> torch.Tensor:
+        """...x2 coordinates in [0, 1] -> ...x(2*num_pos_feats). `prompt_side`: B x N x 2 prompt
+        coordinates, whose projection `batch_rows` may compute at another batch's size."""
         coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        matrix = self.positional_encoding_gaussian_matrix
+        if prompt_side:
+            key = ("projection", tuple(matrix.shape), matrix.dtype, str(matrix.device))
+            coords = batch_rows.rowwise(lambda c: c @ matrix, coords, key)
+        else:
+            coords = coords @ matrix
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
@@ -162,4 +169,4 @@ class PositionEmbeddingRandom(nn.Module):
         coords = coords.clone()
         coords[:, :, 0] = coords[:, :, 0] / image_size[1]
         coords[:, :, 1] = coords[:, :, 1] / image_size[0]
-        return self._encode(coords.to(torch.float))
+        return self._encode(coords.to(torch.float), prompt_side=True)
