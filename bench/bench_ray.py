@@ -3,6 +3,7 @@
     python bench/bench_ray.py                      # 20, 50, 200 images, parity fixture model
     python bench/bench_ray.py --sizes 20 200 --points-per-side 8 --stage classical
     python bench/bench_ray.py --sizes 50 --ray block_images=10 --ray idle_workers=null  # ray: keys
+    python bench/bench_ray.py --sizes 20 --cluster     # Ray runs join a running local cluster
 
 For each image count N it builds a store of N real photos (demo/photos + ../shared/data/images/coco,
 downscaled to --short-side px and, where N exceeds the photos at hand, repeated with a one-pixel
@@ -19,6 +20,13 @@ true peak, where the once-a-second PSS sample may or may not catch an image's bu
 and the CPU seconds each run's process tree used, whole command (imports and Ray's start
 included); `--breakdown` splits Ray's by role (driver, model actors, Ray Data's helper actors,
 task workers, Ray's daemons): where a Ray run's extra time goes on a machine with few cores.
+
+With `--cluster` the Ray runs join a cluster started once beforehand (`ray start --head` on
+loopback, this machine's CPUs, `RAY_num_workers_soft_limit` = `idle_workers`), as
+`sa-engine run auto STORE --address ...` does on a cluster, instead of each starting an embedded
+Ray. One unmeasured 4-image run goes first, so the cluster has run a command before (Ray Data's
+detached helper actors are up, as on a cluster in use). The cluster's own processes are counted
+with each run: their memory, and the CPU they use during it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -124,7 +133,9 @@ def one_run(args) -> None:
         from engine.cli.config import apply_overrides
 
         overrides = apply_overrides({}, args.ray)  # the CLI's --set parsing, without "ray."
-        config = RayConfig(progress=False, object_store_mb=args.object_store_mb, **overrides)
+        config = RayConfig(
+            progress=False, object_store_mb=args.object_store_mb, address=args.address, **overrides
+        )
         with ray_session(config) as where:
             setup = time.perf_counter() - t0
             record = run_pipeline(store, spec, 0, config, where=where)
@@ -143,22 +154,26 @@ class TreeSample:
     cpu: dict[int, tuple[str, float]]  # pid -> (last name seen, CPU seconds last seen)
 
 
-def watch(proc: subprocess.Popen) -> TreeSample:
-    """Wait for `proc`, sampling its whole process tree: the summed PSS once a second (reading
-    every process's smaps costs CPU), and each process's CPU time five times a second (cheap:
-    its stat line), so a process that ends is counted to within 0.2 s of its end."""
+def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None) -> TreeSample:
+    """Wait for `proc`, sampling its whole process tree and the processes `others` lists (a
+    running cluster's): the summed PSS once a second (reading every process's smaps costs CPU),
+    and each process's CPU time five times a second (cheap: its stat line), so a process that
+    ends is counted to within 0.2 s of its end. Of processes running before `proc` started, only
+    the CPU time they use from then on counts."""
     peak: list = [0, {}]
     hwm: dict[str, int] = {}
     cpu: dict[int, tuple[str, float]] = {}
+    others = others or list
+    before = {pid: cpu_seconds(pid) or 0.0 for pid in others()}
 
     def sample() -> None:
         ticks = 0
         while proc.poll() is None:
-            pids = tree_pids(proc.pid)
+            pids = tree_pids(proc.pid) + [pid for pid in others() if pid != proc.pid]
             for pid in pids:
                 seconds = cpu_seconds(pid)
                 if seconds is not None:
-                    cpu[pid] = (process_name(pid), seconds)
+                    cpu[pid] = (process_name(pid), seconds - before.get(pid, 0.0))
             if ticks % 5 == 0:
                 total, parts, marks = tree_pss(pids)
                 if total > peak[0]:
@@ -292,6 +307,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="print each run's peak PSS per process name (GiB) and the Ray "
                         "run's CPU seconds by role")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the Ray runs join a local cluster started once (ray start --head)")
+    parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--one", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -303,46 +321,82 @@ def main() -> None:
     print(f"stage {args.stage}, points_per_side {args.points_per_side}, photos downscaled to "
           f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}"
           + (f", ray: {' '.join(args.ray)}" if args.ray else ""))
+    cluster = start_cluster(args) if args.cluster else None
+
+    def run(mode: str, store: str, folder: Path) -> tuple[TreeSample, int]:
+        cmd = [sys.executable, __file__, "--one", mode, "--store", store, "--folder", str(folder),
+               "--stage", args.stage, "--points-per-side", str(args.points_per_side),
+               "--shard-size", str(args.shard_size)]
+        if args.object_store_mb:
+            cmd += ["--object-store-mb", str(args.object_store_mb)]
+        for pair in args.ray:
+            cmd += ["--ray", pair]
+        others, run_env = None, env
+        if cluster is not None and mode == "ray":
+            cmd += ["--address", cluster.address]
+            others = lambda: cluster.pids("head")  # noqa: E731
+            run_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # the driver on loopback too
+        proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        return watch(proc, others), proc.pid
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
+            if cluster is not None:
+                make_folder(Path(tmp) / "warm-up", 4, args.short_side)
+                warm, _ = run("ray", f"{tmp}/warm-up-store", Path(tmp) / "warm-up")
+                print(f"cluster {cluster.address} warmed up by a 4-image run "
+                      f"({warm.result['seconds']:.1f} s)", flush=True)
+            compare(args, tmp, run)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def start_cluster(args):
+    """A one-node cluster on loopback for the Ray runs to join, as a team's running cluster."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_cluster import LocalCluster
+    from stages.config import RayConfig
+
+    cluster = LocalCluster()
+    idle = RayConfig().idle_workers
+    cluster.start_node("head", os.cpu_count(), head=True,
+                       env={} if idle is None else {"RAY_num_workers_soft_limit": str(idle)})
+    return cluster
+
+
+def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, int]]) -> None:
+    """Both runs at each size, one table row each (and the breakdown)."""
     print(f"{'images':>6} {'plain img/s':>11} {'ray img/s':>9} {'ratio':>6} "
           f"{'ray+init':>8} {'plain GiB':>9} {'ray GiB':>8} {'plain HWM':>9} {'actor HWM':>9} "
           f"{'plain CPU':>9} {'ray CPU':>7}")
-    with tempfile.TemporaryDirectory(prefix="bench_ray") as tmp:
-        for n in args.sizes:
-            folder = Path(tmp) / f"photos-{n}"
-            make_folder(folder, n, args.short_side)
-            results = {}
-            for mode in ("plain", "ray"):
-                cmd = [sys.executable, __file__, "--one", mode, "--store", f"{tmp}/{mode}-{n}",
-                       "--folder", str(folder), "--stage", args.stage,
-                       "--points-per-side", str(args.points_per_side),
-                       "--shard-size", str(args.shard_size)]
-                if args.object_store_mb:
-                    cmd += ["--object-store-mb", str(args.object_store_mb)]
-                for pair in args.ray:
-                    cmd += ["--ray", pair]
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-                results[mode] = (watch(proc), proc.pid)
-            (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
-            plain, ray = plain_run.result, ray_run.result
-            plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
-            actor_mark = max(
-                (kib for name, kib in ray_run.hwm.items() if "ModelActor" in name), default=0
-            ) / 2**20
-            plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
-            assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
-            p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
-            r_init = n / (ray["seconds"] + ray["setup"])
-            print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
-                  f"{r_init / p_rate:>8.2f} {plain_run.peak_gib:>9.2f} {ray_run.peak_gib:>8.2f} "
-                  f"{plain_mark:>9.2f} {actor_mark:>9.2f} {sum(plain_cpu.values()):>9.1f} "
-                  f"{sum(ray_cpu.values()):>7.1f}", flush=True)
-            if args.breakdown:
-                print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
-                      f"{breakdown(ray_run.peak_parts)}", flush=True)
-                print("       ray CPU s: " + ", ".join(
-                    f"{role} {seconds:.1f}" for role, seconds in ray_cpu.items()
-                ), flush=True)
+    for n in args.sizes:
+        folder = Path(tmp) / f"photos-{n}"
+        make_folder(folder, n, args.short_side)
+        results = {}
+        for mode in ("plain", "ray"):
+            results[mode] = run(mode, f"{tmp}/{mode}-{n}", folder)
+        (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
+        plain, ray = plain_run.result, ray_run.result
+        plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
+        actor_mark = max(
+            (kib for name, kib in ray_run.hwm.items() if "ModelActor" in name), default=0
+        ) / 2**20
+        plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
+        assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
+        p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
+        r_init = n / (ray["seconds"] + ray["setup"])
+        print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
+              f"{r_init / p_rate:>8.2f} {plain_run.peak_gib:>9.2f} {ray_run.peak_gib:>8.2f} "
+              f"{plain_mark:>9.2f} {actor_mark:>9.2f} {sum(plain_cpu.values()):>9.1f} "
+              f"{sum(ray_cpu.values()):>7.1f}", flush=True)
+        if args.breakdown:
+            print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
+                  f"{breakdown(ray_run.peak_parts)}", flush=True)
+            print("       ray CPU s: " + ", ".join(
+                f"{role} {seconds:.1f}" for role, seconds in ray_cpu.items()
+            ), flush=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,15 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
 
-    def start_node(self, name: str, num_cpus: int, head: bool = False, timeout: float = 60) -> None:
+    def start_node(
+        self,
+        name: str,
+        num_cpus: int,
+        head: bool = False,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start node `name` (`env`: more variables for all its processes) and wait until it runs."""
         args = [sys.executable, "-c", RAY_START, "start", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0"]
         args += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         if head:
@@ -69,7 +77,7 @@ class LocalCluster:
         else:
             args += [f"--address={self.address}"]
         log = self.tmp / f"{name}.log"
-        env = node_env({MARKER: f"{self.tmp.name}-{name}", "RAY_TMPDIR": str(self.tmp)})
+        env = node_env({**(env or {}), MARKER: f"{self.tmp.name}-{name}", "RAY_TMPDIR": str(self.tmp)})
         if head:  # notice a dead node within ~3 s, not the default ~30 s
             env.update(
                 RAY_health_check_period_ms="1000",
