@@ -19,7 +19,9 @@ resident memory the kernel keeps for the plain process and for the largest model
 true peak, where the once-a-second PSS sample may or may not catch an image's busiest moment),
 and the CPU seconds each run's process tree used, whole command (imports and Ray's start
 included); `--breakdown` splits Ray's by role (driver, model actors, Ray Data's helper actors,
-task workers, Ray's daemons): where a Ray run's extra time goes on a machine with few cores.
+task workers, Ray's daemons): where a Ray run's extra time goes on a machine with few cores; and
+the largest VmHWM of one process of each role: whether a process grows with the image count or
+only the number of processes a PSS sample catches.
 
 With `--cluster` the Ray runs join a cluster started once beforehand (`ray start --head` on
 loopback, this machine's CPUs, `RAY_num_workers_soft_limit` = `idle_workers`), as
@@ -208,25 +210,40 @@ RAY_DATA_HELPERS = (
 )
 
 
+ROLES = ("driver", "model actors", "Ray Data helpers", "task workers", "Ray daemons")
+
+
+def role(name: str, driver: bool) -> str:
+    """A Ray run's process by what it does: the driver (the measured process: imports, Ray's
+    start and Ray Data's executor), model actors, Ray Data's helper actors, task workers (reads,
+    decodes, post-processing, idle), and Ray's own daemons (GCS, raylet, dashboard, agents, log
+    monitor)."""
+    if driver:
+        return "driver"
+    if "ModelActor" in name:
+        return "model actors"
+    if name in RAY_DATA_HELPERS:
+        return "Ray Data helpers"
+    if name.startswith("ray::") or "default_worker" in name:
+        return "task workers"
+    return "Ray daemons"
+
+
 def cpu_roles(sample: TreeSample, root: int) -> dict[str, float]:
-    """The run's CPU seconds by role: the driver (the measured process: imports, Ray's start and
-    Ray Data's executor), model actors, Ray Data's helper actors, task workers (reads, decodes,
-    post-processing, idle), and Ray's own daemons (GCS, raylet, dashboard, agents, log monitor)."""
-    roles = dict.fromkeys(
-        ("driver", "model actors", "Ray Data helpers", "task workers", "Ray daemons"), 0.0
-    )
+    """The run's CPU seconds by `role`."""
+    roles = dict.fromkeys(ROLES, 0.0)
     for pid, (name, seconds) in sample.cpu.items():
-        if pid == root:
-            role = "driver"
-        elif "ModelActor" in name:
-            role = "model actors"
-        elif name in RAY_DATA_HELPERS:
-            role = "Ray Data helpers"
-        elif name.startswith("ray::") or "default_worker" in name:
-            role = "task workers"
-        else:
-            role = "Ray daemons"
-        roles[role] += seconds
+        roles[role(name, pid == root)] += seconds
+    return roles
+
+
+def hwm_roles(sample: TreeSample) -> dict[str, float]:
+    """The largest VmHWM (GiB) of one process of each `role` (a process is known by its name
+    here, so a task worker counts under each name Ray gave it: the largest is its own peak)."""
+    roles = dict.fromkeys(ROLES, 0.0)
+    for name, kib in sample.hwm.items():
+        key = role(name, name == "python bench_ray.py")
+        roles[key] = max(roles[key], kib / 2**20)
     return roles
 
 
@@ -305,8 +322,8 @@ def main() -> None:
     parser.add_argument("--ray", action="append", default=[], metavar="KEY=VALUE",
                         help="a ray: config key for the Ray runs, e.g. block_images=4 (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="print each run's peak PSS per process name (GiB) and the Ray "
-                        "run's CPU seconds by role")
+                        help="print each run's peak PSS per process name (GiB), and the Ray "
+                        "run's CPU seconds and largest process HWM by role")
     parser.add_argument("--cluster", action="store_true",
                         help="the Ray runs join a local cluster started once (ray start --head)")
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -395,7 +412,10 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
             print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
                   f"{breakdown(ray_run.peak_parts)}", flush=True)
             print("       ray CPU s: " + ", ".join(
-                f"{role} {seconds:.1f}" for role, seconds in ray_cpu.items()
+                f"{name} {seconds:.1f}" for name, seconds in ray_cpu.items()
+            ), flush=True)
+            print("       ray HWM GiB (largest process): " + ", ".join(
+                f"{name} {gib:.2f}" for name, gib in hwm_roles(ray_run).items()
             ), flush=True)
 
 
