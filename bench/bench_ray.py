@@ -397,9 +397,8 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
         (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
         plain, ray = plain_run.result, ray_run.result
         plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
-        actor_mark = max(
-            (kib for name, kib in ray_run.hwm.items() if "ModelActor" in name), default=0
-        ) / 2**20
+        ray_marks = hwm_roles(ray_run)
+        actor_mark = ray_marks["model actors"]
         plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
         assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
         p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
@@ -415,7 +414,7 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
                 f"{name} {seconds:.1f}" for name, seconds in ray_cpu.items()
             ), flush=True)
             print("       ray HWM GiB (largest process): " + ", ".join(
-                f"{name} {gib:.2f}" for name, gib in hwm_roles(ray_run).items()
+                f"{name} {gib:.2f}" for name, gib in ray_marks.items()
             ), flush=True)
 
 
