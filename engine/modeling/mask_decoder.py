@@ -180,6 +180,7 @@ class MaskDecoder(nn.Module):
         hyper_in: torch.Tensor,
         low_res_rows: int | None = None,
         fused_norm: bool | None = None,
+        first_conv: Callable[[int, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`output_upscaling` then the hypernetwork product, on B x (H*W) x C image tokens, a few
         embedding rows at a time: every step is per pixel (a 2x2, stride-2 transposed convolution
@@ -193,19 +194,27 @@ class MaskDecoder(nn.Module):
         straight from the token layout, and the layer norm one fused kernel (faster; ~1e-6 off).
         With `low_res_rows` only the chunks making the first that many rows run; the rows after
         them are 0. A chunk takes `upscale_pixels` embedding pixels over the whole batch.
-        `fused_norm`: None: `self.fused_norm`.
+        `fused_norm`: None: `self.fused_norm`. `first_conv` (fused mode): the first transposed
+        convolution's output from the caller, `first_conv(start, stop)` -> B x (stop - start) x
+        (2 * 2 * C/4) for the embedding pixels start:stop (row-major) in its matrix-product
+        layout (then `image_tokens` is not read).
         Returns B x K x 4H x 4W.
         """
-        batch, _, channels = image_tokens.shape
+        if image_tokens is None:
+            batch, channels = hyper_in.shape[0], self.transformer_dim
+        else:
+            batch, _, channels = image_tokens.shape
         height, width = size
         fused_norm = self.fused_norm if fused_norm is None else fused_norm
         k = hyper_in.shape[1]
-        masks = image_tokens.new_empty(batch, k, 4 * height, 4 * width)
+        masks = hyper_in.new_empty(batch, k, 4 * height, 4 * width)
         rows = max(1, self.upscale_pixels // max(1, batch * width))
         stop = height if low_res_rows is None else min(height, -(-int(low_res_rows) // 4))
         stop = min(height, -(-stop // rows) * rows)  # whole chunks: each keeps its shape
         masks[:, :, 4 * stop :] = 0
         if not fused_norm:
+            if first_conv is not None:
+                raise ValueError("first_conv is the fused mode's matrix-product layout: pass fused_norm=True")
             if batch > 1 and image_tokens.stride(0) == 0:
                 image_tokens = image_tokens.contiguous()  # Meta's are B copies, not a broadcast
             grid = image_tokens.transpose(1, 2).view(batch, channels, height, width)
@@ -222,10 +231,14 @@ class MaskDecoder(nn.Module):
             out = F.linear(x, weight, conv.bias.repeat(4))
             return out.view(*out.shape[:-2], -1, conv.out_channels)
 
-        tokens = image_tokens.reshape(batch, height, width, channels)
+        tokens = None if first_conv is not None else image_tokens.reshape(batch, height, width, channels)
         for top in range(0, stop, rows):
-            part = tokens[:, top : top + rows].reshape(batch, -1, channels)
-            mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
+            if first_conv is not None:
+                part = first_conv(top * width, min(top + rows, stop) * width)
+                mid = part.reshape(batch, -1, up1.out_channels)
+            else:
+                part = tokens[:, top : top + rows].reshape(batch, -1, channels)
+                mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
             mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
             fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
             part_masks = (fine @ hyper_in.transpose(1, 2)).view(batch, -1, width, 2, 2, 2, 2, k)
