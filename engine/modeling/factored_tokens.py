@@ -9,8 +9,9 @@ product with the tokens costs M x C x R; kept factored,
     K_l = diag(r_l) (K_{l-1} + A_l U_l - mu_l 1^T) diag(gamma_l) + 1 beta_l^T,
 
 a product `K W Z` with a shared C x p matrix W (a projection weight) and a small per-prompt Z
-costs `S W` once per image and M x R x |Z| per prompt per block; the layer norms' row statistics
-(`mu`, `r`) come from the same products and R x R Gram matrices of the updates. The decoder's
+costs `S W` once per image and M x k x |Z| per prompt, k = R + 2 per block so far (116 after
+SAM's two, against C = 256); the layer norms' row statistics (`mu`, `r`) come from the same
+products and R x R Gram matrices of the updates. The decoder's
 cross-attentions never need the tokens themselves, only such products, so the M x C tensors
 are never formed (the generator's rough pass; `engine.modeling.iou_only`).
 
@@ -35,7 +36,9 @@ class SharedImage:
         self.tokens = tokens
         self._products: dict[Key, torch.Tensor] = {}
 
-    def product(self, key: Key, weight: torch.Tensor, heads: int | None = None, major: str = "columns") -> torch.Tensor:
+    def product(
+        self, key: Key, weight: torch.Tensor, heads: int | None = None, major: str = "columns"
+    ) -> torch.Tensor:
         """S @ weight, cached under `key`: transposed, p x M, or with `heads`, H x (p / H) x M;
         `major` "pixels": M x p."""
         key = key + (heads, major)
@@ -143,7 +146,11 @@ class FactoredTokens:
     Products with the attentions come transposed (image tokens last), their softmaxes' layout."""
 
     def __init__(
-        self, image: SharedImage, batch: int, updates: list[Update] | None = None, flats: list[_Flat] | None = None
+        self,
+        image: SharedImage,
+        batch: int,
+        updates: list[Update] | None = None,
+        flats: list[_Flat] | None = None,
     ) -> None:
         self.image = image
         self.batch = batch

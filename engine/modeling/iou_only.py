@@ -283,7 +283,8 @@ def _image_update(
     attn = logits.softmax(2).view(batch, heads * tokens, image_tokens)  # B x HN x M
     vh = attention.v_proj(v).view(batch, tokens, heads, -1).transpose(1, 2)  # B x H x N x d
     out_weight = attention.out_proj.weight  # C x (H d)
-    projected = (vh @ out_weight.view(width, heads, -1).permute(1, 2, 0)).reshape(batch, heads * tokens, width)
+    per_head = out_weight.view(width, heads, -1).permute(1, 2, 0)  # H x d x C
+    projected = (vh @ per_head).reshape(batch, heads * tokens, width)
     projected = projected + attention.out_proj.bias / heads
     return Update(
         attn=attn,
