@@ -175,7 +175,7 @@ class MaskDecoder(nn.Module):
 
     def upscale_masks(
         self,
-        image_tokens: torch.Tensor,
+        image_tokens: torch.Tensor | None,
         size: tuple[int, int],
         hyper_in: torch.Tensor,
         low_res_rows: int | None = None,
@@ -197,7 +197,7 @@ class MaskDecoder(nn.Module):
         `fused_norm`: None: `self.fused_norm`. `first_conv` (fused mode): the first transposed
         convolution's output from the caller, `first_conv(start, stop)` -> B x (stop - start) x
         (2 * 2 * C/4) for the embedding pixels start:stop (row-major) in its matrix-product
-        layout (then `image_tokens` is not read).
+        layout (then `image_tokens` is not read: pass None).
         Returns B x K x 4H x 4W.
         """
         if image_tokens is None:
