@@ -8,7 +8,7 @@ defaults are Meta's; `configs/sa1b.yaml` holds the paper's settings.
 
 What makes it fast and bounded in memory without changing the output:
 - with a predicted-IoU threshold, the prompts that cannot pass it are found first with the
-  IoU-only pass of `engine.modeling.iou_only` (a quarter of the work); with a stability
+  IoU-only pass of `engine.modeling.iou_only` (a fifth of the work or less); with a stability
   threshold, that pass also gives rough masks, and the prompts none of whose masks can pass the
   stability or crop-edge filter are found from them with a bound on their difference from
   Meta's arithmetic (`stability_prefilter`); Meta's arithmetic runs only for the others;
@@ -58,8 +58,9 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # How far under pred_iou_thresh a prompt's re-associated IoU may be and still get Meta's
 # arithmetic: the two differ by ~5e-6 (fixture sets A and B), so this is ~2000x that.
 PREFILTER_MARGIN = 1e-2
-# The prefilter's pass costs about a quarter of the exact one's IoUs (CPU, fixture model): it
-# pays while fewer than about three quarters of the prompts pass.
+# The prefilter's pass cost about a quarter of the exact one's IoUs (CPU, fixture model) when
+# this was set, so it paid while fewer than about three quarters of the prompts passed; on
+# factored tokens it costs ~5.5 against ~36 ms a prompt, so 0.7 is on the safe side.
 PREFILTER_MAX_PASSING = 0.7
 # The stability prefilter's bound on how far the rough masks' low-res logits may be from Meta's,
 # as a fraction of 1 + the batch's largest |logit|: they differ by up to ~2e-6 of it (fixture
@@ -244,7 +245,7 @@ class SamAutomaticMaskGenerator:
             bit-identical to Meta's generator run on the same machine).
           iou_prefilter (bool): with pred_iou_thresh > 0, first find the prompts that cannot
             pass the predicted-IoU filter with `engine.modeling.iou_only` (IoUs alone to ~1e-6,
-            about a quarter of the exact decoder's work), and run the decoder (Meta's arithmetic,
+            a fifth of the exact decoder's work or less), and run the decoder (Meta's arithmetic,
             or the re-associated one with fast_decoder) only for the others. The output is the
             same; it pays while up to about three quarters of the prompts pass, so it is skipped
             for a batch when more than that of the crop's previous batch passed.
