@@ -4,6 +4,7 @@
     python bench/bench_ray.py --sizes 20 200 --points-per-side 8 --stage classical
     python bench/bench_ray.py --sizes 50 --ray block_images=10 --ray idle_workers=null  # ray: keys
     python bench/bench_ray.py --sizes 20 --cluster     # Ray runs join a running local cluster
+    python bench/bench_ray.py --sizes 20 200 --photos 20  # the same 20 photos, cycled: memory vs N
 
 For each image count N it builds a store of N real photos (demo/photos + ../shared/data/images/coco,
 downscaled to --short-side px and, where N exceeds the photos at hand, repeated with a one-pixel
@@ -58,8 +59,9 @@ def photos() -> list[Path]:
     return found
 
 
-def make_folder(folder: Path, count: int, short_side: int) -> None:
-    """`count` distinct JPEGs made from the real photos (downscaled; copies differ by one pixel)."""
+def make_folder(folder: Path, count: int, short_side: int, distinct: int | None = None) -> None:
+    """`count` distinct JPEGs made from the real photos (downscaled; copies differ by one pixel),
+    cycling through the first `distinct` of them (None: all)."""
     import numpy as np
     from PIL import Image
 
@@ -68,6 +70,7 @@ def make_folder(folder: Path, count: int, short_side: int) -> None:
     sources = photos()
     if len(sources) < 20:
         raise SystemExit(f"need >= 20 real photos, found {len(sources)} (is {SHARED} there?)")
+    sources = sources[:distinct] if distinct else sources
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         source = sources[i % len(sources)]
@@ -324,6 +327,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="print each run's peak PSS per process name (GiB), and the Ray "
                         "run's CPU seconds and largest process HWM by role")
+    parser.add_argument("--photos", type=int, default=None,
+                        help="cycle through only this many distinct photos (default: all): a "
+                        "run's memory then depends on the image count, not on its largest photo")
     parser.add_argument("--cluster", action="store_true",
                         help="the Ray runs join a local cluster started once (ray start --head)")
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -337,7 +343,8 @@ def main() -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     print(f"stage {args.stage}, points_per_side {args.points_per_side}, photos downscaled to "
           f"{args.short_side} px, {os.cpu_count()} CPUs, shard size {args.shard_size}"
-          + (f", ray: {' '.join(args.ray)}" if args.ray else ""))
+          + (f", ray: {' '.join(args.ray)}" if args.ray else "")
+          + (f", {args.photos} distinct photos cycled" if args.photos else ""))
     cluster = start_cluster(args) if args.cluster else None
 
     def run(mode: str, store: str, folder: Path) -> tuple[TreeSample, int]:
@@ -390,7 +397,7 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
           f"{'plain CPU':>9} {'ray CPU':>7}")
     for n in args.sizes:
         folder = Path(tmp) / f"photos-{n}"
-        make_folder(folder, n, args.short_side)
+        make_folder(folder, n, args.short_side, args.photos)
         results = {}
         for mode in ("plain", "ray"):
             results[mode] = run(mode, f"{tmp}/{mode}-{n}", folder)
