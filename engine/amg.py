@@ -176,7 +176,8 @@ class _Batch:
     ones are decoded). rows: the prompts decoded in Meta's arithmetic (ascending); logits: their
     len(rows) x 3 low-res logits (0 until decoded; only where an IoU passes the filter); decoded:
     how many of them are. meta_batch: the call size whose rounding the prompt side reproduces.
-    bound: the stability prefilter's pass (None: the batch had none).
+    bound: the stability prefilter's pass (None: the batch had none). rough_ious: the IoU
+    prefilter's B x 3 IoUs where it left prompts out (None: it did not).
     """
 
     points: np.ndarray
@@ -187,6 +188,7 @@ class _Batch:
     meta_batch: int | None
     decoded: int = 0
     bound: _MaskBound | None = None
+    rough_ious: torch.Tensor | None = None
 
 
 class SamAutomaticMaskGenerator:
@@ -425,6 +427,7 @@ class SamAutomaticMaskGenerator:
         rows = torch.arange(len(coords), device=coords.device)
         ious = None
         bound = None
+        rough = None
         prompts, passing = self._passing
         if self._bounds_masks():
             bound = self._mask_bound(coords, threshold, upsampler, crop_box, size)
@@ -433,13 +436,14 @@ class SamAutomaticMaskGenerator:
         elif threshold is not None and self.iou_prefilter and passing <= PREFILTER_MAX_PASSING * prompts:
             ious = self._rough_ious(coords)
             rows = (ious > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
+            rough = ious.clone() if len(rows) < len(coords) else None
         masks = self.predictor.model.mask_decoder.num_mask_tokens - 1
         if ious is None:  # every prompt through Meta's arithmetic
             ious = torch.zeros(len(coords), masks, device=coords.device)
         logits = ious.new_zeros(len(rows), masks, *self._low_res_size())
         # The exact mode computes the prompt tokens as Meta's batch of len(points) would.
         meta_batch = None if self.fast_decoder else len(points)
-        return _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound)
+        return _Batch(points, coords, ious, rows, logits, meta_batch, bound=bound, rough_ious=rough)
 
     def _decode_waiting(self, waiting: "deque[_Batch]", flush: bool) -> None:
         """Meta's arithmetic for the screened prompts of the waiting batches, in order, in full
@@ -465,23 +469,42 @@ class SamAutomaticMaskGenerator:
                 batch.decoded = j + 1
 
     def _check_bound(self, batch: "_Batch") -> None:
-        """Once a batch's screened prompts are decoded, before its masks: if the rough masks turn
-        out further from Meta's arithmetic than the stability prefilter's margin allows (never
+        """Once a batch's screened prompts are decoded, before its masks: if the rough masks or
+        IoUs turn out further from Meta's arithmetic than the prefilter's margin allows (never
         seen), or the prefilter was turned off meanwhile, decode the prompts it dropped too."""
         bound = batch.bound
-        if bound is None or bound.may_pass.all():
-            return
-        if self.stability_prefilter and bound.holds(batch.logits, batch.ious[batch.rows]):
-            return
-        if self.stability_prefilter:
-            warnings.warn(
-                f"stability_prefilter: the rough masks differ from Meta's arithmetic by "
-                f"more than {STABILITY_CHECK} of its margin on this model; it is now off",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.stability_prefilter = False
-        dropped = (~bound.may_pass).nonzero()[:, 0].to(batch.rows.device)
+        if bound is not None and not bound.may_pass.all():
+            if self.stability_prefilter and bound.holds(batch.logits, batch.ious[batch.rows]):
+                return
+            if self.stability_prefilter:
+                warnings.warn(
+                    f"stability_prefilter: the rough masks differ from Meta's arithmetic by "
+                    f"more than {STABILITY_CHECK} of its margin on this model; it is now off",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.stability_prefilter = False
+            self._decode_dropped(batch, ~bound.may_pass)
+        elif batch.rough_ious is not None:
+            rows = batch.rows.to(batch.rough_ious.device)
+            off = (batch.rough_ious[rows] - batch.ious[batch.rows].to(rows.device)).abs()
+            if self.iou_prefilter and (not len(rows) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN):
+                return
+            if self.iou_prefilter:
+                warnings.warn(
+                    f"iou_prefilter: the IoU pass differs from Meta's arithmetic by more than "
+                    f"{STABILITY_CHECK} of its margin on this model; it is now off",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.iou_prefilter = False
+            left_out = torch.ones(len(batch.coords), dtype=torch.bool)
+            left_out[batch.rows.cpu()] = False
+            self._decode_dropped(batch, left_out)
+
+    def _decode_dropped(self, batch: "_Batch", dropped_mask: torch.Tensor) -> None:
+        """Meta's arithmetic for the prompts a prefilter left out of a batch (`dropped_mask`)."""
+        dropped = dropped_mask.nonzero()[:, 0].to(batch.rows.device)
         with batch_rows.as_batch_of(batch.meta_batch):
             logits, ious = self._run_decoder(
                 batch.coords[dropped], self._iou_threshold(), dropped.tolist()

@@ -307,6 +307,28 @@ def test_iou_prefilter_runs_the_decoder_only_where_a_mask_can_pass(small_sam, pa
         assert np.array_equal(a["segmentation"], b["segmentation"])
 
 
+def test_iou_prefilter_checks_its_ious_against_the_decoded_ones(small_sam, parity_dir):
+    """Where the IoU pass is further from Meta's arithmetic than a tenth of its margin on the
+    prompts it let through (never seen; forced here by shifting its IoUs), the generator warns,
+    decodes the prompts it left out and turns the prefilter off: the output stays the output
+    without it."""
+    from engine.image_io import load_image
+
+    image = load_image(parity_dir / "image.png")
+    params = dict(points_per_side=8, pred_iou_thresh=0.79, stability_score_thresh=0.0)
+    plain = SamAutomaticMaskGenerator(small_sam, **params, iou_prefilter=False).generate(image)
+    generator = SamAutomaticMaskGenerator(small_sam, **params)
+    rough_ious = generator._rough_ious
+    generator._rough_ious = lambda coords: rough_ious(coords) - 0.02
+    with pytest.warns(RuntimeWarning, match="iou_prefilter"):
+        shifted = generator.generate(image)
+    assert not generator.iou_prefilter
+    assert len(shifted) == len(plain) > 0
+    for a, b in zip(shifted, plain):
+        assert a["predicted_iou"] == b["predicted_iou"] and a["bbox"] == b["bbox"]
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+
+
 def test_iou_prefilter_with_batches_of_one_prompt_more_than_a_call(small_sam, parity_dir):
     """Batches of 5 prompts end in an IoU-pass call of one prompt; the image's shared tokens of
     that call must not be updated in place (they were: the crop's later batches then got wrong
