@@ -488,7 +488,8 @@ class SamAutomaticMaskGenerator:
         elif batch.rough_ious is not None:
             rows = batch.rows.to(batch.rough_ious.device)
             off = (batch.rough_ious[rows] - batch.ious[batch.rows].to(rows.device)).abs()
-            if self.iou_prefilter and (not len(rows) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN):
+            close = not len(rows) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN
+            if self.iou_prefilter and close:
                 return
             if self.iou_prefilter:
                 warnings.warn(
