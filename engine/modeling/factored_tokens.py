@@ -275,7 +275,7 @@ class FactoredTokens:
         bias = self._dot(level, key + ("bias",) + u.out_key, weight * u.out_bias)
         gram = (u.values * weight) @ u.values.transpose(1, 2)  # B x R x R, symmetric
         cross = cross.baddbmm_(gram, u.attn, alpha=0.5)  # (the quadratic term, halved)
-        return self._norm2(level, key, weight) + 2 * ((cross * u.attn).sum(1) + bias)
+        return self._norm2(level, key, weight) + 2 * (torch.linalg.vecdot(cross, u.attn, dim=1) + bias)
 
     def _norm2(self, level: int, key: Key, weight: torch.Tensor) -> torch.Tensor:
         """Row sums of weight * K_level^2 (B x M)."""
