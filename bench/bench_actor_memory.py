@@ -57,7 +57,7 @@ def main() -> None:
     ingest(str(tmp / "photos"), store, shard_size=10)
     options = types.SimpleNamespace(stage="auto", points_per_side=args.points_per_side)
     _, spec, _ = bench_ray.stage_parts(options)
-    print(f"{args.images} images ({args.photos} distinct photos cycled), blocks of {args.block}")
+    print(f"{args.images} images ({args.photos or 'all'} distinct photos cycled), blocks of {args.block}")
     print(f"{'images':>6} {'RSS GiB':>8} {'HWM GiB':>8}")
 
     def work() -> None:
