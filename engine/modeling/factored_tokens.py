@@ -200,8 +200,7 @@ class FactoredTokens:
         working in chunks keeps them in cache): returns `part(start, stop)` -> B x (stop - start)
         x p, the image tokens `pixels[start:stop]` (`pixels`: an index into M; None: all)."""
         flat = self.flats[-1]
-        scaled = weight if flat.gain is None else flat.gain[:, None] * weight
-        shared = self.image.product(key + ("pixels", len(self.updates)), scaled, major="pixels")
+        shared = self._shared(len(self.updates), key, weight, major="pixels")  # M x p
         if flat.right is None:
             return lambda start, stop: (shared[_span(pixels, start, stop)] + bias).expand(self.batch, -1, -1)
         small = flat.coeffs @ weight  # B x k x p
@@ -217,16 +216,14 @@ class FactoredTokens:
     def _times(self, level: int, key: Key, weight: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """(K_level W Z)^T as `times`; z None: (K_level W)^T, B x p x M."""
         flat = self.flats[level]
-        scaled = weight if flat.gain is None else flat.gain[:, None] * weight
-        key = key + ("level", level)
         if z is None:
-            shared = self.image.product(key, scaled)  # p x M
+            shared = self._shared(level, key, weight)  # p x M
             if flat.right is None:
                 return shared.expand(self.batch, -1, -1)
             out = shared * flat.scale[:, None]
             return out.baddbmm_((flat.coeffs @ weight).transpose(1, 2), flat.right)
         batch, heads, head_dim, n = z.shape
-        shared = self.image.product(key, scaled, heads)  # H x d x M
+        shared = self._shared(level, key, weight, heads)  # H x d x M
         per_head = torch.bmm(z.permute(1, 0, 3, 2).reshape(heads, batch * n, head_dim), shared)
         per_head = per_head.view(heads, batch, n, -1).transpose(0, 1)  # B x H x n x M (strided)
         out = torch.empty(batch, heads, n, per_head.shape[-1], dtype=per_head.dtype, device=per_head.device)
@@ -239,14 +236,22 @@ class FactoredTokens:
             return out
         return out.baddbmm_(_heads_times(z, flat.coeffs @ weight), flat.right)
 
+    def _shared(
+        self, level: int, key: Key, weight: torch.Tensor, heads: int | None = None, major: str = "columns"
+    ) -> torch.Tensor:
+        """The shared part's product S diag(gain) W at `level` (`SharedImage.product`'s layouts),
+        cached per image under `key` and the level."""
+        gain = self.flats[level].gain
+        scaled = weight if gain is None else gain[:, None] * weight
+        return self.image.product(key + ("level", level), scaled, heads, major)
+
     def left(self, attn: torch.Tensor, key: Key, weight: torch.Tensor) -> torch.Tensor:
         """attn_h K W_h per head: attn B x H x n x M, W = `weight` C x (H d) (cached as `key`)
         -> B x H x n x d."""
         batch, heads, n, tokens = attn.shape
         head_dim = weight.shape[1] // heads
         flat = self.flats[-1]
-        scaled = weight if flat.gain is None else flat.gain[:, None] * weight
-        shared = self.image.product(key + ("level", len(self.updates)), scaled, heads)  # H x d x M
+        shared = self._shared(len(self.updates), key, weight, heads)  # H x d x M
         weighted = attn if flat.right is None else attn * flat.scale[:, None, None]
         per_head = weighted.transpose(0, 1).reshape(heads, batch * n, tokens)
         out = torch.bmm(per_head, shared.transpose(1, 2)).view(heads, batch, n, head_dim).transpose(0, 1)
