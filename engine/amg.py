@@ -177,7 +177,7 @@ class _Batch:
     len(rows) x 3 low-res logits (0 until decoded; only where an IoU passes the filter); decoded:
     how many of them are. meta_batch: the call size whose rounding the prompt side reproduces.
     bound: the stability prefilter's pass (None: the batch had none). rough_ious: the IoU
-    prefilter's B x 3 IoUs where it left prompts out (None: it did not).
+    prefilter's len(rows) x 3 IoUs of the rows, where it left prompts out (None: it did not).
     """
 
     points: np.ndarray
@@ -436,7 +436,7 @@ class SamAutomaticMaskGenerator:
         elif threshold is not None and self.iou_prefilter and passing <= PREFILTER_MAX_PASSING * prompts:
             ious = self._rough_ious(coords)
             rows = (ious > threshold - PREFILTER_MARGIN).any(1).nonzero()[:, 0]
-            rough = ious.clone() if len(rows) < len(coords) else None
+            rough = ious[rows] if len(rows) < len(coords) else None  # (a copy: checked once decoded)
         masks = self.predictor.model.mask_decoder.num_mask_tokens - 1
         if ious is None:  # every prompt through Meta's arithmetic
             ious = torch.zeros(len(coords), masks, device=coords.device)
@@ -486,9 +486,8 @@ class SamAutomaticMaskGenerator:
                 self.stability_prefilter = False
             self._decode_dropped(batch, ~bound.may_pass)
         elif batch.rough_ious is not None:
-            rows = batch.rows.to(batch.rough_ious.device)
-            off = (batch.rough_ious[rows] - batch.ious[batch.rows].to(rows.device)).abs()
-            close = not len(rows) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN
+            off = (batch.rough_ious - batch.ious[batch.rows]).abs()
+            close = not len(off) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN
             if self.iou_prefilter and close:
                 return
             if self.iou_prefilter:
