@@ -28,12 +28,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 def memory_gib() -> tuple[float, float]:
     """(VmRSS, VmHWM) of this process, GiB."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            values[key] = int(value.split()[0]) / 2**20
-    return values["VmRSS"], values["VmHWM"]
+    from bench_ray import status_kib
+
+    return status_kib("self", "VmRSS") / 2**20, status_kib("self", "VmHWM") / 2**20
 
 
 def main() -> None:

@@ -285,16 +285,24 @@ def process_name(pid: int) -> str:
     return name
 
 
+def status_kib(pid: int | str, field: str) -> int | None:
+    """A memory field of /proc/PID/status (e.g. "VmHWM", "VmRSS"), KiB; pid "self": this one."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
 def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str, int]]:
     """Summed PSS (KiB) of `pids`, per process name (count, KiB), and per process name the
     largest VmHWM (KiB)."""
     total, parts, marks = 0, {}, {}
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    name = process_name(pid)
-                    marks[name] = max(marks.get(name, 0), int(line.split()[1]))
+            hwm = status_kib(pid, "VmHWM")
+            if hwm is not None:
+                name = process_name(pid)
+                marks[name] = max(marks.get(name, 0), hwm)
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     kib = int(line.split()[1])
