@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,13 @@ class _ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> IngestReport:
+def ingest(
+    source: str | os.PathLike[str], store: Store, shard_size: int = DEFAULT_SHARD_SIZE
+) -> IngestReport:
     """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
 
     Arguments:
-      source (str): folder, glob, list file or single file, local or any fsspec URI.
+      source (str | PathLike): folder, glob, list file or single file, local or any fsspec URI.
       store (Store): the store (from `Store.create`), validated with its min_side/max_pixels.
       shard_size (int): images per new shard.
     Returns:
@@ -101,6 +104,7 @@ def ingest(source: str, store: Store, shard_size: int = DEFAULT_SHARD_SIZE) -> I
         raise ValueError(
             f"shard_size {shard_size} is invalid: use a positive number of images per shard"
         )
+    source = os.fspath(source)  # (kept in the run record: JSON)
     listing = list_source(source)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
     manifest = store.manifest()

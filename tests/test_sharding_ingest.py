@@ -1,6 +1,7 @@
 """Ingest: stable ids, dedup, deterministic shards, every source kind through fsspec."""
 
 import hashlib
+import json
 import shutil
 
 import fsspec
@@ -50,6 +51,14 @@ def test_ingest_folder_ids_manifest_and_original_bytes(tmp_path, demo_photos):
         )
         assert (row.width, row.height) == (entry["width"], entry["height"])
     assert (manifest[0]["width"], manifest[0]["height"]) == (512, 512)
+
+
+def test_ingest_takes_a_path_object_and_records_it_as_text(tmp_path, demo_photos):
+    store = Store.create(tmp_path / "store")
+    report = ingest(demo_photos[0].parent, store, shard_size=3)  # a pathlib.Path, not a str
+    assert report.added == 4 and len(store.manifest()) == 4
+    (record,) = (tmp_path / "store" / "runs" / "ingest").glob("*.json")
+    assert json.loads(record.read_text())["source"] == str(demo_photos[0].parent)
 
 
 def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_photos):
