@@ -141,7 +141,7 @@ def one_run(args) -> None:
         config = RayConfig(
             progress=False, object_store_mb=args.object_store_mb, address=args.address, **overrides
         )
-        with ray_session(config) as where:
+        with ray_session(config, store) as where:
             setup = time.perf_counter() - t0
             record = run_pipeline(store, spec, 0, config, where=where)
         seconds, masks = record["seconds"], record["annotations"]
@@ -155,6 +155,7 @@ class TreeSample:
     result: dict  # the run's JSON line
     peak_gib: float  # summed PSS of the whole tree at the largest sample
     peak_parts: dict[str, tuple[int, int]]  # that sample: process name -> (processes, KiB)
+    peak_kinds: dict[str, int]  # that sample's PSS by kind of page (anon, file, shmem), KiB
     hwm: dict[str, int]  # per process name the largest VmHWM (KiB): a true per-process peak
     cpu: dict[int, tuple[str, float]]  # pid -> (last name seen, CPU seconds last seen)
 
@@ -165,7 +166,7 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
     and each process's CPU time five times a second (cheap: its stat line), so a process that
     ends is counted to within 0.2 s of its end. Of processes running before `proc` started, only
     the CPU time they use from then on counts."""
-    peak: list = [0, {}]
+    peak: list = [0, {}, {}]
     hwm: dict[str, int] = {}
     cpu: dict[int, tuple[str, float]] = {}
     others = others or list
@@ -180,9 +181,9 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
                 if seconds is not None:
                     cpu[pid] = (process_name(pid), seconds - before.get(pid, 0.0))
             if ticks % 5 == 0:
-                total, parts, marks = tree_pss(pids)
+                total, parts, marks, kinds = tree_pss(pids)
                 if total > peak[0]:
-                    peak[:] = [total, parts]
+                    peak[:] = [total, parts, kinds]
                 for name, kib in marks.items():
                     hwm[name] = max(hwm.get(name, 0), kib)
             ticks += 1
@@ -194,7 +195,7 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
-    return TreeSample(json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], hwm, cpu)
+    return TreeSample(json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], peak[2], hwm, cpu)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -293,10 +294,14 @@ def status_kib(pid: int | str, field: str) -> int | None:
     return None
 
 
-def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str, int]]:
-    """Summed PSS (KiB) of `pids`, per process name (count, KiB), and per process name the
-    largest VmHWM (KiB)."""
-    total, parts, marks = 0, {}, {}
+PAGE_KINDS = {"Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
+
+
+def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str, int], dict[str, int]]:
+    """Summed PSS (KiB) of `pids`, per process name (count, KiB), per process name the largest
+    VmHWM (KiB), and the sum by kind of page (`PAGE_KINDS`: a process's heap, mapped files such
+    as its libraries, shared memory such as Ray's object store), KiB."""
+    total, parts, marks, kinds = 0, {}, {}, dict.fromkeys(PAGE_KINDS.values(), 0)
     for pid in pids:
         try:
             hwm = status_kib(pid, "VmHWM")
@@ -310,9 +315,11 @@ def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str
                     name = process_name(pid)
                     count, size = parts.get(name, (0, 0))
                     parts[name] = (count + 1, size + kib)
+                elif line.split(" ", 1)[0] in PAGE_KINDS:
+                    kinds[PAGE_KINDS[line.split(" ", 1)[0]]] += int(line.split()[1])
         except OSError:
             pass
-    return total, parts, marks
+    return total, parts, marks, kinds
 
 
 def breakdown(parts: dict[str, tuple[int, int]]) -> str:
@@ -425,6 +432,10 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
         if args.breakdown:
             print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
                   f"{breakdown(ray_run.peak_parts)}", flush=True)
+            print("       peak GiB by kind of page: " + "; ".join(
+                f"{mode} " + ", ".join(f"{kind} {kib / 2**20:.2f}" for kind, kib in sample.peak_kinds.items())
+                for mode, sample in (("plain", plain_run), ("ray", ray_run))
+            ), flush=True)
             print("       ray CPU s: " + ", ".join(
                 f"{name} {seconds:.1f}" for name, seconds in ray_cpu.items()
             ), flush=True)

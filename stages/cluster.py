@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from stages.config import RayConfig
+
+if TYPE_CHECKING:
+    from sharding.store import Store
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -17,14 +20,15 @@ def resolve_address(config: RayConfig) -> str | None:
 
 
 @contextlib.contextmanager
-def ray_session(config: RayConfig) -> Iterator[str]:
+def ray_session(config: RayConfig, store: "Store | None" = None) -> Iterator[str]:
     """Connect to Ray for the duration of a command; yields a description of where it runs.
 
     Joining (`address` or `RAY_ADDRESS`) leaves the cluster running afterwards. Otherwise an
     embedded Ray starts with `address="local"` (a stale `ray_current_cluster` file of a dead
     cluster cannot make it hang) and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which makes Ray
-    advertise and listen on 127.0.0.1 only; it stops when the command ends. A Ray already
-    initialised in this process (tests, notebooks) is used as it is.
+    advertise and listen on 127.0.0.1 only; it stops when the command ends. Its object store is
+    `ray.object_store_mb`, else sized to `store`'s images (`stages.steps.object_store_mb`), else
+    Ray's default. A Ray already initialised in this process (tests, notebooks) is used as it is.
     """
     address = resolve_address(config)
     if not address:
@@ -38,10 +42,15 @@ def ray_session(config: RayConfig) -> Iterator[str]:
         ray.init(address=address, log_to_driver=False)
         where = f"cluster {address} ({_nodes()} node(s))"
     else:
+        store_mb = config.object_store_mb
+        if store_mb is None and store is not None:
+            from stages.steps import object_store_mb
+
+            store_mb = object_store_mb(store, config)
         ray.init(
             address="local",
             num_cpus=config.num_cpus,
-            object_store_memory=config.object_store_mb and config.object_store_mb * 2**20,
+            object_store_memory=store_mb and store_mb * 2**20,
             include_dashboard=False,
             log_to_driver=False,
             # Ray keeps as many idle task workers as CPUs are unreserved: none once the model
@@ -51,7 +60,9 @@ def ray_session(config: RayConfig) -> Iterator[str]:
                 {} if config.idle_workers is None else {"num_workers_soft_limit": config.idle_workers}
             ),
         )
-        where = "an embedded local Ray on 127.0.0.1"
+        where = "an embedded local Ray on 127.0.0.1" + (
+            f" (object store {store_mb} MiB)" if store_mb else ""
+        )
     try:
         yield where
     finally:

@@ -12,8 +12,10 @@ class RayConfig:
     address: a cluster to join ("auto", "HOST:PORT", "ray://HOST:10001"); None: `RAY_ADDRESS` if
       set, else an embedded local Ray bound to 127.0.0.1 that lives as long as the command.
     num_cpus: logical CPUs of the embedded local Ray (None: the machine's); ignored on clusters.
-    object_store_mb: object store of the embedded local Ray, MiB (None: Ray's default, 30% of
-      the memory); a cap bounds the shared memory the run touches. Ignored on clusters.
+    object_store_mb: object store of the embedded local Ray, MiB (None: sized to the store's
+      largest images, `stages.steps.object_store_mb`; Ray's own default, 30% of the memory,
+      lets a long run's shared memory grow that far). Ignored on clusters (`ray start
+      --object-store-memory`).
     model_actors: size of the model-actor pool (None: one per GPU; on CPU-only clusters one per
       `cpus_per_actor` CPUs of the whole cluster).
     gpus_per_actor: GPUs each model actor holds where the cluster has GPUs.

@@ -119,7 +119,9 @@ def run_pipeline(
         "where": where,
         "started_at": started,
         "cluster": {
-            k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")
+            k: v
+            for k, v in ray.cluster_resources().items()
+            if k in ("CPU", "GPU", "memory", "object_store_memory")
         },
         "nodes": sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}),
         "plan": dataclasses.asdict(plan),

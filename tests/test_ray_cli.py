@@ -13,6 +13,8 @@ from engine.cli.main import app
 from ray_cluster import node_env
 from sharding.manifest import ingest
 from sharding.store import PRIVACY_STAGE, Store
+from stages.config import RayConfig
+from stages.steps import object_store_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,9 @@ def test_run_privacy_embedded(tmp_path, demo_photos):
     (record_path,) = (store.root / "runs" / PRIVACY_STAGE).glob("*-round-0.json")
     record = json.loads(record_path.read_text())
     assert record["nodes"] == ["127.0.0.1"] and record["state"] == "finished"
+    store_mb = object_store_mb(store, RayConfig())  # sized to these photos, not 30% of memory
+    assert f"object store {store_mb} MiB" in record["where"]
+    assert record["cluster"]["object_store_memory"] == pytest.approx(store_mb * 2**20, rel=0.01)
     assert record["plan"]["actors"] == 1 and set(record["meta"]["detectors"]) == {"face", "plate"}
     faces = {}
     for shard in store.shards():

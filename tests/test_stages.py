@@ -14,7 +14,16 @@ from sharding.store import Store
 from stages.classical import classical_spec
 from stages.config import RayConfig
 from stages.pipeline import run_pipeline
-from stages.steps import ModelActor, StageSpec, build_dataset, decode, post_process, read_shard
+from stages.steps import (
+    ModelActor,
+    StageSpec,
+    build_dataset,
+    decode,
+    decoded_row_bytes,
+    object_store_mb,
+    post_process,
+    read_shard,
+)
 from stages.resources import plan_actors
 from stage_helpers import finish_raw, make_failing, make_raw
 from store_helpers import classical_stage, synthetic_photos
@@ -56,6 +65,19 @@ def small_store(tmp_path):
     store = Store.create(tmp_path / "store")
     ingest(str(photos[0].parent), store, shard_size=3)
     return store
+
+
+def test_object_store_is_sized_to_the_largest_blocks(tmp_path, small_store, demo_photos):
+    rows = decoded_row_bytes(small_store)
+    manifest = small_store.manifest().to_pylist()
+    assert rows == [m["bytes"] + 3 * m["width"] * m["height"] for m in manifest]
+    assert object_store_mb(small_store, RayConfig()) == 128  # small photos: the floor
+    # larger photos or blocks: 32 blocks of block_images of the largest decoded row
+    photos = Store.create(tmp_path / "photos-store")
+    ingest(str(demo_photos[0].parent), photos, shard_size=4)
+    largest = max(decoded_row_bytes(photos))
+    sized = object_store_mb(photos, RayConfig(block_images=64))
+    assert sized == -(-32 * 64 * largest // 2**20) and sized > 128
 
 
 def _batch(rows):

@@ -66,7 +66,7 @@ def run_spec(
     from stages.pipeline import run_pipeline
 
     try:
-        with ray_session(ray_cfg) as where:
+        with ray_session(ray_cfg, store) as where:
             typer.echo(f"{spec.name} round {round_} on {where}", err=True)
             record = run_pipeline(
                 store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta,
