@@ -22,7 +22,9 @@ and the CPU seconds each run's process tree used, whole command (imports and Ray
 included); `--breakdown` splits Ray's by role (driver, model actors, Ray Data's helper actors,
 task workers, Ray's daemons): where a Ray run's extra time goes on a machine with few cores; and
 the largest VmHWM of one process of each role: whether a process grows with the image count or
-only the number of processes a PSS sample catches.
+only the number of processes a PSS sample catches; it also splits the peak by kind of page (anon
+heap, mapped files, shmem such as Ray's object store) and sums every process's VmHWM (a total
+that no sampling moment decides, shared library pages counted once per process).
 
 With `--cluster` the Ray runs join a cluster started once beforehand (`ray start --head` on
 loopback, this machine's CPUs, `RAY_num_workers_soft_limit` = `idle_workers`), as
@@ -158,6 +160,7 @@ class TreeSample:
     peak_kinds: dict[str, int]  # that sample's PSS by kind of page (anon, file, shmem), KiB
     hwm: dict[str, int]  # per process name the largest VmHWM (KiB): a true per-process peak
     cpu: dict[int, tuple[str, float]]  # pid -> (last name seen, CPU seconds last seen)
+    hwm_sum_gib: float  # every process's VmHWM summed: no sampling moment, shared pages in each
 
 
 def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None) -> TreeSample:
@@ -167,7 +170,7 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
     ends is counted to within 0.2 s of its end. Of processes running before `proc` started, only
     the CPU time they use from then on counts."""
     peak: list = [0, {}, {}]
-    hwm: dict[str, int] = {}
+    marks: dict[int, tuple[str, int]] = {}  # pid -> (name, largest VmHWM seen)
     cpu: dict[int, tuple[str, float]] = {}
     others = others or list
     before = {pid: cpu_seconds(pid) or 0.0 for pid in others()}
@@ -179,13 +182,17 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
             for pid in pids:
                 seconds = cpu_seconds(pid)
                 if seconds is not None:
-                    cpu[pid] = (process_name(pid), seconds - before.get(pid, 0.0))
+                    name = process_name(pid)
+                    if name == "?" and pid in cpu:  # (an exiting process has no command line)
+                        name = cpu[pid][0]
+                    cpu[pid] = (name, seconds - before.get(pid, 0.0))
             if ticks % 5 == 0:
-                total, parts, marks, kinds = tree_pss(pids)
+                total, parts, seen, kinds = tree_pss(pids)
                 if total > peak[0]:
                     peak[:] = [total, parts, kinds]
-                for name, kib in marks.items():
-                    hwm[name] = max(hwm.get(name, 0), kib)
+                for pid, (name, kib) in seen.items():
+                    old_name, old = marks.get(pid, (name, 0))
+                    marks[pid] = (old_name if name == "?" else name, max(old, kib))
             ticks += 1
             time.sleep(0.2)
 
@@ -195,7 +202,12 @@ def watch(proc: subprocess.Popen, others: Callable[[], list[int]] | None = None)
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
-    return TreeSample(json.loads(out.strip().splitlines()[-1]), peak[0] / 2**20, peak[1], peak[2], hwm, cpu)
+    hwm: dict[str, int] = {}
+    for name, kib in marks.values():
+        hwm[name] = max(hwm.get(name, 0), kib)
+    total_hwm = sum(kib for _, kib in marks.values()) / 2**20
+    result = json.loads(out.strip().splitlines()[-1])
+    return TreeSample(result, peak[0] / 2**20, peak[1], peak[2], hwm, cpu, total_hwm)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -297,17 +309,18 @@ def status_kib(pid: int | str, field: str) -> int | None:
 PAGE_KINDS = {"Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
 
 
-def tree_pss(pids: list[int]) -> tuple[int, dict[str, tuple[int, int]], dict[str, int], dict[str, int]]:
-    """Summed PSS (KiB) of `pids`, per process name (count, KiB), per process name the largest
-    VmHWM (KiB), and the sum by kind of page (`PAGE_KINDS`: a process's heap, mapped files such
+def tree_pss(
+    pids: list[int],
+) -> tuple[int, dict[str, tuple[int, int]], dict[int, tuple[str, int]], dict[str, int]]:
+    """Summed PSS (KiB) of `pids`, per process name (count, KiB), per pid its name and VmHWM
+    (KiB), and the sum by kind of page (`PAGE_KINDS`: a process's heap, mapped files such
     as its libraries, shared memory such as Ray's object store), KiB."""
     total, parts, marks, kinds = 0, {}, {}, dict.fromkeys(PAGE_KINDS.values(), 0)
     for pid in pids:
         try:
             hwm = status_kib(pid, "VmHWM")
             if hwm is not None:
-                name = process_name(pid)
-                marks[name] = max(marks.get(name, 0), hwm)
+                marks[pid] = (process_name(pid), hwm)
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     kib = int(line.split()[1])
@@ -432,6 +445,8 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
         if args.breakdown:
             print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
                   f"{breakdown(ray_run.peak_parts)}", flush=True)
+            print(f"       every process's high-water mark summed: plain {plain_run.hwm_sum_gib:.2f}, "
+                  f"ray {ray_run.hwm_sum_gib:.2f} GiB", flush=True)
             print("       peak GiB by kind of page: " + "; ".join(
                 f"{mode} " + ", ".join(f"{kind} {kib / 2**20:.2f}" for kind, kib in sample.peak_kinds.items())
                 for mode, sample in (("plain", plain_run), ("ray", ray_run))

@@ -2,6 +2,7 @@
 whole pipeline on an embedded local Ray (same tables as the single-process runner)."""
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def test_object_store_is_sized_to_the_largest_blocks(tmp_path, small_store, demo
     largest = max(decoded_row_bytes(photos))
     sized = object_store_mb(photos, RayConfig(block_images=64))
     assert sized == -(-32 * 64 * largest // 2**20) and sized > 128
+    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert object_store_mb(photos, RayConfig(block_images=10**6)) == int(0.3 * memory_mb)  # Ray's own
 
 
 def _batch(rows):
