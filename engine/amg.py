@@ -190,6 +190,15 @@ class _Batch:
     bound: _MaskBound | None = None
     rough_ious: torch.Tensor | None = None
 
+    def prefilter_holds(self) -> bool:
+        """Whether what a prefilter decided on (the stability prefilter's rough masks and IoUs,
+        else the IoU prefilter's IoUs) is within STABILITY_CHECK of its margin of the decoded
+        rows' values."""
+        if self.bound is not None:
+            return self.bound.holds(self.logits, self.ious[self.rows])
+        off = (self.rough_ious - self.ious[self.rows]).abs()
+        return not len(off) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN
+
 
 class SamAutomaticMaskGenerator:
     def __init__(
@@ -474,33 +483,24 @@ class SamAutomaticMaskGenerator:
         seen), or the prefilter was turned off meanwhile, decode the prompts it dropped too."""
         bound = batch.bound
         if bound is not None and not bound.may_pass.all():
-            if self.stability_prefilter and bound.holds(batch.logits, batch.ious[batch.rows]):
-                return
-            if self.stability_prefilter:
-                warnings.warn(
-                    f"stability_prefilter: the rough masks differ from Meta's arithmetic by "
-                    f"more than {STABILITY_CHECK} of its margin on this model; it is now off",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.stability_prefilter = False
-            self._decode_dropped(batch, ~bound.may_pass)
+            prefilter, what, left_out = "stability_prefilter", "the rough masks differ", ~bound.may_pass
         elif batch.rough_ious is not None:
-            off = (batch.rough_ious - batch.ious[batch.rows]).abs()
-            close = not len(off) or float(off.max()) <= STABILITY_CHECK * PREFILTER_MARGIN
-            if self.iou_prefilter and close:
-                return
-            if self.iou_prefilter:
-                warnings.warn(
-                    f"iou_prefilter: the IoU pass differs from Meta's arithmetic by more than "
-                    f"{STABILITY_CHECK} of its margin on this model; it is now off",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.iou_prefilter = False
+            prefilter, what = "iou_prefilter", "the IoU pass differs"
             left_out = torch.ones(len(batch.coords), dtype=torch.bool)
             left_out[batch.rows.cpu()] = False
-            self._decode_dropped(batch, left_out)
+        else:
+            return
+        if getattr(self, prefilter):
+            if batch.prefilter_holds():
+                return
+            warnings.warn(
+                f"{prefilter}: {what} from Meta's arithmetic by more than {STABILITY_CHECK} of "
+                f"its margin on this model; it is now off",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            setattr(self, prefilter, False)
+        self._decode_dropped(batch, left_out)
 
     def _decode_dropped(self, batch: "_Batch", dropped_mask: torch.Tensor) -> None:
         """Meta's arithmetic for the prompts a prefilter left out of a batch (`dropped_mask`)."""
