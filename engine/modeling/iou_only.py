@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.modeling.factored_tokens import FactoredTokens, SharedImage, Update
-from engine.modeling.mask_decoder import MaskDecoder
+from engine.modeling.mask_decoder import MaskDecoder, transposed_conv_matrix
 from engine.modeling.transformer import Attention
 
 
@@ -155,9 +155,8 @@ def rough_masks(
     pixels = None  # the image tokens upscaled, row-major: all, or the first rows' first columns
     if width < size[1]:
         pixels = (torch.arange(height)[:, None] * size[1] + torch.arange(width)).flatten().to(queries.device)
-    up1 = decoder.output_upscaling[0]
-    weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (2 * 2 * out) x in
-    first = tokens.pixels_product(("upscaling",), weight.t(), up1.bias.repeat(4), pixels)
+    weight, bias = transposed_conv_matrix(decoder.output_upscaling[0])
+    first = tokens.pixels_product(("upscaling",), weight.t(), bias, pixels)
     masks[:, :, : 4 * height, : 4 * width] = decoder.upscale_masks(
         None, (height, width), hyper_in, fused_norm=True, first_conv=first
     )

@@ -200,10 +200,7 @@ class MaskDecoder(nn.Module):
         layout (then `image_tokens` is not read: pass None).
         Returns B x K x 4H x 4W.
         """
-        if image_tokens is None:
-            batch, channels = hyper_in.shape[0], self.transformer_dim
-        else:
-            batch, _, channels = image_tokens.shape
+        batch = hyper_in.shape[0]
         height, width = size
         fused_norm = self.fused_norm if fused_norm is None else fused_norm
         k = hyper_in.shape[1]
@@ -217,7 +214,7 @@ class MaskDecoder(nn.Module):
                 raise ValueError("first_conv is the fused mode's matrix-product layout: pass fused_norm=True")
             if batch > 1 and image_tokens.stride(0) == 0:
                 image_tokens = image_tokens.contiguous()  # Meta's are B copies, not a broadcast
-            grid = image_tokens.transpose(1, 2).view(batch, channels, height, width)
+            grid = image_tokens.transpose(1, 2).view(batch, -1, height, width)
             for top in range(0, stop, rows):
                 fine = self.output_upscaling(grid[:, :, top : top + rows])
                 part = (hyper_in @ fine.view(batch, fine.shape[1], -1)).view(batch, k, -1, 4 * width)
@@ -226,18 +223,16 @@ class MaskDecoder(nn.Module):
         up1, norm, act1, up2, act2 = self.output_upscaling
 
         def block_matmul(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-            # weight in x out x 2 x 2 -> (2 * 2 * out) x in: output channels last, per sub-pixel
-            weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.in_channels)
-            out = F.linear(x, weight, conv.bias.repeat(4))
+            out = F.linear(x, *transposed_conv_matrix(conv))
             return out.view(*out.shape[:-2], -1, conv.out_channels)
 
-        tokens = None if first_conv is not None else image_tokens.reshape(batch, height, width, channels)
+        tokens = None if first_conv is not None else image_tokens.reshape(batch, height, width, -1)
         for top in range(0, stop, rows):
             if first_conv is not None:
                 part = first_conv(top * width, min(top + rows, stop) * width)
                 mid = part.reshape(batch, -1, up1.out_channels)
             else:
-                part = tokens[:, top : top + rows].reshape(batch, -1, channels)
+                part = tokens[:, top : top + rows].reshape(batch, -1, up1.in_channels)
                 mid = block_matmul(part, up1)  # B x 4P x C/4, pixel order (i, j, a, b)
             mid = act1(F.layer_norm(mid, (up1.out_channels,), norm.weight, norm.bias, norm.eps))
             fine = act2(block_matmul(mid, up2))  # B x 16P x C/8, order (i, j, a, b, a2, b2)
@@ -247,6 +242,14 @@ class MaskDecoder(nn.Module):
             n = part_masks.shape[2]
             masks[:, :, 4 * top : 4 * (top + n)] = part_masks.reshape(batch, k, 4 * n, 4 * width)
         return masks
+
+
+def transposed_conv_matrix(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2x2, stride-2 transposed convolution as one matrix product per input pixel: (weight,
+    bias) of shapes (2 * 2 * out) x in and (2 * 2 * out), output channels last per sub-pixel
+    (`upscale_masks`'s fused layout, and that of its `first_conv`)."""
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.in_channels)  # (in x out x 2 x 2)
+    return weight, conv.bias.repeat(4)
 
 
 class MLP(nn.Module):
