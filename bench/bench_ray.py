@@ -318,14 +318,14 @@ def tree_pss(
     total, parts, marks, kinds = 0, {}, {}, dict.fromkeys(PAGE_KINDS.values(), 0)
     for pid in pids:
         try:
+            name = process_name(pid)
             hwm = status_kib(pid, "VmHWM")
             if hwm is not None:
-                marks[pid] = (process_name(pid), hwm)
+                marks[pid] = (name, hwm)
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     kib = int(line.split()[1])
                     total += kib
-                    name = process_name(pid)
                     count, size = parts.get(name, (0, 0))
                     parts[name] = (count + 1, size + kib)
                 elif line.split(" ", 1)[0] in PAGE_KINDS:
