@@ -21,19 +21,23 @@ CHURN = """
 import resource, sys, torch
 from engine import heap
 
-def faults_of_decoder_sized_temporaries() -> int:
+def faults_of_decoder_sized_temporaries() -> tuple[int, int]:
     x = torch.ones(4, 4096, 256)  # 16 MiB: the image tokens of a 4-prompt decoder call
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):  # a few such tensors live at once, then freed, as in a decoder layer
-        a = x + 1
-        b = a + 1
-        c = b + 1
-        del a, b, c
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    def faults(rounds: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):  # a few such tensors live at once, then freed, as in a decoder layer
+            a = x + 1
+            b = a + 1
+            c = b + 1
+            del a, b, c
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    return faults(1), faults(19)  # the first round, then the steady state
 
 without = faults_of_decoder_sized_temporaries()
 assert heap.reuse_freed_memory()
-print(without, faults_of_decoder_sized_temporaries())
+print(*without, *faults_of_decoder_sized_temporaries())
 """
 
 
@@ -45,11 +49,14 @@ def test_reuse_freed_memory_serves_decoder_sized_tensors_without_new_pages():
         [sys.executable, "-c", CHURN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    without, with_reuse = map(int, out.stdout.split())
-    # 16 MiB is 4096 pages. Without the settings glibc hands freed blocks back again and again
-    # (here ~53000 faults in 20 rounds); with them only the heap's first growth faults.
-    assert with_reuse < 3 * 4096 + 1000, (without, with_reuse)
-    assert without > 5 * max(with_reuse, 4096), (without, with_reuse)
+    first_without, steady_without, first_with, steady_with = map(int, out.stdout.split())
+    # 16 MiB is 4096 pages. Without the settings glibc hands freed blocks back and maps them again:
+    # 36821, 49077 or 232885 faults in the 19 rounds after the first across 20 runs here (how many
+    # depends on glibc's sliding mmap threshold). With them the heap grows once, by at most the
+    # three tensors, and then serves them from its freed memory: at most one tensor's pages after.
+    assert first_with + steady_with <= 3 * 4096 + 1000, (first_with, steady_with)
+    assert steady_with <= 4096 + 200, (first_with, steady_with)
+    assert steady_without > 4 * 4096, (first_without, steady_without)
 
 
 def test_reuse_freed_memory_leaves_a_users_own_settings():
