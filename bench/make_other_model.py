@@ -1,6 +1,7 @@
 """A second test model for the generator's parity and speed against Meta's: other encoder dims.
 
     python bench/make_other_model.py /tmp/other --embed-dim 96 --depth 3 --heads 3 --global 2 --window 8
+    python bench/make_other_model.py /tmp/other512 --image-size 512   # a 32x32 image embedding
     python bench/bench_amg.py --only A --meta-path /tmp/meta_sam --model /tmp/other/config.json \
         /tmp/other/model.pth --image demo/photos/chelsea.jpg --set pred_iou_thresh=0.86
 
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--global", dest="global_blocks", type=int, nargs="*", default=[2])
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=1024,
+                        help="the model's input side (its image embedding is this / 16 a side)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if not PARITY.is_dir():
@@ -48,6 +51,8 @@ def main() -> None:
         encoder_num_heads=args.heads,
         encoder_global_attn_indexes=args.global_blocks,
         window_size=args.window,
+        image_size=args.image_size,
+        image_embedding_size=[args.image_size // config["patch_size"]] * 2,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.json"
