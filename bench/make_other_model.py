@@ -2,6 +2,7 @@
 
     python bench/make_other_model.py /tmp/other --embed-dim 96 --depth 3 --heads 3 --global 2 --window 8
     python bench/make_other_model.py /tmp/other512 --image-size 512   # a 32x32 image embedding
+    python bench/make_other_model.py /tmp/mm2 --multimask-outputs 2     # two masks a prompt
     python bench/bench_amg.py --only A --meta-path /tmp/meta_sam --model /tmp/other/config.json \
         /tmp/other/model.pth --image demo/photos/chelsea.jpg --set pred_iou_thresh=0.86
 
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=1024,
                         help="the model's input side (its image embedding is this / 16 a side)")
+    parser.add_argument("--multimask-outputs", type=int, default=3, choices=[1, 2, 3],
+                        help="masks a prompt gives (the fixture's decoder's first ones are kept)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if not PARITY.is_dir():
@@ -53,6 +56,7 @@ def main() -> None:
         window_size=args.window,
         image_size=args.image_size,
         image_embedding_size=[args.image_size // config["patch_size"]] * 2,
+        num_multimask_outputs=args.multimask_outputs,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.json"
@@ -66,6 +70,14 @@ def main() -> None:
         state[f"image_encoder.{name}"] = value + std * torch.randn(value.shape, generator=generator)
     fixture = torch.load(PARITY / "sam_small.pth", map_location="cpu", weights_only=True)
     state.update({k: v for k, v in fixture.items() if not k.startswith("image_encoder.")})
+    tokens = 1 + args.multimask_outputs  # the single-mask output, then the multimask ones
+    state["mask_decoder.mask_tokens.weight"] = state["mask_decoder.mask_tokens.weight"][:tokens]
+    last = f"mask_decoder.iou_prediction_head.layers.{config['iou_head_depth'] - 1}."
+    for name in [n for n in state if n.startswith(last)]:
+        state[name] = state[name][:tokens]
+    for name in [n for n in state if n.startswith("mask_decoder.output_hypernetworks_mlps.")]:
+        if int(name.split(".")[2]) >= tokens:
+            del state[name]
     sam.load_state_dict(state)  # the engine takes it: so does Meta's Sam (same names)
     torch.save(state, args.out / "model.pth")
     print(f"wrote {config_path} and {args.out / 'model.pth'} ({len(state)} tensors)")
