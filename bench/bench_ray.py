@@ -323,13 +323,14 @@ def tree_pss(
             if hwm is not None:
                 marks[pid] = (name, hwm)
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    kib = int(line.split()[1])
+                field, _, rest = line.partition(" ")
+                if field == "Pss:":
+                    kib = int(rest.split()[0])
                     total += kib
                     count, size = parts.get(name, (0, 0))
                     parts[name] = (count + 1, size + kib)
-                elif line.split(" ", 1)[0] in PAGE_KINDS:
-                    kinds[PAGE_KINDS[line.split(" ", 1)[0]]] += int(line.split()[1])
+                elif field in PAGE_KINDS:
+                    kinds[PAGE_KINDS[field]] += int(rest.split()[0])
         except OSError:
             pass
     return total, parts, marks, kinds

@@ -199,12 +199,13 @@ def object_store_mb(store: Store, config: RayConfig) -> int:
     Not Ray's default (30% of the machine's memory): Ray's store never gives shared memory back
     while it runs, and a run touches more of it with each image it handles, up to the store's
     size (measured: 0.01, 0.05 and 0.19 GiB after 20, 200 and 1000 images on a 24 GiB machine);
-    a store sized to the blocks in flight stops that growth early. Never more than Ray's default (huge photos on a small machine)."""
+    a store sized to the blocks in flight stops that growth early. Never more than Ray's default
+    (huge photos on a small machine)."""
     rows = decoded_row_bytes(store)
     block = config.block_images * max(rows, default=0)
     sized = max(MIN_OBJECT_STORE_MB, math.ceil(OBJECT_STORE_BLOCKS * block / 2**20))
     ray_default = 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    return min(sized, max(MIN_OBJECT_STORE_MB, int(ray_default)))  # (never more than Ray's own)
+    return min(sized, max(MIN_OBJECT_STORE_MB, int(ray_default)))
 
 
 def build_dataset(store: Store, spec: StageSpec, todo: dict[str, list[int]], plan: ActorPlan):
