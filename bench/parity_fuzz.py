@@ -3,6 +3,8 @@
     python bench/parity_fuzz.py --meta-path /tmp/meta_sam                 # 20 trials, fixture model
     python bench/parity_fuzz.py --meta-path /tmp/meta_sam --trials 40 --seed 100 \
         --model /tmp/other/config.json /tmp/other/model.pth              # and another model
+    python bench/parity_fuzz.py --meta-path /tmp/meta_sam --model /tmp/dec128/config.json \
+        /tmp/dec128/model.pth --only-model --iou-thresholds 0 0.1 0.2  # its IoUs run lower
 
 Each trial draws a real photo (demo/photos and ../shared/data/images), a size (long side 120-700
 px) and every generator parameter Meta's code has (points per side and batch, both thresholds,
@@ -30,14 +32,20 @@ SHARED = Path(os.environ.get("SA_ENGINE_SHARED", ROOT.parent / "shared"))
 PARITY = SHARED / "fixtures" / "sam_parity"
 
 
-def draw(trial: int, photos: list[Path], models: list[str]) -> tuple[str, Path, int, dict]:
-    """(model, photo, long side, generator parameters) of a trial, from its number alone."""
+IOU_THRESHOLDS = [0.0, 0.5, 0.7, 0.8, 0.86, 0.88, 0.92]
+
+
+def draw(
+    trial: int, photos: list[Path], models: list[str], iou_thresholds: list[float] = IOU_THRESHOLDS
+) -> tuple[str, Path, int, dict]:
+    """(model, photo, long side, generator parameters) of a trial, from its number (and the
+    IoU thresholds drawn from) alone."""
     rng = random.Random(trial)
     model, photo, long_side = rng.choice(models), rng.choice(photos), rng.randint(120, 700)
     params = dict(
         points_per_side=rng.randint(2, 12),
         points_per_batch=rng.choice([1, 2, 3, 5, 7, 16, 33, 64]),
-        pred_iou_thresh=rng.choice([0.0, 0.5, 0.7, 0.8, 0.86, 0.88, 0.92]),
+        pred_iou_thresh=rng.choice(iou_thresholds),
         stability_score_thresh=rng.choice([0.0, 0.5, 0.8, 0.9, 0.95, 0.97]),
         stability_score_offset=rng.choice([1.0, 1.0, 0.5, 2.0]),
         box_nms_thresh=rng.choice([0.5, 0.7, 0.9]),
@@ -97,10 +105,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="number of the first trial")
     parser.add_argument("--model", nargs=2, metavar=("CONFIG", "CHECKPOINT"),
                         help="also draw this model (config.json-style architecture and state dict)")
+    parser.add_argument("--only-model", action="store_true", help="draw --model's model only")
+    parser.add_argument("--iou-thresholds", nargs="+", type=float, default=IOU_THRESHOLDS,
+                        help="pred_iou_thresh values to draw (a model whose predicted IoUs run "
+                             "lower than SAM's needs lower ones to keep any mask)")
     args = parser.parse_args()
     if not (Path(args.meta_path) / "segment_anything").is_dir():
         sys.exit(f"segment_anything not found under {args.meta_path}: pip install --no-deps "
                  f"--target {args.meta_path} segment-anything==1.0")
+    if args.only_model and not args.model:
+        sys.exit("--only-model: give the model with --model CONFIG CHECKPOINT")
     if not PARITY.is_dir():
         sys.exit(f"{PARITY} is absent: the parity fixture's model is needed")
     sys.path.insert(0, str(ROOT))
@@ -116,6 +130,8 @@ def main() -> None:
     models = {"fixture": (str(PARITY / "config.json"), str(PARITY / "sam_small.pth"))}
     if args.model:
         models["other"] = tuple(args.model)
+    if args.only_model:
+        del models["fixture"]
     photos = sorted((ROOT / "demo" / "photos").glob("*.jpg"))
     photos += sorted((SHARED / "data" / "images").glob("*/*.jpg"))[:30]
     install()  # torchvision's four symbols, before Meta's package is imported
@@ -124,7 +140,7 @@ def main() -> None:
     built: dict[str, tuple] = {}
     tally = {"identical": 0, "different": 0, "meta failed": 0}
     for trial in range(args.seed, args.seed + args.trials):
-        name, photo, long_side, params = draw(trial, photos, sorted(models))
+        name, photo, long_side, params = draw(trial, photos, sorted(models), args.iou_thresholds)
         if name not in built:
             built[name] = (build_meta_sam(*models[name]), build_sam(*models[name]))
         meta_sam, engine_sam = built[name]

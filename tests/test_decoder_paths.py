@@ -98,24 +98,28 @@ def test_exact_mode_is_meta_arithmetic_and_fast_mode_is_close():
     assert all(m.reassociate for m in transformer.modules() if isinstance(m, Attention))
 
 
-@pytest.mark.parametrize("depth, prompts", [(2, 5), (3, 2)])
-def test_iou_only_pass_equals_the_decoders_ious(depth, prompts):
+@pytest.mark.parametrize(
+    "depth, prompts, width, heads, tokens",
+    [(2, 5, 256, 8, 3), (3, 2, 256, 8, 3), (2, 3, 128, 4, 2), (1, 4, 64, 2, 1)],
+)
+def test_iou_only_pass_equals_the_decoders_ious(depth, prompts, width, heads, tokens):
     """The generator's prefilter pass (per-image projections, PE folded into products, residuals
     as accumulators, the IoU token alone at the end) gives the decoder's IoUs: every bias and
-    norm parameter non-trivial, SAM's depth and one more block."""
+    norm parameter non-trivial, SAM's depth and one more block, and decoders of other widths,
+    heads, depths and multimask counts (a model of other dims than SAM's)."""
     from engine.modeling import iou_only
 
     torch.manual_seed(depth)
-    transformer = TwoWayTransformer(depth=depth, embedding_dim=256, num_heads=8, mlp_dim=512)
-    decoder = MaskDecoder(transformer_dim=256, transformer=transformer).eval()
+    transformer = TwoWayTransformer(depth=depth, embedding_dim=width, num_heads=heads, mlp_dim=2 * width)
+    decoder = MaskDecoder(transformer_dim=width, transformer=transformer, num_multimask_outputs=tokens).eval()
     for name, p in decoder.named_parameters():
         if "norm" in name and name.endswith("weight"):
             torch.nn.init.uniform_(p, 0.5, 1.5)
         else:
             torch.nn.init.normal_(p, std=0.1 if p.ndim == 1 else 0.05)
-    image, pe = torch.randn(1, 256, 32, 32), torch.randn(1, 256, 32, 32)
-    no_mask = torch.randn(1, 256, 1, 1)
-    sparse = torch.randn(prompts, 2, 256)
+    image, pe = torch.randn(1, width, 32, 32), torch.randn(1, width, 32, 32)
+    no_mask = torch.randn(1, width, 1, 1)
+    sparse = torch.randn(prompts, 2, width)
     assert iou_only.supports(decoder)
     with torch.no_grad(), decoder.attention_mode(reassociate=False):
         masks, expected = decoder.predict_masks(image, pe, sparse, no_mask.expand(prompts, -1, 32, 32))
