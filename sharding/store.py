@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
@@ -208,8 +210,10 @@ class Store:
         """image_id -> (width, height) of the store frame (EXIF applied)."""
         manifest = self.manifest()
         if self._sizes is None or self._sizes[0] is not manifest:
-            ids, ws, hs = (manifest.column(c).to_pylist() for c in ("image_id", "width", "height"))
-            self._sizes = (manifest, {i: (w, h) for i, w, h in zip(ids, ws, hs)})
+            ids, ws, hs = (
+                manifest.column(name).to_numpy().tolist() for name in ("image_id", "width", "height")
+            )
+            self._sizes = (manifest, dict(zip(ids, zip(ws, hs))))
         return self._sizes[1]
 
     def duplicates(self) -> pa.Table:
@@ -220,16 +224,22 @@ class Store:
 
     def shards(self) -> list[str]:
         """Shard names in order (shards from later ingests sort after earlier ones)."""
-        return sorted(set(self.manifest().column("shard").to_pylist()))
+        return sorted(pc.unique(self.manifest().column("shard")).to_pylist())
+
+    def shard_sizes(self) -> dict[str, int]:
+        """Shard name -> its image count (column counts: no Python list of every image)."""
+        counts = pc.value_counts(self.manifest().column("shard"))
+        return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
     def shard_images(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
+        """Shard name -> its image ids, in manifest order (shards by first appearance)."""
         manifest = self.manifest()
-        for shard, image_id in zip(
-            manifest.column("shard").to_pylist(), manifest.column("image_id").to_pylist()
-        ):
-            out.setdefault(shard, []).append(image_id)
-        return out
+        shards = pc.dictionary_encode(manifest.column("shard").combine_chunks())
+        codes = shards.indices.to_numpy()
+        order = np.argsort(codes, kind="stable")
+        ends = np.cumsum(np.bincount(codes, minlength=len(shards.dictionary)))[:-1]
+        ids = np.split(manifest.column("image_id").to_numpy()[order], ends)
+        return {name: part.tolist() for name, part in zip(shards.dictionary.to_pylist(), ids)}
 
     def iter_shard(self, shard: str, batch_size: int = 16) -> Iterator[ImageRow]:
         """Stream a shard's images (original bytes) without loading the whole shard into memory."""

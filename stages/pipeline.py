@@ -106,8 +106,8 @@ def run_pipeline(
         spec.pending(store, round_) if spec.pending else pending_shards(store, spec.name, round_)
     )
     todo = [s for s in wanted if s in pending]
-    sizes = store.shard_images()
-    run = _Run(expected={s: len(sizes[s]) for s in todo})
+    sizes = store.shard_sizes()
+    run = _Run(expected={s: sizes[s] for s in todo})
     plan = _plan(config, spec)
     record_path = store.root / "runs" / spec.name / (
         f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"

@@ -120,6 +120,8 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     mem_store = Store.create(tmp_path / "mem")
     report = ingest("memory://bucket/photos", mem_store, shard_size=2)
     assert report.added == 4 and mem_store.shards() == ["shard-000000", "shard-000001"]
+    assert mem_store.shard_sizes() == {"shard-000000": 2, "shard-000001": 2}
+    assert mem_store.shard_images() == {"shard-000000": [1, 2], "shard-000001": [3, 4]}
     assert all(s.startswith("memory://") for s in mem_store.manifest().column("source").to_pylist())
     assert ingest("memory://bucket/photos", mem_store).added == 0
     memory.rm("/bucket", recursive=True)

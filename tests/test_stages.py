@@ -71,12 +71,16 @@ def small_store(tmp_path):
 def test_object_store_is_sized_to_the_largest_blocks(tmp_path, small_store, demo_photos):
     rows = decoded_row_bytes(small_store)
     manifest = small_store.manifest().to_pylist()
-    assert rows == [m["bytes"] + 3 * m["width"] * m["height"] for m in manifest]
+    assert rows.tolist() == [m["bytes"] + 3 * m["width"] * m["height"] for m in manifest]
+    first = small_store.shards()[0]
+    assert decoded_row_bytes(small_store, [first]).tolist() == [
+        m["bytes"] + 3 * m["width"] * m["height"] for m in manifest if m["shard"] == first
+    ]
     assert object_store_mb(small_store, RayConfig()) == 128  # small photos: the floor
     # larger photos or blocks: 32 blocks of block_images of the largest decoded row
     photos = Store.create(tmp_path / "photos-store")
     ingest(str(demo_photos[0].parent), photos, shard_size=4)
-    largest = max(decoded_row_bytes(photos))
+    largest = int(decoded_row_bytes(photos).max())
     sized = object_store_mb(photos, RayConfig(block_images=64))
     assert sized == -(-32 * 64 * largest // 2**20) and sized > 128
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
