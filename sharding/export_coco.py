@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_bytes
@@ -95,7 +96,7 @@ def export_parquet(
         with atomic_path(out_dir / "annotations" / f"{shard}.parquet") as tmp:
             pq.write_table(table, tmp)
     manifest = store.manifest()
-    keep = pa.array([i in image_ids for i in manifest.column("image_id").to_pylist()])
+    keep = pc.is_in(manifest.column("image_id"), value_set=pa.array(sorted(image_ids), pa.int64()))
     images = manifest.filter(keep).select(
         ["image_id", "width", "height", "shard", "source", "sha256"]
     )
