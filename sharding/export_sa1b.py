@@ -87,7 +87,11 @@ def export_sa1b(
         )
     for shard in store.shards():
         if shard not in annotated:
-            report.skipped_shards[shard] = f"no finished {stage} round {round_} output"
+            report.skipped_shards[shard] = f"no finished {stage} round {round_} output" + (
+                " (its output failed its sha256 check and was set aside: run the stage again)"
+                if store.set_aside_path(stage, round_, shard).is_file()
+                else ""
+            )
         elif shard not in blurred:
             report.skipped_shards[shard] = (
                 f"no privacy output (round {privacy_round}): never released unblurred"

@@ -13,11 +13,15 @@ def release_name(image_id: int) -> str:
     return f"sa_{image_id}"
 
 
-def completed(store: Store, stage: str, round_: int) -> dict[str, dict[str, Any]]:
-    """shard -> completion record, for the shards of (stage, round) that are validly done."""
+def completed(
+    store: Store, stage: str, round_: int, check: str = "sha256"
+) -> dict[str, dict[str, Any]]:
+    """shard -> completion record, for the shards of (stage, round) that are validly done; by
+    default every output byte checked against its sha256 (what leaves the store is what was
+    committed; `Store.done_record`)."""
     records = {}
     for shard in store.shards():
-        record = store.done_record(stage, round_, shard)
+        record = store.done_record(stage, round_, shard, check)
         if record is not None:
             records[shard] = record
     return records
@@ -36,14 +40,14 @@ def resolve_annotation_source(
         check_stage(stage, round_ if round_ is not None else 0)
         rounds = sorted(r for s, r in store.stage_rounds() if s == stage)
         if round_ is None:
-            rounds = [r for r in rounds if completed(store, stage, r)]
+            rounds = [r for r in rounds if completed(store, stage, r, check="size")]
             if not rounds:
                 raise ValueError(
                     f"stage '{stage}' has no finished shards in {store.root}: run it first "
                     f"or see `sa-engine status {store.root}`"
                 )
             return stage, rounds[-1]
-        if not completed(store, stage, round_):
+        if not completed(store, stage, round_, check="size"):
             raise ValueError(
                 f"{stage} round {round_} has no finished shards in {store.root}: "
                 f"see `sa-engine status {store.root}` for what exists"
@@ -56,7 +60,7 @@ def resolve_annotation_source(
     for s, r in store.stage_rounds():
         if s == PRIVACY_STAGE:
             continue
-        records = completed(store, s, r)
+        records = completed(store, s, r, check="size")
         if shards and set(records) == shards:
             finished = max(rec["finished_at"] for rec in records.values())
             if best is None or finished > best[0]:

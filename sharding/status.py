@@ -17,6 +17,7 @@ class StageProgress:
     annotations: int
     output_images: int
     quarantined: int
+    set_aside: int = 0  # shards whose record was set aside (an output failed its sha256)
 
 
 def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
@@ -29,6 +30,7 @@ def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
         for shard in shards:
             record = store.done_record(stage, round_, shard, check)
             if record is None:
+                progress.set_aside += store.set_aside_path(stage, round_, shard).is_file()
                 continue
             progress.shards_done += 1
             progress.images += record["counts"]["images"]
@@ -53,6 +55,8 @@ def status_lines(store: Store, check: str = "sha256") -> list[str]:
         )
         if p.output_images:
             line += f", {p.output_images} output images"
+        if p.set_aside:
+            line += f", {p.set_aside} set aside (an output failed its sha256 check: `run` redoes them)"
         lines.append(line)
     reasons = store.quarantine().column("reason").to_pylist()
     if reasons:

@@ -27,8 +27,11 @@ Layout (all tables are Parquet; every file is written atomically: temporary name
                                                       stale ones; a cache: deleting it costs re-encoding
     STORE/runs/<stage>/<utc-time>-<pid>[-round-<k>].json   one record per run (ingest or stage)
 
-A shard output counts as done only when its `.done.json` exists AND every file it lists has the
-recorded sha256; anything else (output without record, record with a wrong checksum) is redone.
+A shard output counts as done only when its `.done.json` exists AND every file it lists is there
+with its recorded size; anything else (output without record, a missing or truncated file) is
+redone. The recorded sha256s are checked where data leaves the store (exports) and by `status`: a
+file that fails it (changed after its commit) sets its record aside (`.done.json.corrupt`), so the
+next run redoes the shard.
 Manifest parts are written last in an ingest, so an interrupted ingest leaves no half-visible batch.
 The store is a local or shared POSIX folder (rename must be atomic); sources may be any fsspec URI.
 """
@@ -183,6 +186,10 @@ class Store:
 
     def done_path(self, stage: str, round_: int, shard: str) -> Path:
         return self.stage_dir(stage, round_) / f"{shard}.done.json"
+
+    def set_aside_path(self, stage: str, round_: int, shard: str) -> Path:
+        """Where a completion record goes when its files fail their sha256 (`done_record`)."""
+        return self.stage_dir(stage, round_) / f"{shard}.done.json.corrupt"
 
     def embeddings_path(self, stage: str, round_: int, shard: str) -> Path:
         return self.output_path(stage, round_, shard, "embeddings")
@@ -341,6 +348,7 @@ class Store:
             "meta": output.meta,
         }
         atomic_write_json(self.done_path(stage, round_, shard), record, indent=1)
+        self.set_aside_path(stage, round_, shard).unlink(missing_ok=True)  # (an older one)
         return record
 
     def write_shard_images(
@@ -375,19 +383,24 @@ class Store:
         return self.write_shard_output(stage, round_, shard, output)
 
     def done_record(
-        self, stage: str, round_: int, shard: str, check: str = "sha256"
+        self, stage: str, round_: int, shard: str, check: str = "size"
     ) -> dict[str, Any] | None:
         """The completion record of a shard output, or None if it is missing or does not match
-        the files on disk (missing file, different size or sha256): such a shard must be redone.
+        the files on disk: such a shard must be redone.
 
-        check: "sha256" (runs and exports: every output byte is re-hashed) or "size" (a quick
-        look for `status --quick` on large stores).
+        check: "size" (runs, gears, training: every listed file is there with its recorded size;
+        a record is written after its files, each atomically, so a stopped run never leaves one
+        over partial files) or "sha256" (exports and `status`: every output byte re-hashed, which
+        at SA-1B's scale is terabytes, too much for each run's start). A file that no longer
+        has its recorded sha256 (changed after its commit) moves the record aside to
+        `<shard>.done.json.corrupt`, so the next run redoes the shard.
         """
         if check not in ("sha256", "size"):
             raise ValueError(f"check '{check}' is invalid: use 'sha256' or 'size'")
         path = self.done_path(stage, round_, shard)
         try:
-            record = json.loads(path.read_text())
+            text = path.read_text()
+            record = json.loads(text)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         for name, expect in record.get("files", {}).items():
@@ -395,6 +408,11 @@ class Store:
             if not target.is_file() or target.stat().st_size != expect["bytes"]:
                 return None
             if check == "sha256" and sha256_file(target) != expect["sha256"]:
+                try:  # (unless a run has just committed the shard again: another record)
+                    if path.read_text() == text:
+                        os.replace(path, self.set_aside_path(stage, round_, shard))
+                except FileNotFoundError:
+                    pass
                 return None
         return record
 

@@ -62,6 +62,23 @@ def test_unblurred_images_never_reach_the_release(annotated, tmp_path):
         )  # it is the blurred one
 
 
+def test_an_output_changed_after_its_commit_is_never_released_and_is_redone(annotated, tmp_path):
+    """The export re-hashes what it releases: a changed annotations file (same size) keeps its
+    shard out, with the reason, and sets its record aside so the next run redoes the shard."""
+    run_stage(annotated, "privacy", 0, blur_stage)
+    path = annotated.output_path("classical", 0, "shard-000001", "annotations")
+    original = path.read_bytes()
+    changed = bytearray(original)
+    changed[100] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    report = export_sa1b(annotated, tmp_path / "rel", stage="classical")
+    assert report.tars == ["sa_000000.tar"]
+    assert "failed its sha256 check" in report.skipped_shards["shard-000001"]
+    assert run_stage(annotated, "classical", 0, classical_stage).processed == ["shard-000001"]
+    assert path.read_bytes() == original
+    assert export_sa1b(annotated, tmp_path / "rel2").tars == ["sa_000000.tar", "sa_000001.tar"]
+
+
 def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
     run_stage(annotated, "privacy", 0, blur_stage)
     report = export_sa1b(annotated, tmp_path / "rel", short_side=200)

@@ -13,7 +13,7 @@ import pytest
 from engine import rle
 from sharding.manifest import ingest
 from sharding.runner import annotation_id, pending_shards, run_stage
-from sharding.status import stage_progress
+from sharding.status import stage_progress, status_lines
 from sharding.store import Store
 from store_helpers import blur_stage, classical_stage, synthetic_photos
 
@@ -57,6 +57,10 @@ def test_ids_are_deterministic_and_unique(demo_store):
 
 
 def test_incomplete_or_corrupt_outputs_are_redone(demo_store):
+    """A shard without its record is redone by the next run; one whose file changed after its
+    commit (same size) is found by the sha256 check of `status` or an export, which sets its
+    record aside, and then redone: runs compare sizes only (re-hashing every output at each
+    run's start does not scale)."""
     run_stage(demo_store, "classical", 0, classical_stage)
     folder = demo_store.stage_dir("classical", 0)
     reference = {p.name: p.read_bytes() for p in folder.glob("*.parquet")}
@@ -64,15 +68,20 @@ def test_incomplete_or_corrupt_outputs_are_redone(demo_store):
     data = bytearray((folder / "shard-000001.annotations.parquet").read_bytes())
     data[100] ^= 0xFF  # output that no longer matches its record
     (folder / "shard-000001.annotations.parquet").write_bytes(bytes(data))
+    assert pending_shards(demo_store, "classical", 0) == ["shard-000000"]  # sizes match
+    assert stage_progress(demo_store, check="size")[0].shards_done == 1  # the quick look
+    progress = stage_progress(demo_store)[0]  # sha256: finds it, sets its record aside
+    assert (progress.shards_done, progress.set_aside) == (0, 1)
+    assert (folder / "shard-000001.done.json.corrupt").is_file()
+    assert not (folder / "shard-000001.done.json").exists()
+    assert "1 set aside" in status_lines(demo_store)[1]
     assert pending_shards(demo_store, "classical", 0) == ["shard-000000", "shard-000001"]
-    assert stage_progress(demo_store)[0].shards_done == 0
-    assert (
-        stage_progress(demo_store, check="size")[0].shards_done == 1
-    )  # the quick look sees sizes only
     report = run_stage(demo_store, "classical", 0, classical_stage)
     assert report.processed == ["shard-000000", "shard-000001"]
     assert {p.name: p.read_bytes() for p in folder.glob("*.parquet")} == reference
     assert pending_shards(demo_store, "classical", 0) == []
+    assert not list(folder.glob("*.corrupt"))  # the redo removed it
+    assert stage_progress(demo_store)[0].shards_done == 2
 
 
 def test_write_shard_images_api_and_status(demo_store):

@@ -58,7 +58,11 @@ def ingest(
 def status(
     store: StoreArg,
     quick: Annotated[
-        bool, typer.Option(help="compare output sizes only, not sha256 (fast on large stores)")
+        bool,
+        typer.Option(
+            help="compare output sizes only, as runs do, not sha256 (a full status re-hashes every "
+            "output and sets aside the records of files that fail, for the next run to redo)"
+        ),
     ] = False,
 ) -> None:
     """Progress per stage and round: shards done/total, images, annotations, quarantined."""
