@@ -248,6 +248,16 @@ class Store:
         ids = np.split(manifest.column("image_id").to_numpy()[order], ends)
         return {name: part.tolist() for name, part in zip(shards.dictionary.to_pylist(), ids)}
 
+    def image_ids(self, shard: str) -> list[int]:
+        """One shard's image ids, from its own file's id column (a model actor's lookup: no
+        manifest, which at SA-1B's scale is gigabytes in every process that reads it)."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(
+                f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source"
+            )
+        return pq.read_table(path, columns=["image_id"]).column(0).to_pylist()
+
     def iter_shard(self, shard: str, batch_size: int = 16) -> Iterator[ImageRow]:
         """Stream a shard's images (original bytes) without loading the whole shard into memory."""
         path = self.shard_path(shard)

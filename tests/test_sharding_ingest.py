@@ -122,6 +122,7 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     assert report.added == 4 and mem_store.shards() == ["shard-000000", "shard-000001"]
     assert mem_store.shard_sizes() == {"shard-000000": 2, "shard-000001": 2}
     assert mem_store.shard_images() == {"shard-000000": [1, 2], "shard-000001": [3, 4]}
+    assert mem_store.image_ids("shard-000001") == [3, 4]  # (from the shard's own file)
     assert all(s.startswith("memory://") for s in mem_store.manifest().column("source").to_pylist())
     assert ingest("memory://bucket/photos", mem_store).added == 0
     memory.rm("/bucket", recursive=True)

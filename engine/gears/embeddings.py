@@ -51,7 +51,7 @@ def embed_shard(
     fingerprint = encoder_fingerprint(predictor.model)
     stored = store.embedding_ids(fingerprint, shard)
     report = EmbedReport(shard)
-    wanted = set(store.shard_images().get(shard, []))
+    wanted = set(store.image_ids(shard))
     if wanted and wanted <= stored:
         report.reused = len(wanted)
         return report
