@@ -191,9 +191,6 @@ class Store:
         """Where a completion record goes when its files fail their sha256 (`done_record`)."""
         return self.stage_dir(stage, round_) / f"{shard}.done.json.corrupt"
 
-    def embeddings_path(self, stage: str, round_: int, shard: str) -> Path:
-        return self.output_path(stage, round_, shard, "embeddings")
-
     # ---- ingested data -----------------------------------------------------------------------
     def _parts(self, folder: str, prefix: str, schema: pa.Schema) -> pa.Table:
         paths = sorted((self.root / folder).glob(f"{prefix}-*.parquet"))

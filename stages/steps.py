@@ -171,7 +171,7 @@ def decoded_row_bytes(store: Store, shards: Iterable[str] | None = None) -> np.n
     """Bytes of each decoded row of `shards` (None: every shard) as the pipeline carries it: the
     encoded file (the row keeps it) plus its RGB pixels (capped by the store's max_pixels, as
     decoding does). Column arithmetic on the manifest: the driver reads it before every run, and
-    at SA-1B's 11M images Python lists of its columns took 12 s and 3 GiB."""
+    at SA-1B's 11M images Python lists of its columns took 12 s and 2 GiB."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
