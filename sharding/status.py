@@ -42,7 +42,7 @@ def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
 
 
 def status_lines(store: Store, check: str = "sha256") -> list[str]:
-    manifest = store.manifest()
+    manifest = store.manifest_index()
     lines = [
         f"store {store.root}: {manifest.num_rows} images in {len(store.shards())} shards, "
         f"{store.duplicates().num_rows} duplicates recorded, "

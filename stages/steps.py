@@ -175,7 +175,7 @@ def decoded_row_bytes(store: Store, shards: Iterable[str] | None = None) -> np.n
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    manifest = store.manifest()
+    manifest = store.manifest_index()
     encoded, width, height = (
         manifest.column(name).to_numpy().astype(np.int64) for name in ("bytes", "width", "height")
     )
