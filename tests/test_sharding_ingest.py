@@ -9,7 +9,7 @@ import pytest
 
 from sharding.manifest import ingest
 from sharding.sources import list_source
-from sharding.store import Store
+from sharding.store import INDEX_COLUMNS, Store
 from store_helpers import synthetic_photos
 
 
@@ -68,6 +68,9 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
         shutil.copy(p, src / p.name)
     store = Store.create(tmp_path / "store")
     ingest(str(src), store, shard_size=2)
+    reader = Store(tmp_path / "store")  # a run's driver: the index columns only, cached
+    assert reader.manifest_index().column_names == INDEX_COLUMNS
+    assert reader.manifest_index().to_pylist() == store.manifest().select(INDEX_COLUMNS).to_pylist()
     before = _files(tmp_path / "store")
     again = ingest(f"file://{src}", store, shard_size=2)  # same files through a URI
     assert (again.added, again.unchanged, again.duplicates) == (0, 3, 0)
@@ -78,6 +81,7 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     shutil.copy(demo_photos[0], src / "more" / "astronaut_copy.jpg")
     report = ingest(str(src), store, shard_size=2)
     assert (report.added, report.duplicates, report.unchanged) == (2, 1, 3)
+    assert reader.manifest_index().num_rows == 5 and reader.shard_sizes()["shard-000002"] == 2
     after = _files(tmp_path / "store")
     assert {k: v for k, v in after.items() if k in before} == before  # old shards/parts untouched
     manifest = store.manifest().to_pylist()
