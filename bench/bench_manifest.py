@@ -9,7 +9,8 @@ process, each piece of bookkeeping `sa-engine run STAGE STORE` does before Ray s
 manifest's index columns, the shard list, the images per shard, the pending shards (a
 completion-record lookup per shard), the embedded object store's size and the block size of the
 shards to do; then the lookups export and the gears use (`shard_images`, `image_sizes`), and last
-the whole manifest (ingest, Parquet export). Prints seconds and this process's peak RSS after each.
+the whole manifest (ingest, Parquet export) and an ingest of the 4 demo photos into the store (its
+dedupe against every stored image). Prints seconds and this process's peak RSS after each.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from sharding import tables  # noqa: E402
+from sharding.manifest import ingest  # noqa: E402
 from sharding.runner import pending_shards  # noqa: E402
 from sharding.store import Store  # noqa: E402
 from stages.config import RayConfig  # noqa: E402
@@ -86,6 +89,7 @@ def main() -> None:
             ("shard_images (export, gears)", store.shard_images),
             ("image_sizes (export)", store.image_sizes),
             ("manifest (read: ingest, parquet export)", store.manifest),
+            ("ingest of demo/photos (4 new photos)", lambda: ingest(str(ROOT / "demo/photos"), store)),
         ]
         for name, step in steps:
             start = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
@@ -108,22 +109,12 @@ def ingest(
     listing = list_source(source)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
     manifest = store.manifest()
-    known = {
-        sha: (iid, src)
-        for sha, iid, src in zip(
-            manifest.column("sha256").to_pylist(),
-            manifest.column("image_id").to_pylist(),
-            manifest.column("source").to_pylist(),
-        )
-    }
-    seen = set(zip(manifest.column("source").to_pylist(), manifest.column("sha256").to_pylist()))
-    dups = store.duplicates()
-    seen |= set(zip(dups.column("source").to_pylist(), dups.column("sha256").to_pylist()))
+    known = _KnownImages(manifest, store.duplicates())
     old_q = store.ingest_quarantine()
     quarantined_before = set(
         zip(old_q.column("source").to_pylist(), old_q.column("sha256").to_pylist())
     )
-    next_id = max(manifest.column("image_id").to_pylist(), default=0) + 1
+    next_id = (pc.max(manifest.column("image_id")).as_py() or 0) + 1
     shard_names = store.shards()
     next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
     batch = len(list((store.root / "manifest").glob("part-*.parquet"))) + 1
@@ -143,19 +134,15 @@ def ingest(
                     )
                 continue
             sha = hashlib.sha256(data).hexdigest()
-            if sha in known:
-                if (uri, sha) in seen:
+            kept = known.kept(sha)
+            if kept is not None:
+                if known.seen(uri, sha, kept):
                     report.unchanged += 1
                 else:
                     dup_rows.append(
-                        {
-                            "source": uri,
-                            "sha256": sha,
-                            "image_id": known[sha][0],
-                            "kept_source": known[sha][1],
-                        }
+                        {"source": uri, "sha256": sha, "image_id": kept[0], "kept_source": kept[1]}
                     )
-                    seen.add((uri, sha))
+                    known.duplicates.add((uri, sha))
                 continue
             if (uri, sha) in quarantined_before:
                 report.unchanged += 1
@@ -172,8 +159,7 @@ def ingest(
                 shard = f"shard-{next_shard:06d}"
                 writer = _ShardWriter(store.shard_path(shard))
                 report.shards_added.append(shard)
-            known[sha] = (next_id, uri)
-            seen.add((uri, sha))
+            known.added[sha] = (next_id, uri)
             writer.add(
                 {
                     "image_id": next_id,
@@ -233,6 +219,35 @@ def ingest(
             },
         )
     return report
+
+
+class _KnownImages:
+    """The images a store holds, by sha256, for an ingest's dedupe: a dict from each manifest
+    sha256 to its row (the id and source are read from the table when a duplicate needs them),
+    so at SA-1B's 11M images it holds 11M strings, not the tuples and (source, sha) pairs of
+    every row twice over (gigabytes more)."""
+
+    def __init__(self, manifest: pa.Table, duplicates: pa.Table) -> None:
+        self.ids = manifest.column("image_id")
+        self.sources = manifest.column("source")
+        shas = manifest.column("sha256").to_pylist()
+        self.rows = dict(zip(shas, range(len(shas))))
+        self.added: dict[str, tuple[int, str]] = {}  # this ingest's new images: (id, source)
+        # (source, sha256) of every duplicate recorded, before and by this ingest
+        self.duplicates = set(
+            zip(duplicates.column("source").to_pylist(), duplicates.column("sha256").to_pylist())
+        )
+
+    def kept(self, sha: str) -> tuple[int, str] | None:
+        """(image_id, source) of the stored image with this content, or None."""
+        if sha in self.added:
+            return self.added[sha]
+        row = self.rows.get(sha)
+        return None if row is None else (self.ids[row].as_py(), self.sources[row].as_py())
+
+    def seen(self, uri: str, sha: str, kept: tuple[int, str]) -> bool:
+        """Whether this source with this content was met before (kept, or recorded a duplicate)."""
+        return uri == kept[1] or (uri, sha) in self.duplicates
 
 
 def _quarantine(uri: str, sha: str, reason: str, detail: str) -> dict[str, Any]:
