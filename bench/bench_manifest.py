@@ -79,6 +79,12 @@ def main() -> None:
         print(f"{args.images} images, shards of {args.shard_size}: manifest written in "
               f"{time.perf_counter() - start:.1f} s (not timed below)")
         shards: list[str] = []
+        ids_by_shard: list[list[int]] = []
+
+        def sizes_by_shard() -> None:  # (as an export looks them up: one shard at a time)
+            for ids in ids_by_shard:
+                store.image_sizes(ids)
+
         steps = [
             ("manifest_index (read: runs)", store.manifest_index),
             ("shards", lambda: shards.extend(store.shards())),
@@ -86,8 +92,8 @@ def main() -> None:
             ("pending_shards (auto)", lambda: pending_shards(store, "auto", 0)),
             ("object_store_mb", lambda: object_store_mb(store, RayConfig())),
             ("decoded_row_bytes (shards to do)", lambda: decoded_row_bytes(store, shards)),
-            ("shard_images (export, gears)", store.shard_images),
-            ("image_sizes (export)", store.image_sizes),
+            ("shard_images (export, gears)", lambda: ids_by_shard.extend(store.shard_images().values())),
+            ("image_sizes of each shard (export)", sizes_by_shard),
             ("manifest (read: ingest, parquet export)", store.manifest),
             ("ingest of demo/photos (4 new photos)", lambda: ingest(str(ROOT / "demo/photos"), store)),
         ]

@@ -78,7 +78,7 @@ def shard_records(
 ) -> dict[int, ImageRecord]:
     """image_id -> ImageRecord (store frame, file_name sa_<id>.jpg) for the images a shard output
     finished, with or without masks."""
-    sizes = store.image_sizes()
+    sizes = store.image_sizes(record["images"])
     masks = table_to_masks(store.read_annotations(stage, round_, shard))
     out = {}
     for image_id in record["images"]:

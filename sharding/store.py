@@ -134,7 +134,7 @@ class Store:
         self.info = json.loads(info.read_text())
         self._manifest: tuple[tuple, pa.Table] | None = None
         self._index: tuple[tuple, pa.Table] | None = None
-        self._sizes: tuple[tuple, dict[int, tuple[int, int]]] | None = None
+        self._sizes: tuple[tuple, np.ndarray, np.ndarray, np.ndarray] | None = None
         if self.info.get("format") != STORE_FORMAT or self.info.get("version") != STORE_VERSION:
             raise ValueError(f"'{root}/store.json' is not a version-{STORE_VERSION} {STORE_FORMAT}")
 
@@ -234,16 +234,29 @@ class Store:
             self._index = (key, self._parts("manifest", "part", tables.MANIFEST, INDEX_COLUMNS))
         return self._index[1]
 
-    def image_sizes(self) -> dict[int, tuple[int, int]]:
-        """image_id -> (width, height) of the store frame (EXIF applied)."""
+    def image_sizes(self, image_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """image_id -> (width, height) in the store frame (EXIF applied), of these images.
+
+        Looked up in the manifest's id, width and height columns as arrays (cached until an
+        ingest adds a part): at SA-1B's 11M images a dict of every image took 3.6 s and 1.6 GiB."""
         key = self._manifest_key()
         if self._sizes is None or self._sizes[0] != key:
-            manifest = self.manifest_index()
-            ids, ws, hs = (
-                manifest.column(name).to_numpy().tolist() for name in ("image_id", "width", "height")
+            index = self.manifest_index()
+            ids, widths, heights = (
+                index.column(name).to_numpy() for name in ("image_id", "width", "height")
             )
-            self._sizes = (key, dict(zip(ids, zip(ws, hs))))
-        return self._sizes[1]
+            order = np.argsort(ids, kind="stable")  # (the manifest is in id order: a no-op)
+            self._sizes = (key, ids[order], widths[order], heights[order])
+        _, ids, widths, heights = self._sizes
+        wanted = np.asarray(list(image_ids), dtype=np.int64)
+        at = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+        missing = wanted[ids[at] != wanted] if len(ids) else wanted
+        if len(missing):
+            raise ValueError(
+                f"images {missing[:5].tolist()} are not in {self.root}'s manifest: the store "
+                "and its stage outputs disagree; see `sa-engine status`"
+            )
+        return dict(zip(wanted.tolist(), zip(widths[at].tolist(), heights[at].tolist())))
 
     def duplicates(self) -> pa.Table:
         return self._parts("duplicates", "part", tables.DUPLICATES)

@@ -82,6 +82,10 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     report = ingest(str(src), store, shard_size=2)
     assert (report.added, report.duplicates, report.unchanged) == (2, 1, 3)
     assert reader.manifest_index().num_rows == 5 and reader.shard_sizes()["shard-000002"] == 2
+    rows = {r["image_id"]: (r["width"], r["height"]) for r in store.manifest().to_pylist()}
+    assert reader.image_sizes([5, 1]) == {5: rows[5], 1: rows[1]}
+    with pytest.raises(ValueError, match=r"images \[6\] are not in"):
+        reader.image_sizes([2, 6])
     after = _files(tmp_path / "store")
     assert {k: v for k, v in after.items() if k in before} == before  # old shards/parts untouched
     manifest = store.manifest().to_pylist()
