@@ -225,8 +225,8 @@ class Store:
 
     def manifest_index(self) -> pa.Table:
         """The manifest's `INDEX_COLUMNS` only (image_id, shard, bytes, width, height): what runs
-        and the shard lookups read. Without the sha256 and source strings it is a fifth of the
-        manifest's memory (at SA-1B's 11M images, ~0.4 against 1.9 GiB)."""
+        and the shard lookups read. Without the sha256 and source strings, a process reading it
+        for SA-1B's 11M images peaks at 0.65 GiB, against 1.95 GiB with the whole manifest."""
         key = self._manifest_key()
         if self._manifest is not None and self._manifest[0] == key:
             return self._manifest[1].select(INDEX_COLUMNS)
