@@ -456,7 +456,7 @@ class Store:
                 try:  # (unless a run has just committed the shard again: another record)
                     if path.read_text() == text:
                         os.replace(path, self.set_aside_path(stage, round_, shard))
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, or a read-only store: not done either way
                     pass
                 return None
         return record
