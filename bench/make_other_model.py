@@ -19,7 +19,8 @@ crafted decoder of that shape: the prompt encoder and mask decoder are random (w
 biases 0.1, norm gains 0.5-1.5; the hypernetworks' last layers scaled so mask logits spread over
 several units and the stability filter bites). Its masks are large and alike across prompts, so
 NMS keeps one or two: a check of the generators' arithmetic on other decoder shapes (predicted
-IoUs around -0.2..0.3 on a COCO photo: give thresholds in that range), not of how many masks they find.
+IoUs around -0.2..0.3 on a COCO photo: give thresholds in that range), not of how many masks
+they find.
 """
 
 from __future__ import annotations
