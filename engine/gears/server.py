@@ -119,11 +119,12 @@ class AnnotationSession:
         self.store, self.predictor, self.round, self.stage = store, predictor, round_, stage
         self.time_limit_s = float(time_limit_s)
         self.lock = threading.Lock()
+        shard_images = store.shard_images()
         self.order: list[tuple[str, int]] = [
-            (shard, i) for shard, ids in store.shard_images().items() for i in ids
+            (shard, i) for shard, ids in shard_images.items() for i in ids
         ]
         self.shard_of = {i: s for s, i in self.order}
-        self.work = {shard: self._load_work(shard, ids) for shard, ids in store.shard_images().items()}
+        self.work = {shard: self._load_work(shard, ids) for shard, ids in shard_images.items()}
         self.current: Current | None = None
         self.prefill = prefill
 
