@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.heap import release_freed_memory
 from sharding.runner import (
@@ -172,9 +174,6 @@ def decoded_row_bytes(store: Store, shards: Iterable[str] | None = None) -> np.n
     encoded file (the row keeps it) plus its RGB pixels (capped by the store's max_pixels, as
     decoding does). Column arithmetic on the manifest: the driver reads it before every run, and
     at SA-1B's 11M images Python lists of its columns took 12 s and 2 GiB."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     manifest = store.manifest_index()
     encoded, width, height = (
         manifest.column(name).to_numpy().astype(np.int64) for name in ("bytes", "width", "height")
