@@ -20,7 +20,7 @@ class StageProgress:
     set_aside: int = 0  # shards whose record was set aside (an output failed its sha256)
 
 
-def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
+def stage_progress(store: Store, check: str = "size") -> list[StageProgress]:
     """One entry per (stage, round) folder; a shard counts only if its completion record is valid
     (`check`: "sha256" re-hashes every output, "size" only compares sizes)."""
     shards = store.shards()
@@ -41,7 +41,7 @@ def stage_progress(store: Store, check: str = "sha256") -> list[StageProgress]:
     return out
 
 
-def status_lines(store: Store, check: str = "sha256") -> list[str]:
+def status_lines(store: Store, check: str = "size") -> list[str]:
     manifest = store.manifest_index()
     lines = [
         f"store {store.root}: {manifest.num_rows} images in {len(store.shards())} shards, "

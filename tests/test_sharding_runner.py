@@ -69,19 +69,19 @@ def test_incomplete_or_corrupt_outputs_are_redone(demo_store):
     data[100] ^= 0xFF  # output that no longer matches its record
     (folder / "shard-000001.annotations.parquet").write_bytes(bytes(data))
     assert pending_shards(demo_store, "classical", 0) == ["shard-000000"]  # sizes match
-    assert stage_progress(demo_store, check="size")[0].shards_done == 1  # the quick look
-    progress = stage_progress(demo_store)[0]  # sha256: finds it, sets its record aside
+    assert stage_progress(demo_store)[0].shards_done == 1  # the quick look (sizes), the default
+    progress = stage_progress(demo_store, check="sha256")[0]  # finds it, sets its record aside
     assert (progress.shards_done, progress.set_aside) == (0, 1)
     assert (folder / "shard-000001.done.json.corrupt").is_file()
     assert not (folder / "shard-000001.done.json").exists()
-    assert "1 set aside" in status_lines(demo_store)[1]
+    assert "1 set aside" in status_lines(demo_store)[1]  # (the quick look counts set-asides)
     assert pending_shards(demo_store, "classical", 0) == ["shard-000000", "shard-000001"]
     report = run_stage(demo_store, "classical", 0, classical_stage)
     assert report.processed == ["shard-000000", "shard-000001"]
     assert {p.name: p.read_bytes() for p in folder.glob("*.parquet")} == reference
     assert pending_shards(demo_store, "classical", 0) == []
     assert not list(folder.glob("*.corrupt"))  # the redo removed it
-    assert stage_progress(demo_store)[0].shards_done == 2
+    assert stage_progress(demo_store, check="sha256")[0].shards_done == 2
 
 
 def test_write_shard_images_api_and_status(demo_store):

@@ -57,18 +57,20 @@ def ingest(
 
 def status(
     store: StoreArg,
-    quick: Annotated[
+    verify: Annotated[
         bool,
         typer.Option(
-            help="compare output sizes only, as runs do, not sha256 (a full status re-hashes every "
-            "output and sets aside the records of files that fail, for the next run to redo)"
+            "--verify/--quick",
+            help="--verify: re-hash every output against its recorded sha256 and set aside the "
+            "records of files that fail, for the next run to redo (reads the whole store: hours "
+            "at SA-1B's scale); --quick (default): output sizes only, as runs check them",
         ),
     ] = False,
 ) -> None:
     """Progress per stage and round: shards done/total, images, annotations, quarantined."""
     from sharding.status import status_lines
 
-    for line in status_lines(_open(store), "size" if quick else "sha256"):
+    for line in status_lines(_open(store), "sha256" if verify else "size"):
         typer.echo(line)
 
 
