@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -108,7 +109,7 @@ def ingest(
     source = os.fspath(source)  # (kept in the run record: JSON)
     listing = list_source(source)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
-    manifest = store.manifest()
+    manifest = store.manifest_columns(["image_id", "source", "sha256"])
     known = _KnownImages(manifest, store.duplicates())
     old_q = store.ingest_quarantine()
     quarantined_before = set(
@@ -222,16 +223,20 @@ def ingest(
 
 
 class _KnownImages:
-    """The images a store holds, by sha256, for an ingest's dedupe: a dict from each manifest
-    sha256 to its row (the id and source are read from the table when a duplicate needs them),
-    so at SA-1B's 11M images it holds 11M strings, not the tuples and (source, sha) pairs of
-    every row twice over (gigabytes more)."""
+    """The images a store holds, by sha256, for an ingest's dedupe.
+
+    The manifest's sha256s are looked up through their last 8 bytes, a sorted uint64 array and
+    the rows in that order (16 bytes an image); a hit is confirmed on the full sha256 in the
+    table, and the id and source are read from it only then. At SA-1B's 11M images that is
+    ~0.18 GiB, against ~2 GiB for a dict of 11M strings."""
 
     def __init__(self, manifest: pa.Table, duplicates: pa.Table) -> None:
         self.ids = manifest.column("image_id")
         self.sources = manifest.column("source")
-        shas = manifest.column("sha256").to_pylist()
-        self.rows = dict(zip(shas, range(len(shas))))
+        self.shas = manifest.column("sha256")
+        keys = _sha_keys(self.shas)
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
         self.added: dict[str, tuple[int, str]] = {}  # this ingest's new images: (id, source)
         # (source, sha256) of every duplicate recorded, before and by this ingest
         self.duplicates = set(
@@ -242,12 +247,38 @@ class _KnownImages:
         """(image_id, source) of the stored image with this content, or None."""
         if sha in self.added:
             return self.added[sha]
-        row = self.rows.get(sha)
-        return None if row is None else (self.ids[row].as_py(), self.sources[row].as_py())
+        key = np.uint64(int(sha[48:], 16))
+        first = int(np.searchsorted(self.keys, key, side="left"))
+        last = int(np.searchsorted(self.keys, key, side="right"))
+        for row in self.order[first:last].tolist():
+            if self.shas[row].as_py() == sha:
+                return self.ids[row].as_py(), self.sources[row].as_py()
+        return None
 
     def seen(self, uri: str, sha: str, kept: tuple[int, str]) -> bool:
         """Whether this source with this content was met before (kept, or recorded a duplicate)."""
         return uri == kept[1] or (uri, sha) in self.duplicates
+
+
+_HEX_VALUE = np.zeros(256, np.uint8)  # ASCII hex digit -> its value (anything else: 0)
+_HEX_VALUE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX_VALUE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _sha_keys(shas: pa.ChunkedArray) -> np.ndarray:
+    """The last 16 of the 64 hex digits of each sha256 as a uint64, column-wise (no Python string
+    per row). A malformed value gets some number: lookups confirm hits on the full string."""
+    out = []
+    for chunk in shas.chunks:
+        tail = pc.utf8_rpad(pc.utf8_slice_codeunits(chunk.fill_null(""), 48, 64), 16, "0")
+        fixed = tail.cast(pa.binary(16))
+        raw = np.frombuffer(fixed.buffers()[1], np.uint8)
+        digits = _HEX_VALUE[raw[fixed.offset * 16 : (fixed.offset + len(fixed)) * 16]]
+        digits = digits.reshape(-1, 16)
+        packed = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])
+        out.append(packed.view(">u8").ravel().astype(np.uint64))
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
 
 def _quarantine(uri: str, sha: str, reason: str, detail: str) -> dict[str, Any]:

@@ -223,6 +223,14 @@ class Store:
             self._manifest = (key, self._parts("manifest", "part", tables.MANIFEST))
         return self._manifest[1]
 
+    def manifest_columns(self, columns: list[str]) -> pa.Table:
+        """These manifest columns of every image, read now and not cached: for a one-off reader
+        (an ingest's dedupe reads ids, sources and sha256s, not the sizes and shards)."""
+        key = self._manifest_key()
+        if self._manifest is not None and self._manifest[0] == key:
+            return self._manifest[1].select(columns)
+        return self._parts("manifest", "part", tables.MANIFEST, columns)
+
     def manifest_index(self) -> pa.Table:
         """The manifest's `INDEX_COLUMNS` only (image_id, shard, bytes, width, height): what runs
         and the shard lookups read. Without the sha256 and source strings, a process reading it

@@ -98,6 +98,33 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     assert ingest(str(src), store, shard_size=2).added == 0 and _files(tmp_path / "store") == after
 
 
+def test_dedupe_lookup_confirms_on_the_full_sha256():
+    """The dedupe looks sha256s up by their last 8 bytes: rows sharing those (a collision,
+    made here) are told apart on the full string, whatever the table's chunking."""
+    import pyarrow as pa
+
+    from sharding.manifest import _KnownImages, _sha_keys
+
+    real = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(50)]
+    tail = real[0][48:]
+    twins = ["a" * 48 + tail, "b" * 48 + tail, real[0]]  # same last 16 digits
+    shas = real[1:] + twins
+    assert (_sha_keys(pa.chunked_array([shas[:20], shas[20:]])) == [int(s[48:], 16) for s in shas]).all()
+    manifest = pa.table(
+        {
+            "image_id": list(range(1, len(shas) + 1)),
+            "source": [f"s3://b/{i}.jpg" for i in range(len(shas))],
+            "sha256": pa.chunked_array([shas[:30], shas[30:]]),
+        }
+    )
+    none = pa.table({"source": pa.array([], pa.string()), "sha256": pa.array([], pa.string())})
+    known = _KnownImages(manifest, none)
+    for row, sha in enumerate(shas):
+        assert known.kept(sha) == (row + 1, f"s3://b/{row}.jpg")
+    assert known.kept("c" * 48 + tail) is None
+    assert known.kept(hashlib.sha256(b"new").hexdigest()) is None
+
+
 def test_two_stores_from_one_source_are_identical(tmp_path):
     synthetic_photos(tmp_path / "src", 7)
     for name in ("a", "b"):
