@@ -585,7 +585,7 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / demo_photos[0].name).write_bytes(demo_photos[0].read_bytes())
     (folder / "broken.jpg").write_bytes(b"not an image")
-    out = tmp_path / "out"
+    out = folder / "amg"  # inside the input: a re-run must not take the overlays for inputs
     args = [
         "amg", str(folder), "--out", str(out), "--config", "sa1b",
         "--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth"),
@@ -604,7 +604,37 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     assert len(skipped) == 1 and skipped[0]["input"].endswith("broken.jpg") and skipped[0]["reason"]
     stamp = target.stat().st_mtime_ns
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and "1 already done" in again.output
+    assert again.exit_code == 0 and "2 image(s), 1 already done, 1 to run" in again.output
     assert target.stat().st_mtime_ns == stamp
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1  # listed once, not per run
     bad = CliRunner().invoke(app, args[:-1] + ["--set", "amg.no_such_key=1"])
     assert bad.exit_code != 0 and "no_such_key" in bad.output
+
+
+def test_cli_amg_inputs_never_share_an_output(tmp_path):
+    """Outputs are named by stem; files of a folder sharing one keep their whole name, dotted
+    names keep their dots, and hidden files and the output folder are no inputs."""
+    from engine.cli.amg import list_inputs, output_path
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for name in ["a.jpg", "a.png", "photo.v1.jpg", "photo.v2.jpg", "sub/a.jpg", ".hidden.jpg",
+                 ".cache/x.jpg", "notes.txt"]:
+        (folder / name).write_bytes(b"x")
+    out = folder / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "a_overlay.png").write_bytes(b"x")
+    found = {src.relative_to(folder).as_posix(): output_path(out, name).relative_to(out).as_posix()
+             for src, name in list_inputs(folder, out)}
+    assert found == {
+        "a.jpg": "a.jpg.json",
+        "a.png": "a.png.json",
+        "photo.v1.jpg": "photo.v1.json",
+        "photo.v2.jpg": "photo.v2.json",
+        "sub/a.jpg": "sub/a.json",
+    }
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/a.jpg\nin/sub/a.jpg\n# a comment\nin/a-2.jpg\n")
+    names = [name.as_posix() for _, name in list_inputs(listing)]
+    assert names == ["a", "a-3", "a-2"]  # (a-2 is a listed stem: the repeat takes a-3)

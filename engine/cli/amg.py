@@ -14,25 +14,35 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, require_weights
+from engine.cli.common import fail, files_under, require_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 SKIPPED_FILE = "skipped.jsonl"
 
 
-def list_inputs(source: Path) -> list[tuple[Path, Path]]:
-    """INPUT -> [(image path, output path relative to OUT without suffix)], sorted.
+def list_inputs(source: Path, out: Path | None = None) -> list[tuple[Path, Path]]:
+    """INPUT -> [(image path, output name relative to OUT, without ".json")], sorted.
 
-    An image file; a folder (searched recursively for image suffixes; outputs mirror its tree);
-    or a list file (.txt/.lst: one path per line, relative paths from the list's folder, '#'
-    comments). Listed paths are taken as given, so unreadable ones reach the skipped file.
+    An image file; a folder (searched recursively for image suffixes, leaving out hidden files
+    and anything inside `out`, such as a previous run's overlays; outputs mirror its tree,
+    named by each file's stem, or by its whole name where two files of a folder share a stem:
+    a.jpg and a.png -> a.jpg.json, a.png.json); or a list file (.txt/.lst: one path per line,
+    relative paths from the list's folder, '#' comments; outputs flat, by stem, -2, -3... for
+    repeated stems). Listed paths are taken as given, so unreadable ones reach the skipped file.
+    No two inputs get the same output.
     """
     if source.is_dir():
-        files = sorted(
-            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        return [(p, p.relative_to(source).with_suffix("")) for p in files]
+        files = [p for p in files_under(source, out) if p.suffix.lower() in IMAGE_SUFFIXES]
+        stems: dict[Path, int] = {}
+        for p in files:
+            key = p.relative_to(source).with_name(p.stem)
+            stems[key] = stems.get(key, 0) + 1
+        names = []
+        for p in files:
+            rel = p.relative_to(source)
+            names.append(rel if stems[rel.with_name(p.stem)] > 1 else rel.with_name(p.stem))
+        return list(zip(files, _unique(names)))
     if not source.exists():
         raise ValueError(f"{source} does not exist: pass an image, a folder or a list file")
     if source.suffix.lower() in LIST_SUFFIXES:
@@ -43,14 +53,30 @@ def list_inputs(source: Path) -> list[tuple[Path, Path]]:
                 continue
             path = Path(line)
             entries.append(path if path.is_absolute() else source.parent / path)
-        names: dict[str, int] = {}
-        out = []
-        for path in entries:
-            stem = path.stem
-            names[stem] = names.get(stem, 0) + 1
-            out.append((path, Path(stem if names[stem] == 1 else f"{stem}-{names[stem]}")))
-        return out
+        return list(zip(entries, _unique([Path(path.stem) for path in entries])))
     return [(source, Path(source.stem))]
+
+
+def _unique(names: list[Path]) -> list[Path]:
+    """The names, a repeated one suffixed -2, -3, ... (skipping any name already taken)."""
+    taken = set(names)
+    seen: set[Path] = set()
+    out = []
+    for name in names:
+        if name in seen:
+            n = 2
+            while name.with_name(f"{name.name}-{n}") in taken:
+                n += 1
+            name = name.with_name(f"{name.name}-{n}")
+            taken.add(name)
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def output_path(out: Path, name: Path) -> Path:
+    """OUT/<name>.json (the name may hold dots: photo.v2 -> photo.v2.json)."""
+    return out / name.parent / (name.name + ".json")
 
 
 def amg(
@@ -102,7 +128,7 @@ def amg(
         settings = load_config(config, overrides)
         model_cfg = section(settings, "model", ModelConfig)
         amg_cfg = section(settings, "amg", AmgConfig)
-        inputs = list_inputs(input)
+        inputs = list_inputs(input, out)
     except ValueError as exc:
         fail(str(exc))
     if not inputs:
@@ -120,8 +146,9 @@ def amg(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(i, src, out / rel.with_suffix(".json")) for i, (src, rel) in enumerate(inputs, 1)]
+    todo = [(i, src, output_path(out, name)) for i, (src, name) in enumerate(inputs, 1)]
     pending = [item for item in todo if not _done(item[2])]
+    _forget_skipped(out, {str(src) for _, src, _ in pending})  # tried again below
     typer.echo(
         f"{len(todo)} image(s), {len(todo) - len(pending)} already done, {len(pending)} to run "
         f"(config {config}, model {model_cfg.model} on {sam.device})",
@@ -180,6 +207,27 @@ def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> 
     record.write(target)
     stats["images"] += 1
     stats["masks"] += len(record.annotations)
+
+
+def _forget_skipped(out: Path, retried: set[str]) -> None:
+    """Drop the skipped file's lines of the inputs this run tries again (a re-run lists each
+    input still unreadable once, and none that now worked); other inputs' lines stay."""
+    from engine.atomic import atomic_write_bytes
+
+    path = out / SKIPPED_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _skipped_input(line) not in retried]
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _skipped_input(line: str) -> str | None:
+    try:
+        return json.loads(line).get("input")
+    except (ValueError, AttributeError):
+        return None  # (a line not written by this command: kept)
 
 
 def _skip(out: Path, source: Path, reason: str, detail: str) -> None:

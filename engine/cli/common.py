@@ -1,5 +1,5 @@
-"""Small helpers every CLI command shares: failing with a clear message, the model flags as
-`model:` keys, commands still to come."""
+"""Small helpers every CLI command shares: failing with a clear message, the files of an input
+folder, the model flags as `model:` keys, commands still to come."""
 
 from __future__ import annotations
 
@@ -13,6 +13,24 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=code)
+
+
+def files_under(folder: Path, out: Path | None = None) -> list[Path]:
+    """Every file under `folder` (recursive), sorted; hidden files and folders, and anything
+    inside `out` (a command's output folder placed in its input), left out: a re-run must not
+    take the last run's outputs for inputs."""
+    out_resolved = out.resolve() if out is not None else None
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if out_resolved is not None and (
+            out_resolved == path.resolve() or out_resolved in path.resolve().parents
+        ):
+            continue
+        files.append(path)
+    return files
 
 
 def require_weights(model: str, checkpoint: object, random_weights: bool | None = None) -> None:

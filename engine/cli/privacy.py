@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, files_under
 
 _CV2_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -27,16 +27,7 @@ def list_inputs(source: Path, out: Path) -> list[tuple[Path, str]]:
         return [(source, source.name)]
     if not source.is_dir():
         raise ValueError(f"input '{source}' does not exist: pass an image file or a folder")
-    out_resolved = out.resolve()
-    files = []
-    for path in sorted(source.rglob("*")):
-        rel = path.relative_to(source)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if out_resolved == path.resolve() or out_resolved in path.resolve().parents:
-            continue
-        files.append((path, rel.as_posix()))
-    return files
+    return [(path, path.relative_to(source).as_posix()) for path in files_under(source, out)]
 
 
 def encode_like(image, name: str, jpeg_quality: int) -> bytes:
