@@ -96,8 +96,8 @@ def stage_parts(args):
 
     if args.stage == "classical":
         return "classical", classical_spec(), make_classical
-    from engine.amg import AmgConfig
-    from engine.model import ModelConfig
+    from engine.amg_config import AmgConfig
+    from engine.model_config import ModelConfig
     from stages.auto import auto_spec, finish_auto, make_auto
 
     model = ModelConfig(model=str(FIXTURE / "config.json"), checkpoint=str(FIXTURE / "sam_small.pth"))

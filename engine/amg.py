@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from engine.amg_config import AmgConfig
 from engine.amg_crops import (
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -77,37 +78,6 @@ STABILITY_CHECK = 0.1
 # so far had a mask that may pass (in a batch without the bound: that kept a mask, which may
 # pass); counted over the crop, as one batch's few prompts near the threshold say little.
 STABILITY_PREFILTER_MAX_PASSING = 0.6
-
-
-@dataclass
-class AmgConfig:
-    """The `amg:` config block: the generator's parameters. Defaults are Meta's library defaults.
-
-    Fields are `SamAutomaticMaskGenerator`'s keyword arguments (see there for their meaning).
-    """
-
-    points_per_side: int | None = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    point_grids: list[list[list[float]]] | None = None
-    min_mask_region_area: int = 0
-    output_mode: str = "binary_mask"
-    max_mask_area_fraction: float | None = None
-    decoder_batch: int | None = None
-    fast_decoder: bool = False
-    iou_prefilter: bool = True
-    stability_prefilter: bool | None = None
-    batched_masks: bool | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

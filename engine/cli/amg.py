@@ -121,8 +121,8 @@ def amg(
     ):
         if value is not None:
             overrides.append(f"model.{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
-    from engine.amg import AmgConfig
-    from engine.model import ModelConfig
+    from engine.amg_config import AmgConfig
+    from engine.model_config import ModelConfig
 
     try:
         settings = load_config(config, overrides)

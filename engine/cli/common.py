@@ -36,7 +36,7 @@ def files_under(folder: Path, out: Path | None = None) -> list[Path]:
 def require_weights(model: str, checkpoint: object, random_weights: bool | None = None) -> None:
     """Fail unless the model has weights: a --checkpoint, or a registry entry that ships its own
     (the bundled "default"). random_weights: the command's --random-weights flag, if it has one."""
-    from engine.model import PACKAGED_CHECKPOINTS
+    from engine.model_config import PACKAGED_CHECKPOINTS
 
     if checkpoint is not None or random_weights or str(model) in PACKAGED_CHECKPOINTS:
         return
@@ -64,7 +64,7 @@ def model_sets(
     gear round N runs on model round N. Round 0 is the config's model (the bundled default)."""
     import json
 
-    from engine.model import MODEL_REGISTRY
+    from engine.model_config import MODEL_REGISTRY
 
     out = list(sets or [])
     named = model or checkpoint or any(
@@ -97,7 +97,7 @@ def model_sets(
 def model_config(cfg: dict, random_weights: bool | None = None):
     """The config's `model:` block (`ModelConfig`), refused when it has no weights."""
     from engine.cli.config import section
-    from engine.model import ModelConfig
+    from engine.model_config import ModelConfig
 
     try:
         model = section(cfg, "model", ModelConfig)

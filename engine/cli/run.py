@@ -123,9 +123,9 @@ def auto(
     --round N >= 1 runs the store's model round N (`sa-engine train`) unless a model is named."""
     sets = model_sets(set_, model, checkpoint, store=store, round_=round_)
     st, cfg, ray_cfg = stage_setup(store, config, sets, address)
-    from engine.amg import AmgConfig
+    from engine.amg_config import AmgConfig
     from engine.cli.config import section
-    from engine.model import ModelConfig
+    from engine.model_config import ModelConfig
     from stages.auto import auto_spec
 
     try:
