@@ -60,6 +60,22 @@ def trained_store(tmp_path_factory):
     return root
 
 
+def test_train_names_a_loss_trend_only_when_it_has_one(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.to_dict()))
+    steps = [s if s != "train.steps=40" else "train.steps=2" for s in TRAIN_SET]
+    steps = [s if s != "train.log_every=10" else "train.log_every=25" for s in steps]
+    result = runner.invoke(
+        app,
+        ["train", str(tmp_path), *DATA, "--round", "-1", "--init", str(config),
+         "--threads", "1"] + steps,
+        env={"RAY_ADDRESS": None},
+    )
+    assert result.exit_code == 0, result.output
+    assert "(the mean over all 2 steps; set train.log_every below train.steps" in result.output
+    assert " -> " not in result.output.split("wrote model round")[1]
+
+
 def test_train_writes_checkpoint_and_card(trained_store):
     registry = ModelRegistry(trained_store)
     assert registry.rounds() == [0]

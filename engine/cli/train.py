@@ -152,6 +152,7 @@ class _Job:
             "card": str(files.card),
             "loss_first": card["training"]["loss_first"],
             "loss_last": card["training"]["loss_last"],
+            "loss_windows": len(card["training"]["loss_history"]),
         }
 
 
@@ -297,10 +298,14 @@ def train(
         written = job.finish(sam, result, {"workers": 1, "backend": None, "address": None})
     else:
         written = _train_on_cluster(job, address, worker_cfg, threads, len(items), start)
+    if written["loss_windows"] > 1:
+        loss = f"loss {written['loss_first']:.4f} -> {written['loss_last']:.4f}"
+    else:  # one progress window: no trend to show
+        loss = (f"loss {written['loss_last']:.4f} (the mean over all {train_cfg.steps} steps; set "
+                f"train.log_every below train.steps to see its trend)")
     typer.echo(
-        f"wrote model round {new_round}: {written['checkpoint']} and {written['card']}; loss "
-        f"{written['loss_first']:.4f} -> {written['loss_last']:.4f}. Judge it with "
-        f"`sa-engine evaluate {store} --candidate {new_round}` before it is used."
+        f"wrote model round {new_round}: {written['checkpoint']} and {written['card']}; {loss}. "
+        f"Judge it with `sa-engine evaluate {store} --candidate {new_round}` before it is used."
     )
 
 
