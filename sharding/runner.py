@@ -246,11 +246,7 @@ def run_stage(
     report = RunReport(stage, round_)
     todo = pending_shards(store, stage, round_)
     wanted = store.shards() if shards is None else shards
-    unknown = sorted(set(wanted) - set(store.shards()))
-    if unknown:
-        raise ValueError(
-            f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`"
-        )
+    store.check_shards(wanted)
     record_path = (
         store.root
         / "runs"

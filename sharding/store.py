@@ -276,6 +276,14 @@ class Store:
         """Shard names in order (shards from later ingests sort after earlier ones)."""
         return sorted(pc.unique(self.manifest_index().column("shard")).to_pylist())
 
+    def check_shards(self, shards: Iterable[str]) -> None:
+        """Raises ValueError naming the shards that are not in the store."""
+        unknown = sorted(set(shards) - set(self.shards()))
+        if unknown:
+            raise ValueError(
+                f"shards {unknown} are not in {self.root}: see `sa-engine status {self.root}`"
+            )
+
     def shard_sizes(self) -> dict[str, int]:
         """Shard name -> its image count (column counts: no Python list of every image)."""
         counts = pc.value_counts(self.manifest_index().column("shard"))

@@ -39,6 +39,7 @@ def ray_session(config: RayConfig, store: "Store | None" = None) -> Iterator[str
         yield f"the Ray already running in this process ({_nodes()} node(s))"
         return
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False)
         where = f"cluster {address} ({_nodes()} node(s))"
     else:
@@ -67,6 +68,26 @@ def ray_session(config: RayConfig, store: "Store | None" = None) -> Iterator[str
         yield where
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raises ValueError, naming the address and the fix, when a HOST:PORT (or ray://HOST:PORT)
+    cluster address takes no connection: `ray.init` would retry it for minutes before failing.
+    "auto" and other forms are left to Ray."""
+    import socket
+
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(
+            f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}): start "
+            "one there (`ray start --head --port PORT` on the head node), or fix --address / "
+            "ray.address / RAY_ADDRESS (unset them for an embedded local Ray)"
+        ) from None
 
 
 def local_only() -> None:

@@ -97,11 +97,8 @@ def run_pipeline(
 
     check_stage(spec.name, round_)
     started, t0 = utc_now(), time.perf_counter()
-    known = store.shards()
-    wanted = known if shards is None else list(shards)
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise ValueError(f"shards {unknown} are not in {store.root}: see `sa-engine status {store.root}`")
+    wanted = store.shards() if shards is None else list(shards)
+    store.check_shards(wanted)
     pending = set(
         spec.pending(store, round_) if spec.pending else pending_shards(store, spec.name, round_)
     )

@@ -2,6 +2,7 @@
 with the real privacy detectors; and the CLI's clear errors."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,15 @@ def test_run_errors(tmp_path):
         app, ["run", "auto", str(store.root), "--checkpoint", str(tmp_path / "none.pth")]
     )
     assert result.exit_code == 1 and "does not exist" in result.output
+    # a shard that is not there, and a cluster address nothing answers at: named at once, before
+    # any Ray starts (ray.init retries an unanswered address for minutes)
+    result = runner.invoke(app, ["run", "classical", str(store.root), "--shard", "shard-000009"])
+    assert result.exit_code == 1 and "['shard-000009'] are not in" in result.output
+    assert "embedded local Ray" not in result.output
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # (nothing listens there now)
+    for address in [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"]:
+        result = runner.invoke(app, ["run", "classical", str(store.root), "--address", address])
+        assert result.exit_code == 1 and f"no Ray cluster answers at {address}" in result.output

@@ -318,8 +318,10 @@ def _train_on_cluster(
     import ray
 
     from engine.training.cluster import plan_workers, train_on_ray
+    from stages.cluster import check_reachable
 
     try:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         fail(f"cannot join the Ray cluster at {address}: {exc}")
