@@ -77,6 +77,18 @@ def test_object_store_is_sized_to_the_largest_blocks(tmp_path, small_store, demo
         m["bytes"] + 3 * m["width"] * m["height"] for m in manifest if m["shard"] == first
     ]
     assert object_store_mb(small_store, RayConfig()) == 128  # small photos: the floor
+    # a second ingest adds a manifest part (computed part by part): rows and shards across parts
+    synthetic_photos(tmp_path / "more", 4, size=(200, 150), seed=2)
+    ingest(str(tmp_path / "more"), small_store, shard_size=3)
+    manifest = small_store.manifest().to_pylist()
+    assert small_store.manifest_index().to_batches()[1:]  # (more than one batch)
+    assert decoded_row_bytes(small_store).tolist() == [
+        m["bytes"] + 3 * m["width"] * m["height"] for m in manifest
+    ]
+    picked = [small_store.shards()[1], small_store.shards()[-1]]
+    assert decoded_row_bytes(small_store, picked).tolist() == [
+        m["bytes"] + 3 * m["width"] * m["height"] for m in manifest if m["shard"] in picked
+    ]
     # larger photos or blocks: 32 blocks of block_images of the largest decoded row
     photos = Store.create(tmp_path / "photos-store")
     ingest(str(demo_photos[0].parent), photos, shard_size=4)
