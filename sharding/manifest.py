@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from engine.atomic import atomic_path
 from engine.image_io import ImageLoadError, load_image_with_info
 from sharding import tables
-from sharding.sources import list_source, read_source
+from sharding.sources import SourceListing, list_source, read_source, source_size
 from sharding.store import Store, utc_now
 
 DEFAULT_SHARD_SIZE = 1000
@@ -91,7 +91,10 @@ class _ShardWriter:
 
 
 def ingest(
-    source: str | os.PathLike[str], store: Store, shard_size: int = DEFAULT_SHARD_SIZE
+    source: str | os.PathLike[str],
+    store: Store,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    skip_known: bool = False,
 ) -> IngestReport:
     """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
 
@@ -99,6 +102,11 @@ def ingest(
       source (str | PathLike): folder, glob, list file or single file, local or any fsspec URI.
       store (Store): the store (from `Store.create`), validated with its min_side/max_pixels.
       shard_size (int): images per new shard.
+      skip_known (bool): count a listed file the manifest holds under the same URI with the same
+        byte size as unchanged without reading it (sizes from a folder's or a glob's listing,
+        else asked per file): a re-ingest of a source that only grew reads only the new files.
+        A file rewritten in place at the same size is then missed. False: every file is read
+        and hashed; content decides.
     Returns:
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
     """
@@ -107,9 +115,10 @@ def ingest(
             f"shard_size {shard_size} is invalid: use a positive number of images per shard"
         )
     source = os.fspath(source)  # (kept in the run record: JSON)
-    listing = list_source(source)
+    listing = list_source(source, with_sizes=skip_known)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
-    manifest = store.manifest_columns(["image_id", "source", "sha256"])
+    manifest = store.manifest_columns(["image_id", "source", "sha256"] + ["bytes"] * skip_known)
+    unread = _same_uri_and_size(listing, manifest) if skip_known else None
     known = _KnownImages(manifest, store.duplicates())
     old_q = store.ingest_quarantine()
     quarantined_before = set(
@@ -125,7 +134,10 @@ def ingest(
     q_rows: list[dict[str, Any]] = []
     writer: _ShardWriter | None = None
     try:
-        for uri in listing.uris:
+        for i, uri in enumerate(listing.uris):
+            if unread is not None and unread[i]:
+                report.unchanged += 1
+                continue
             try:
                 data = read_source(uri)
             except (OSError, ValueError) as exc:
@@ -220,6 +232,26 @@ def ingest(
             },
         )
     return report
+
+
+def _same_uri_and_size(listing: SourceListing, manifest: pa.Table) -> np.ndarray:
+    """Which listed URIs (a bool per `listing.uris`) the manifest holds with the size they have
+    now: matched in Arrow and numpy, no Python object per stored image; sizes the listing lacks
+    are asked of the filesystem, for the URIs the manifest holds only."""
+    unread = np.zeros(len(listing.uris), bool)
+    if not manifest.num_rows or not listing.uris:
+        return unread
+    uris = pa.array(listing.uris, pa.string())
+    rows = pc.index_in(uris, value_set=manifest.column("source").combine_chunks())
+    hit = rows.is_valid()
+    recorded = manifest.column("bytes").take(rows.filter(hit)).to_numpy()
+    where = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+    if listing.sizes is not None:
+        now = np.asarray(listing.sizes, np.int64)[where]
+    else:
+        now = np.asarray([source_size(listing.uris[i]) or -1 for i in where], np.int64)
+    unread[where[now == recorded]] = True
+    return unread
 
 
 class _KnownImages:

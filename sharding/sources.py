@@ -23,9 +23,10 @@ class SourceListing:
 
     uris: list[str]
     ignored: list[str]
+    sizes: list[int] | None = None  # bytes of each of `uris`, where the listing gave them (asked for)
 
 
-def list_source(source: str) -> SourceListing:
+def list_source(source: str, with_sizes: bool = False) -> SourceListing:
     """Resolve SOURCE to a sorted list of file URIs.
 
     Arguments:
@@ -33,24 +34,34 @@ def list_source(source: str) -> SourceListing:
         a list file (`.txt`/`.lst`/`.list`: one path or URI per line, `#` comments, relative
         paths resolved against the list file's folder), or a single image file. Any of them as a
         local path or an fsspec URI.
+      with_sizes (bool): also keep each file's size from a folder's or a glob's listing (an
+        object store lists them with the names: no request per file).
     Returns:
       (SourceListing): URIs sorted as strings, duplicates removed.
     Raises:
       ValueError: the source does not exist or names nothing.
     """
     fs, path = fsspec.core.url_to_fs(source)
+    sizes: dict[str, int] | None = None
     if any(ch in path for ch in _GLOB_CHARS):
-        uris = [fs.unstrip_protocol(p) for p in fs.glob(path) if fs.isfile(p)]
+        found = fs.glob(path, detail=True)  # (types come with the names: no call per file)
+        files = {p: info for p, info in found.items() if info.get("type") == "file"}
+        uris = [fs.unstrip_protocol(p) for p in files]
         ignored: list[str] = []
+        if with_sizes:
+            sizes = {fs.unstrip_protocol(p): int(info["size"]) for p, info in files.items()}
     elif fs.isdir(path):
         uris, ignored = [], []
-        for p in fs.find(path):
+        found = fs.find(path, detail=True)
+        sizes = {} if with_sizes else None
+        for p, info in found.items():
             name = p.rsplit("/", 1)[-1]
             if name.startswith("."):
                 continue
-            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(
-                fs.unstrip_protocol(p)
-            )
+            uri = fs.unstrip_protocol(p)
+            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(uri)
+            if sizes is not None:
+                sizes[uri] = int(info["size"])
     elif fs.isfile(path):
         if path.lower().endswith(LIST_EXTENSIONS):
             uris, ignored = _read_list(fs, path), []
@@ -65,13 +76,23 @@ def list_source(source: str) -> SourceListing:
             f"source '{source}' names no image files ({', '.join(IMAGE_EXTENSIONS)}): "
             "check the path or pass a glob"
         )
-    return SourceListing(sorted(set(uris)), sorted(ignored))
+    uris = sorted(set(uris))
+    return SourceListing(uris, sorted(ignored), None if sizes is None else [sizes[u] for u in uris])
 
 
 def read_source(uri: str) -> bytes:
     """The bytes of one source URI (raises OSError/FileNotFoundError as the filesystem does)."""
     with fsspec.open(uri, "rb") as handle:
         return handle.read()
+
+
+def source_size(uri: str) -> int | None:
+    """The size of one source URI in bytes, None when it cannot be had (the read will say why)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return int(fs.size(path))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:

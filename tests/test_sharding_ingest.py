@@ -98,6 +98,33 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     assert ingest(str(src), store, shard_size=2).added == 0 and _files(tmp_path / "store") == after
 
 
+@pytest.mark.parametrize("listing", ["folder", "list file"])
+def test_skip_known_reads_only_what_is_new_or_resized(tmp_path, demo_photos, listing):
+    """--skip-known: a file the store holds under the same URI and size is not read (so one
+    rewritten in place at the same size is missed: the cost of not reading); a resized one is
+    read, and a new one added, as without it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in demo_photos[:3]:
+        shutil.copy(p, src / p.name)
+    source = str(src)
+    if listing == "list file":
+        (tmp_path / "list.txt").write_text("\n".join(f"src/{p.name}" for p in demo_photos[:4]))
+        source = str(tmp_path / "list.txt")
+    store = Store.create(tmp_path / "store")
+    ingest(str(src), store, shard_size=2)
+    same_size = bytearray((src / demo_photos[0].name).read_bytes())
+    same_size[-3] ^= 0x01  # (inside the JPEG's last bytes: same size, other content)
+    (src / demo_photos[0].name).write_bytes(bytes(same_size))
+    (src / demo_photos[1].name).write_bytes(demo_photos[3].read_bytes())  # other size
+    shutil.copy(demo_photos[3], src / demo_photos[3].name)  # new
+    report = ingest(source, store, shard_size=2, skip_known=True)
+    assert (report.listed, report.unchanged, report.added, report.duplicates) == (4, 2, 1, 1)
+    # without it the same-size rewrite is read: new content, a new image
+    report = ingest(source, store, shard_size=2)
+    assert (report.added, report.unchanged) == (1, 3)
+
+
 def test_dedupe_lookup_confirms_on_the_full_sha256():
     """The dedupe looks sha256s up by their last 8 bytes: rows sharing those (a collision,
     made here) are told apart on the full string, whatever the table's chunking."""

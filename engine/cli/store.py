@@ -37,6 +37,14 @@ def ingest(
     ],
     store: Annotated[Path, typer.Option(help="store folder (created if new)")],
     shard_size: Annotated[int, typer.Option(help="images per new shard")] = 1000,
+    skip_known: Annotated[
+        bool,
+        typer.Option(
+            help="don't read files the store holds under the same URI with the same size (a "
+            "re-ingest of a source that only grew; a file rewritten in place at the same size is "
+            "missed); default: read and hash every file, content decides"
+        ),
+    ] = False,
 ) -> None:
     """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
     from sharding.manifest import ingest as run_ingest
@@ -45,7 +53,7 @@ def ingest(
     if shard_size < 1:
         fail(f"--shard-size {shard_size} is invalid: use a positive number of images per shard")
     try:
-        report = run_ingest(source, Store.create(store), shard_size=shard_size)
+        report = run_ingest(source, Store.create(store), shard_size=shard_size, skip_known=skip_known)
     except ValueError as err:
         fail(str(err))
     typer.echo(report.summary())
