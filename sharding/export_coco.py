@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.atomic import atomic_path, atomic_write_bytes
+from engine.atomic import atomic_path
 from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record
 from sharding.store import Store, utc_now
@@ -37,23 +37,35 @@ def export_coco(
     round_: int | None = None,
     short_side: int = RELEASE_SHORT_SIDE,
 ) -> dict[str, Any]:
-    """Write one COCO instances JSON of (stage, round) (default: latest completed). Returns counts."""
+    """Write one COCO instances JSON of (stage, round) (default: latest completed). Returns counts.
+
+    Streamed a shard at a time: annotations are written as they are read (the image entries,
+    small, are kept and written after them: COCO readers take the keys in any order), so memory
+    holds one shard's records, not the whole JSON (SA-1B's 1.1B masks are terabytes of it)."""
     stage, round_ = resolve_annotation_source(store, stage, round_)
-    images, annotations = [], []
-    for shard, record in completed(store, stage, round_).items():
-        for image_id, rec in sorted(shard_records(store, stage, round_, shard, record).items()):
-            rec = rescale_record(rec, *release_size(rec.image.width, rec.image.height, short_side))
-            images.append(
-                {
-                    "id": image_id,
-                    "file_name": rec.image.file_name,
-                    "width": rec.image.width,
-                    "height": rec.image.height,
-                }
-            )
-            for m in rec.annotations:
-                annotations.append(
+    info = {
+        "description": f"sa-engine export of {stage} round {round_}",
+        "date_created": utc_now(),
+        "version": "1",
+    }
+    images: list[dict[str, Any]] = []
+    annotations = 0
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        head = json.dumps({"info": info, "licenses": [], "categories": [CATEGORY]})
+        out.write(head[:-1] + ', "annotations": [')
+        for shard, record in completed(store, stage, round_).items():
+            for image_id, rec in sorted(shard_records(store, stage, round_, shard, record).items()):
+                rec = rescale_record(rec, *release_size(rec.image.width, rec.image.height, short_side))
+                images.append(
                     {
+                        "id": image_id,
+                        "file_name": rec.image.file_name,
+                        "width": rec.image.width,
+                        "height": rec.image.height,
+                    }
+                )
+                for m in rec.annotations:
+                    annotation = {
                         "id": m.id,
                         "image_id": image_id,
                         "category_id": CATEGORY["id"],
@@ -64,20 +76,10 @@ def export_coco(
                         "predicted_iou": m.predicted_iou,
                         "stability_score": m.stability_score,
                     }
-                )
-    coco = {
-        "info": {
-            "description": f"sa-engine export of {stage} round {round_}",
-            "date_created": utc_now(),
-            "version": "1",
-        },
-        "licenses": [],
-        "categories": [CATEGORY],
-        "images": images,
-        "annotations": annotations,
-    }
-    atomic_write_bytes(out_path, json.dumps(coco).encode("utf-8"))
-    return {"stage": stage, "round": round_, "images": len(images), "annotations": len(annotations)}
+                    out.write(("," if annotations else "") + json.dumps(annotation))
+                    annotations += 1
+        out.write('], "images": ' + json.dumps(images) + "}")
+    return {"stage": stage, "round": round_, "images": len(images), "annotations": annotations}
 
 
 def export_parquet(
