@@ -52,16 +52,16 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
             sizes = {fs.unstrip_protocol(p): int(info["size"]) for p, info in files.items()}
     elif fs.isdir(path):
         uris, ignored = [], []
-        found = fs.find(path, detail=True)
         sizes = {} if with_sizes else None
-        for p, info in found.items():
-            name = p.rsplit("/", 1)[-1]
-            if name.startswith("."):
-                continue
-            uri = fs.unstrip_protocol(p)
-            (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(uri)
-            if sizes is not None:
-                sizes[uri] = int(info["size"])
+        # a folder at a time (walk): the details of one folder's files, never of all of them
+        for folder, _, files in fs.walk(path, detail=with_sizes):
+            for name in files:
+                if name.startswith("."):
+                    continue
+                uri = fs.unstrip_protocol(f"{folder.rstrip('/')}/{name}")
+                (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(uri)
+                if sizes is not None:
+                    sizes[uri] = int(files[name]["size"])
     elif fs.isfile(path):
         if path.lower().endswith(LIST_EXTENSIONS):
             uris, ignored = _read_list(fs, path), []
