@@ -30,6 +30,7 @@ from sharding.store import Store, utc_now
 
 DEFAULT_SHARD_SIZE = 1000
 _ROW_GROUP = 16  # images per Parquet row group: readers stream a shard 16 images at a time
+_MANIFEST_GROUP = 65536  # manifest rows an ingest holds before writing them out
 
 
 @dataclass
@@ -58,25 +59,27 @@ class IngestReport:
         return text
 
 
-class _ShardWriter:
-    """Streams one shard's rows into a temporary Parquet file and renames it when closed."""
+class _TableWriter:
+    """Streams rows into a temporary Parquet file, `group` rows a row group, and renames it onto
+    `path` when closed (a shard, or an ingest's manifest part: its commit)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, group: int) -> None:
         self._stack = contextlib.ExitStack()
         self._tmp = tmp = self._stack.enter_context(atomic_path(path))
-        self._writer = pq.ParquetWriter(tmp, tables.SHARD)
+        self._schema, self._group = schema, group
+        self._writer = pq.ParquetWriter(tmp, schema)
         self._rows: list[dict[str, Any]] = []
         self.count = 0
 
     def add(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
         self.count += 1
-        if len(self._rows) >= _ROW_GROUP:
+        if len(self._rows) >= self._group:
             self._flush()
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=tables.SHARD))
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
             self._rows = []
 
     def close(self) -> None:
@@ -86,7 +89,7 @@ class _ShardWriter:
 
     def abort(self) -> None:
         self._writer.close()
-        self._stack.pop_all()  # drop the rename: the shard stays unwritten
+        self._stack.pop_all()  # drop the rename: the file stays unwritten
         self._tmp.unlink(missing_ok=True)
 
 
@@ -129,10 +132,14 @@ def ingest(
     next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
     batch = len(list((store.root / "manifest").glob("part-*.parquet"))) + 1
 
-    new_rows: list[dict[str, Any]] = []
+    part = f"{batch:06d}"
+    # the new images' manifest rows go to disk as they come (a first ingest of SA-1B's 11M
+    # would otherwise hold 11M rows); the part is renamed into place last: the commit
+    new_rows = _TableWriter(store.root / "manifest" / f"part-{part}.parquet", tables.MANIFEST, _MANIFEST_GROUP)
     dup_rows: list[dict[str, Any]] = []
     q_rows: list[dict[str, Any]] = []
-    writer: _ShardWriter | None = None
+    writer: _TableWriter | None = None
+    committed = False
     try:
         for i, uri in enumerate(listing.uris):
             if unread is not None and unread[i]:
@@ -170,7 +177,7 @@ def ingest(
             del rgb
             if writer is None:
                 shard = f"shard-{next_shard:06d}"
-                writer = _ShardWriter(store.shard_path(shard))
+                writer = _TableWriter(store.shard_path(shard), tables.SHARD, _ROW_GROUP)
                 report.shards_added.append(shard)
             known.added[sha] = (next_id, uri)
             writer.add(
@@ -183,7 +190,7 @@ def ingest(
                     "data": data,
                 }
             )
-            new_rows.append(
+            new_rows.add(
                 {
                     "image_id": next_id,
                     "source": uri,
@@ -203,24 +210,24 @@ def ingest(
         if writer is not None:
             writer.close()
             writer = None
+        report.added, report.duplicates, report.quarantined = new_rows.count, len(dup_rows), len(q_rows)
+        for q in q_rows:
+            report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
+        if new_rows.count or dup_rows or q_rows:
+            _write_table(
+                store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
+            )
+            _write_table(
+                store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE
+            )
+            new_rows.close()  # commit
+            committed = True
     finally:
         if writer is not None:
             writer.abort()
-
-    report.added, report.duplicates, report.quarantined = len(new_rows), len(dup_rows), len(q_rows)
-    for q in q_rows:
-        report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
-    if new_rows or dup_rows or q_rows:
-        part = f"{batch:06d}"
-        _write_table(
-            store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
-        )
-        _write_table(
-            store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE
-        )
-        _write_table(
-            store.root / "manifest" / f"part-{part}.parquet", new_rows, tables.MANIFEST
-        )  # commit
+        if not committed:
+            new_rows.abort()
+    if committed:
         store.write_run_record(
             "ingest",
             {
