@@ -55,7 +55,8 @@ def export_coco(
         out.write(head[:-1] + ', "annotations": [')
         for shard, record in completed(store, stage, round_).items():
             for image_id, rec in sorted(shard_records(store, stage, round_, shard, record).items()):
-                rec = rescale_record(rec, *release_size(rec.image.width, rec.image.height, short_side))
+                size = release_size(rec.image.width, rec.image.height, short_side)
+                rec = rescale_record(rec, *size)
                 images.append(
                     {
                         "id": image_id,

@@ -135,7 +135,9 @@ def ingest(
     part = f"{batch:06d}"
     # the new images' manifest rows go to disk as they come (a first ingest of SA-1B's 11M
     # would otherwise hold 11M rows); the part is renamed into place last: the commit
-    new_rows = _TableWriter(store.root / "manifest" / f"part-{part}.parquet", tables.MANIFEST, _MANIFEST_GROUP)
+    manifest_part = _TableWriter(
+        store.root / "manifest" / f"part-{part}.parquet", tables.MANIFEST, _MANIFEST_GROUP
+    )
     dup_rows: list[dict[str, Any]] = []
     q_rows: list[dict[str, Any]] = []
     writer: _TableWriter | None = None
@@ -190,7 +192,7 @@ def ingest(
                     "data": data,
                 }
             )
-            new_rows.add(
+            manifest_part.add(
                 {
                     "image_id": next_id,
                     "source": uri,
@@ -210,23 +212,24 @@ def ingest(
         if writer is not None:
             writer.close()
             writer = None
-        report.added, report.duplicates, report.quarantined = new_rows.count, len(dup_rows), len(q_rows)
+        report.added = manifest_part.count
+        report.duplicates, report.quarantined = len(dup_rows), len(q_rows)
         for q in q_rows:
             report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
-        if new_rows.count or dup_rows or q_rows:
+        if manifest_part.count or dup_rows or q_rows:
             _write_table(
                 store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
             )
             _write_table(
                 store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE
             )
-            new_rows.close()  # commit
+            manifest_part.close()  # commit
             committed = True
     finally:
         if writer is not None:
             writer.abort()
         if not committed:
-            new_rows.abort()
+            manifest_part.abort()
     if committed:
         store.write_run_record(
             "ingest",

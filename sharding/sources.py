@@ -23,7 +23,7 @@ class SourceListing:
 
     uris: list[str]
     ignored: list[str]
-    sizes: list[int] | None = None  # bytes of each of `uris`, where the listing gave them (asked for)
+    sizes: list[int] | None = None  # bytes of each of `uris`, where asked for and listed
 
 
 def list_source(source: str, with_sizes: bool = False) -> SourceListing:
