@@ -150,6 +150,10 @@ def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
     assert status == 400 and "no mask to accept" in reply["error"]
     status, reply = post("api/click", {"image_id": 999, "x": 1, "y": 1, "positive": True})
     assert status == 400 and "not in" in reply["error"]
+    status, reply = post("api/click", {"image_id": image_id, "x": 1, "positive": True})
+    assert status == 400 and reply["error"] == "/api/click: the request body has no 'y'"
+    status, reply = post("api/click", [image_id, 1, 1])
+    assert status == 400 and "the request body must be a JSON object" in reply["error"]
     status, reply = post("api/finish", {"image_id": image_id})
     assert status == 200 and reply["image_id"] is None  # the only image is done
     record = store.done_record("assisted", 0, store.shards()[0])

@@ -386,9 +386,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise TypeError
+        except (ValueError, TypeError):
+            message = f"{self.path}: the request body must be a JSON object, e.g. {{\"image_id\": 1}}"
+            return self._json({"error": message}, HTTPStatus.BAD_REQUEST)
+        try:
             with self.session.lock:
                 reply = action(self.session, body)
-        except (ValueError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            message = f"{self.path}: the request body has no {exc.args[0]!r}"
+            return self._json({"error": message}, HTTPStatus.BAD_REQUEST)
+        except (ValueError, TypeError) as exc:
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         self._json(reply)
 
