@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -93,11 +96,43 @@ class _TableWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class _Read:
+    """One listed file after the parallel step: its bytes and sha256 (data None: unreadable,
+    `error` says why), and, unless its content is already stored, the decode's verdict (`info`,
+    or `error`: an ImageLoadError)."""
+
+    data: bytes | None
+    sha: str = ""
+    info: Any = None
+    error: Exception | None = None
+
+
+def _read_in_order(uris: list[str], prepare, threads: int) -> Iterator[_Read]:
+    """`prepare(uri)` for every URI on `threads` threads, yielded in the URIs' order, with at most
+    a few files per thread in flight (their bytes are held until consumed). Reading, hashing
+    and JPEG/PNG decoding release the GIL, so the threads run on separate cores."""
+    if threads <= 1:
+        yield from map(prepare, uris)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="ingest") as pool:
+        pending: deque = deque()
+        todo = iter(uris)
+        for uri in itertools.islice(todo, 4 * threads):
+            pending.append(pool.submit(prepare, uri))
+        while pending:
+            done = pending.popleft().result()
+            for uri in itertools.islice(todo, 1):
+                pending.append(pool.submit(prepare, uri))
+            yield done
+
+
 def ingest(
     source: str | os.PathLike[str],
     store: Store,
     shard_size: int = DEFAULT_SHARD_SIZE,
     skip_known: bool = False,
+    threads: int | None = None,
 ) -> IngestReport:
     """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
 
@@ -110,6 +145,8 @@ def ingest(
         else asked per file): a re-ingest of a source that only grew reads only the new files.
         A file rewritten in place at the same size is then missed. False: every file is read
         and hashed; content decides.
+      threads (int | None): files read, hashed and decoded at once (None: one per CPU, at most
+        8); ids, shards and tables come out the same for any number.
     Returns:
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
     """
@@ -142,20 +179,38 @@ def ingest(
     q_rows: list[dict[str, Any]] = []
     writer: _TableWriter | None = None
     committed = False
+
+    def prepare(uri: str) -> _Read:
+        """The per-file work (on a thread): read, hash, and decode unless already stored."""
+        try:
+            data = read_source(uri)
+        except (OSError, ValueError) as exc:
+            return _Read(None, error=exc)
+        sha = hashlib.sha256(data).hexdigest()
+        if known.stored(sha) or (uri, sha) in quarantined_before:
+            return _Read(data, sha)
+        try:
+            rgb, info = load_image_with_info(
+                data, name=uri, max_pixels=store.max_pixels, min_side=store.min_side
+            )
+        except ImageLoadError as err:
+            return _Read(data, sha, error=err)
+        del rgb
+        return _Read(data, sha, info)
+
+    to_read = [u for i, u in enumerate(listing.uris) if unread is None or not unread[i]]
+    report.unchanged += len(listing.uris) - len(to_read)
+    threads = threads or min(8, os.cpu_count() or 1)
     try:
-        for i, uri in enumerate(listing.uris):
-            if unread is not None and unread[i]:
-                report.unchanged += 1
-                continue
-            try:
-                data = read_source(uri)
-            except (OSError, ValueError) as exc:
+        for uri, read in zip(to_read, _read_in_order(to_read, prepare, threads)):
+            if read.data is None:
+                exc = read.error
                 if (uri, "") not in quarantined_before:
                     q_rows.append(
                         _quarantine(uri, "", "unreadable", f"{type(exc).__name__}: {exc}")
                     )
                 continue
-            sha = hashlib.sha256(data).hexdigest()
+            data, sha = read.data, read.sha
             kept = known.kept(sha)
             if kept is not None:
                 if known.seen(uri, sha, kept):
@@ -169,14 +224,11 @@ def ingest(
             if (uri, sha) in quarantined_before:
                 report.unchanged += 1
                 continue
-            try:
-                rgb, info = load_image_with_info(
-                    data, name=uri, max_pixels=store.max_pixels, min_side=store.min_side
-                )
-            except ImageLoadError as err:
+            if read.error is not None:
+                err = read.error
                 q_rows.append(_quarantine(uri, sha, err.reason, f"{err.detail} ({err.fix})"))
                 continue
-            del rgb
+            info = read.info
             if writer is None:
                 shard = f"shard-{next_shard:06d}"
                 writer = _TableWriter(store.shard_path(shard), tables.SHARD, _ROW_GROUP)
@@ -286,15 +338,24 @@ class _KnownImages:
         )
 
     def kept(self, sha: str) -> tuple[int, str] | None:
-        """(image_id, source) of the stored image with this content, or None."""
+        """(image_id, source) of the stored or added image with this content, or None."""
         if sha in self.added:
             return self.added[sha]
+        row = self._row(sha)
+        return None if row is None else (self.ids[row].as_py(), self.sources[row].as_py())
+
+    def stored(self, sha: str) -> bool:
+        """Whether the manifest (before this ingest) holds this content; reads only what no
+        thread writes, so the ingest's reading threads may ask."""
+        return self._row(sha) is not None
+
+    def _row(self, sha: str) -> int | None:
         key = np.uint64(int(sha[48:], 16))
         first = int(np.searchsorted(self.keys, key, side="left"))
         last = int(np.searchsorted(self.keys, key, side="right"))
         for row in self.order[first:last].tolist():
             if self.shas[row].as_py() == sha:
-                return self.ids[row].as_py(), self.sources[row].as_py()
+                return row
         return None
 
     def seen(self, uri: str, sha: str, kept: tuple[int, str]) -> bool:

@@ -153,9 +153,18 @@ def test_dedupe_lookup_confirms_on_the_full_sha256():
 
 
 def test_two_stores_from_one_source_are_identical(tmp_path):
-    synthetic_photos(tmp_path / "src", 7)
-    for name in ("a", "b"):
-        ingest(str(tmp_path / "src"), Store.create(tmp_path / name), shard_size=3)
+    """Whatever the number of reading threads: a copy, an unreadable file and a broken image
+    among them land the same way."""
+    photos = synthetic_photos(tmp_path / "src", 7)
+    (tmp_path / "src" / "img_copy.jpg").write_bytes(photos[2].read_bytes())
+    (tmp_path / "src" / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "src" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    reports = [
+        ingest(str(tmp_path / "src"), Store.create(tmp_path / name), shard_size=3, threads=threads)
+        for name, threads in (("a", 1), ("b", 4))
+    ]
+    assert reports[0] == reports[1] and (reports[0].added, reports[0].duplicates) == (7, 1)
+    assert reports[0].quarantined == 2
     files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert files_a.keys() == files_b.keys()
     assert all(files_a[k] == files_b[k] for k in files_a if k.endswith(".parquet"))

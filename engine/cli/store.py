@@ -45,6 +45,10 @@ def ingest(
             "missed); default: read and hash every file, content decides"
         ),
     ] = False,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(help="files read, hashed and decoded at once (default: one per CPU, at most 8)"),
+    ] = None,
 ) -> None:
     """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
     from sharding.manifest import ingest as run_ingest
@@ -52,8 +56,12 @@ def ingest(
 
     if shard_size < 1:
         fail(f"--shard-size {shard_size} is invalid: use a positive number of images per shard")
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads} is invalid: use a positive number (1: no reading threads)")
     try:
-        report = run_ingest(source, Store.create(store), shard_size=shard_size, skip_known=skip_known)
+        report = run_ingest(
+            source, Store.create(store), shard_size=shard_size, skip_known=skip_known, threads=threads
+        )
     except ValueError as err:
         fail(str(err))
     typer.echo(report.summary())
