@@ -245,8 +245,9 @@ def run_stage(
     started, t0 = utc_now(), time.perf_counter()
     report = RunReport(stage, round_)
     todo = pending_shards(store, stage, round_)
+    if shards is not None:
+        store.check_shards(shards)
     wanted = store.shards() if shards is None else shards
-    store.check_shards(wanted)
     record_path = (
         store.root
         / "runs"

@@ -97,8 +97,9 @@ def run_pipeline(
 
     check_stage(spec.name, round_)
     started, t0 = utc_now(), time.perf_counter()
+    if shards is not None:
+        store.check_shards(shards)
     wanted = store.shards() if shards is None else list(shards)
-    store.check_shards(wanted)
     pending = set(
         spec.pending(store, round_) if spec.pending else pending_shards(store, spec.name, round_)
     )

@@ -66,7 +66,8 @@ def run_spec(
     from stages.pipeline import run_pipeline
 
     try:
-        store.check_shards(shards or [])  # (before Ray starts)
+        if shards:
+            store.check_shards(shards)  # (before Ray starts)
         with ray_session(ray_cfg, store) as where:
             typer.echo(f"{spec.name} round {round_} on {where}", err=True)
             record = run_pipeline(
