@@ -1,7 +1,8 @@
 """Shard store throughput: ingest, the shard runner against a bare loop, SA-1B export and verify.
 
 Prints measured figures; run with `make bench` or `.venv/bin/python bench/bench_store.py [N]`.
-Synthetic 1600x1200 JPEGs (so the 1500 px release resize really happens), shard size 50.
+Synthetic 1600x1200 JPEGs (so the 1500 px release resize really happens), shard size 50. The
+ingest runs in this process (threads) and on an embedded local Ray (`ingest --ray`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +48,31 @@ def _blur(row, rgb):
     return StageResult(image=buf.tobytes())
 
 
+def _ray_ingest(tmp: Path, count: int, local: Store) -> None:
+    """The same ingest on an embedded local Ray (`ingest --ray`): its start, then the ingest
+    (two passes over the files: scan, then shard writing), checked equal to the local one."""
+    from stages.cluster import ray_session
+    from stages.config import RayConfig
+    from stages.ingest import RayIngest
+
+    t = time.perf_counter()
+    with ray_session(RayConfig()) as where:
+        start = time.perf_counter() - t
+        store = Store.create(tmp / "store-ray")
+        t = time.perf_counter()
+        ingest(str(tmp / "src"), store, shard_size=50, cluster=RayIngest())
+        dt = time.perf_counter() - t
+    same = all(
+        store.manifest().equals(local.manifest()) and pq.read_table(store.shard_path(s)).equals(
+            pq.read_table(local.shard_path(s)))
+        for s in local.shards()
+    )  # fmt: skip
+    print(
+        f"ingest on Ray ({where}; start {start:.1f} s): {dt:.2f} s, {count / dt:.1f} images/s, "
+        f"tables {'identical to' if same else 'DIFFERENT from'} the local ingest's"
+    )
+
+
 def main(count: int = 100) -> None:
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +88,7 @@ def main(count: int = 100) -> None:
         t = time.perf_counter()
         again = ingest(str(tmp / "src"), store, shard_size=50)
         print(f"re-ingest (no change): {time.perf_counter() - t:.2f} s, added {again.added}")
+        _ray_ingest(tmp, count, store)
 
         rows = [row for shard in store.shards() for row in store.iter_shard(shard)]
         t = time.perf_counter()

@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
-from engine.image_io import ImageLoadError, load_image_with_info
+from engine.image_io import ImageInfo, ImageLoadError, load_image_with_info
 from sharding import tables
 from sharding.sources import SourceListing, list_source, read_source, source_size
 from sharding.store import Store, utc_now
@@ -34,6 +34,35 @@ from sharding.store import Store, utc_now
 DEFAULT_SHARD_SIZE = 1000
 _ROW_GROUP = 16  # images per Parquet row group: readers stream a shard 16 images at a time
 _MANIFEST_GROUP = 65536  # manifest rows an ingest holds before writing them out
+
+
+@dataclass
+class IngestConfig:
+    """The `ingest:` config block: see `ingest` for the first three, `stages.ingest.RayIngest`
+    for chunk and cpus; ray: run the per-file work and the shard writing on Ray."""
+
+    shard_size: int = DEFAULT_SHARD_SIZE
+    skip_known: bool = False
+    threads: int | None = None
+    ray: bool = False
+    chunk: int = 64
+    cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(
+                f"ingest.shard_size={self.shard_size!r} is invalid: use a positive number of "
+                "images per shard"
+            )
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(
+                f"ingest.threads={self.threads!r} is invalid: use a positive number (1: no "
+                "reading threads) or null"
+            )
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"ingest.chunk={self.chunk!r} is invalid: use a positive number of files")
+        if not isinstance(self.cpus, (int, float)) or not self.cpus > 0:
+            raise ValueError(f"ingest.cpus={self.cpus!r} is invalid: use a value > 0")
 
 
 @dataclass
@@ -72,7 +101,13 @@ class _TableWriter:
         self._schema, self._group = schema, group
         self._writer = pq.ParquetWriter(tmp, schema)
         self._rows: list[dict[str, Any]] = []
+        self._sealed = False
         self.count = 0
+
+    @property
+    def tmp(self) -> Path:
+        """Where the rows are written until `close` renames the file into place."""
+        return self._tmp
 
     def add(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
@@ -85,46 +120,109 @@ class _TableWriter:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
             self._rows = []
 
+    def seal(self) -> None:
+        """Finish the file at `tmp`, readable there, without renaming it yet."""
+        if not self._sealed:
+            self._flush()
+            self._writer.close()
+            self._sealed = True
+
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
+        self.seal()
         self._stack.close()
 
     def abort(self) -> None:
-        self._writer.close()
+        if not self._sealed:
+            self._writer.close()
         self._stack.pop_all()  # drop the rename: the file stays unwritten
         self._tmp.unlink(missing_ok=True)
 
 
 @dataclass
-class _Read:
-    """One listed file after the parallel step: its bytes and sha256 (data None: unreadable,
-    `error` says why), and, unless its content is already stored, the decode's verdict (`info`,
-    or `error`: an ImageLoadError)."""
+class FileRead:
+    """One listed file after the per-file work (`FileCheck`): its sha256 ("" when unreadable) and
+    size, and, unless its content is already stored, the decode's verdict: `info`, or a
+    quarantine `reason` and `detail`. `data`: the bytes, when the check keeps them (the local
+    ingest writes shards from them; on Ray only this summary comes back)."""
 
-    data: bytes | None
     sha: str = ""
-    info: Any = None
-    error: Exception | None = None
+    size: int = 0
+    data: bytes | None = None
+    info: ImageInfo | None = None
+    reason: str = ""
+    detail: str = ""
+
+    @property
+    def decoded(self) -> bool:
+        return self.info is not None or bool(self.reason)
 
 
-def _read_in_order(uris: list[str], prepare, threads: int) -> Iterator[_Read]:
-    """`prepare(uri)` for every URI on `threads` threads, yielded in the URIs' order, with at most
+@dataclass
+class FileCheck:
+    """An ingest's per-file work (read, hash, and decode-validate unless the content is already
+    stored), picklable for Ray's workers: what it knows of the store is the stored sha256s' last
+    8 bytes (`_sha_keys`, sorted) and the (source, sha256) pairs quarantined before. A tail that
+    matches only by chance skips a decode the ingest then does itself (`_decode`)."""
+
+    max_pixels: int
+    min_side: int
+    stored_keys: np.ndarray
+    quarantined: frozenset = frozenset()
+    keep_bytes: bool = True
+
+    def __call__(self, uri: str) -> FileRead:
+        try:
+            data = read_source(uri)
+        except (OSError, ValueError) as exc:
+            return FileRead(reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
+        read = FileRead(hashlib.sha256(data).hexdigest(), len(data), data if self.keep_bytes else None)
+        key = np.uint64(int(read.sha[48:], 16))
+        at = int(np.searchsorted(self.stored_keys, key))
+        stored = at < len(self.stored_keys) and self.stored_keys[at] == key
+        if not stored and (uri, read.sha) not in self.quarantined:
+            _decode(uri, data, read, self.max_pixels, self.min_side)
+        return read
+
+
+def _decode(uri: str, data: bytes, read: FileRead, max_pixels: int, min_side: int) -> None:
+    """Decode-validate `data` into `read.info`, or its quarantine reason and detail."""
+    try:
+        rgb, read.info = load_image_with_info(data, name=uri, max_pixels=max_pixels, min_side=min_side)
+        del rgb
+    except ImageLoadError as err:
+        read.reason, read.detail = err.reason, f"{err.detail} ({err.fix})"
+
+
+def _read_in_order(uris: list[str], check, threads: int) -> Iterator[FileRead]:
+    """`check(uri)` for every URI on `threads` threads, yielded in the URIs' order, with at most
     a few files per thread in flight (their bytes are held until consumed). Reading, hashing
     and JPEG/PNG decoding release the GIL, so the threads run on separate cores."""
     if threads <= 1:
-        yield from map(prepare, uris)
+        yield from map(check, uris)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="ingest") as pool:
         pending: deque = deque()
         todo = iter(uris)
         for uri in itertools.islice(todo, 4 * threads):
-            pending.append(pool.submit(prepare, uri))
+            pending.append(pool.submit(check, uri))
         while pending:
             done = pending.popleft().result()
             for uri in itertools.islice(todo, 1):
-                pending.append(pool.submit(prepare, uri))
+                pending.append(pool.submit(check, uri))
             yield done
+
+
+class IngestCluster(Protocol):
+    """Where an ingest's per-file work and its shard writing run instead of this process's
+    threads (`stages.ingest.RayIngest`: a Ray cluster, each file read where a task runs)."""
+
+    def scan(self, uris: list[str], check: FileCheck) -> Iterator[FileRead]:
+        """`check(uri)` of every URI, yielded in the URIs' order."""
+        ...
+
+    def write_shards(self, store: Store, plan: Path, shards: list[str]) -> None:
+        """`write_planned_shard(store, plan, shard)` for every shard."""
+        ...
 
 
 def ingest(
@@ -133,6 +231,7 @@ def ingest(
     shard_size: int = DEFAULT_SHARD_SIZE,
     skip_known: bool = False,
     threads: int | None = None,
+    cluster: IngestCluster | None = None,
 ) -> IngestReport:
     """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
 
@@ -147,6 +246,10 @@ def ingest(
         and hashed; content decides.
       threads (int | None): files read, hashed and decoded at once (None: one per CPU, at most
         8); ids, shards and tables come out the same for any number.
+      cluster (IngestCluster | None): run the per-file work and the shard writing there (files
+        are read twice: once to hash and validate, once to write their shard, checked against
+        the first hash); this process only lists, numbers and commits. Ids, shards and tables
+        come out the same as without.
     Returns:
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
     """
@@ -161,8 +264,11 @@ def ingest(
     unread = _same_uri_and_size(listing, manifest) if skip_known else None
     known = _KnownImages(manifest, store.duplicates())
     old_q = store.ingest_quarantine()
-    quarantined_before = set(
+    quarantined_before = frozenset(
         zip(old_q.column("source").to_pylist(), old_q.column("sha256").to_pylist())
+    )
+    check = FileCheck(
+        store.max_pixels, store.min_side, known.keys, quarantined_before, keep_bytes=cluster is None
     )
     next_id = (pc.max(manifest.column("image_id")).as_py() or 0) + 1
     shard_names = store.shards()
@@ -177,40 +283,23 @@ def ingest(
     )
     dup_rows: list[dict[str, Any]] = []
     q_rows: list[dict[str, Any]] = []
-    writer: _TableWriter | None = None
+    writer: _TableWriter | None = None  # the shard being written here (no cluster)
+    in_shard = 0
     committed = False
-
-    def prepare(uri: str) -> _Read:
-        """The per-file work (on a thread): read, hash, and decode unless already stored."""
-        try:
-            data = read_source(uri)
-        except (OSError, ValueError) as exc:
-            return _Read(None, error=exc)
-        sha = hashlib.sha256(data).hexdigest()
-        if known.stored(sha) or (uri, sha) in quarantined_before:
-            return _Read(data, sha)
-        try:
-            rgb, info = load_image_with_info(
-                data, name=uri, max_pixels=store.max_pixels, min_side=store.min_side
-            )
-        except ImageLoadError as err:
-            return _Read(data, sha, error=err)
-        del rgb
-        return _Read(data, sha, info)
 
     to_read = [u for i, u in enumerate(listing.uris) if unread is None or not unread[i]]
     report.unchanged += len(listing.uris) - len(to_read)
-    threads = threads or min(8, os.cpu_count() or 1)
+    if cluster is not None:
+        reads = cluster.scan(to_read, check)
+    else:
+        reads = _read_in_order(to_read, check, threads or min(8, os.cpu_count() or 1))
     try:
-        for uri, read in zip(to_read, _read_in_order(to_read, prepare, threads)):
-            if read.data is None:
-                exc = read.error
+        for uri, read in zip(to_read, reads):
+            if not read.sha:
                 if (uri, "") not in quarantined_before:
-                    q_rows.append(
-                        _quarantine(uri, "", "unreadable", f"{type(exc).__name__}: {exc}")
-                    )
+                    q_rows.append(_quarantine(uri, "", read.reason, read.detail))
                 continue
-            data, sha = read.data, read.sha
+            sha = read.sha
             kept = known.kept(sha)
             if kept is not None:
                 if known.seen(uri, sha, kept):
@@ -224,43 +313,39 @@ def ingest(
             if (uri, sha) in quarantined_before:
                 report.unchanged += 1
                 continue
-            if read.error is not None:
-                err = read.error
-                q_rows.append(_quarantine(uri, sha, err.reason, f"{err.detail} ({err.fix})"))
+            if not read.decoded:  # its sha256's tail matched a stored one's by chance
+                _decode(uri, read.data or read_source(uri), read, store.max_pixels, store.min_side)
+            if read.reason:
+                q_rows.append(_quarantine(uri, sha, read.reason, read.detail))
                 continue
             info = read.info
-            if writer is None:
-                shard = f"shard-{next_shard:06d}"
-                writer = _TableWriter(store.shard_path(shard), tables.SHARD, _ROW_GROUP)
-                report.shards_added.append(shard)
+            if in_shard == 0:
+                report.shards_added.append(f"shard-{next_shard:06d}")
+                if cluster is None:
+                    writer = _TableWriter(
+                        store.shard_path(report.shards_added[-1]), tables.SHARD, _ROW_GROUP
+                    )
             known.added[sha] = (next_id, uri)
-            writer.add(
-                {
-                    "image_id": next_id,
-                    "source": uri,
-                    "sha256": sha,
-                    "width": info.width,
-                    "height": info.height,
-                    "data": data,
-                }
-            )
+            row = {"image_id": next_id, "source": uri, "sha256": sha, "width": info.width,
+                   "height": info.height}  # fmt: skip
+            if writer is not None:
+                writer.add({**row, "data": read.data})
             manifest_part.add(
                 {
-                    "image_id": next_id,
-                    "source": uri,
-                    "bytes": len(data),
-                    "sha256": sha,
-                    "width": info.width,
-                    "height": info.height,
+                    **row,
+                    "bytes": read.size,
                     "shard": report.shards_added[-1],
                     "original_mode": info.original_mode,
                     "exif_rotated": info.exif_rotated,
                 }
             )
             next_id += 1
-            if writer.count >= shard_size:
-                writer.close()
-                writer, next_shard = None, next_shard + 1
+            in_shard += 1
+            if in_shard >= shard_size:
+                if writer is not None:
+                    writer.close()
+                    writer = None
+                in_shard, next_shard = 0, next_shard + 1
         if writer is not None:
             writer.close()
             writer = None
@@ -269,6 +354,9 @@ def ingest(
         for q in q_rows:
             report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
         if manifest_part.count or dup_rows or q_rows:
+            if cluster is not None and report.shards_added:
+                manifest_part.seal()  # the shards' plan: each task reads its shard's rows
+                cluster.write_shards(store, manifest_part.tmp, report.shards_added)
             _write_table(
                 store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
             )
@@ -290,10 +378,43 @@ def ingest(
                 "finished_at": utc_now(),
                 "batch": batch,
                 "shard_size": shard_size,
+                "on": "local threads" if cluster is None else "cluster",
                 **report.__dict__,
             },
         )
     return report
+
+
+def write_planned_shard(store: Store, plan: Path, shard: str) -> int:
+    """Write `shard` from its rows of an ingest's sealed manifest part `plan`, re-reading each
+    source (a cluster ingest's second pass, run where a task runs); returns its image count.
+
+    Raises ValueError naming a source that is gone or changed since it was hashed: the ingest
+    then commits nothing, and a re-run hashes it anew."""
+    columns = ["image_id", "source", "sha256", "width", "height"]
+    rows = pq.read_table(plan, columns=columns, filters=[("shard", "=", shard)]).to_pylist()
+    writer = _TableWriter(store.shard_path(shard), tables.SHARD, _ROW_GROUP)
+    try:
+        for row in rows:
+            uri = row["source"]
+            try:
+                data = read_source(uri)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"{uri} can no longer be read ({type(exc).__name__}: {exc}) after this ingest "
+                    "hashed it: nothing was committed; re-run the ingest"
+                ) from exc
+            if hashlib.sha256(data).hexdigest() != row["sha256"]:
+                raise ValueError(
+                    f"{uri} changed while it was ingested (its sha256 differs from the one hashed "
+                    "first): nothing was committed; re-run the ingest once the source is still"
+                )
+            writer.add({**row, "data": data})
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return len(rows)
 
 
 def _same_uri_and_size(listing: SourceListing, manifest: pa.Table) -> np.ndarray:
@@ -343,11 +464,6 @@ class _KnownImages:
             return self.added[sha]
         row = self._row(sha)
         return None if row is None else (self.ids[row].as_py(), self.sources[row].as_py())
-
-    def stored(self, sha: str) -> bool:
-        """Whether the manifest (before this ingest) holds this content; reads only what no
-        thread writes, so the ingest's reading threads may ask."""
-        return self._row(sha) is not None
 
     def _row(self, sha: str) -> int | None:
         key = np.uint64(int(sha[48:], 16))

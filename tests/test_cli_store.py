@@ -83,7 +83,7 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
         ),
         (
             ["ingest", "{demo}", "--store", "{tmp}/s", "--shard-size", "0"],
-            "--shard-size 0 is invalid",
+            "ingest.shard_size=0 is invalid",
         ),
         (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
         (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),

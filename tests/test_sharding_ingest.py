@@ -259,3 +259,36 @@ def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
     clean_files, killed_files = _files(tmp_path / "clean"), _files(tmp_path / "killed")
     del clean_files["store.json"], killed_files["store.json"]  # differ only in creation time
     assert killed_files == clean_files
+
+
+def test_a_new_image_whose_sha256_tail_matches_a_stored_one_is_still_validated(
+    tmp_path, demo_photos, monkeypatch
+):
+    """The per-file check skips the decode of content whose sha256's last 8 bytes a stored image
+    shares; when the full sha256 then differs (a chance match, forced here), the ingest decodes it
+    itself: the new image gets its id and size like any other."""
+    import numpy as np
+
+    import sharding.manifest as manifest
+
+    first, second = demo_photos[:2]
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(first, src / first.name)
+    store = Store.create(tmp_path / "store")
+    ingest(str(src), store)
+    shutil.copy(second, src / second.name)
+    tail = np.uint64(int(hashlib.sha256(second.read_bytes()).hexdigest()[48:], 16))
+    check = manifest.FileCheck
+
+    def colliding(max_pixels, min_side, keys, *rest, **kw):
+        return check(max_pixels, min_side, np.sort(np.append(keys, tail)), *rest, **kw)
+
+    monkeypatch.setattr(manifest, "FileCheck", colliding)
+    assert not colliding(1 << 30, 1, np.zeros(0, np.uint64))(str(src / second.name)).decoded
+    report = ingest(str(src), store)
+    assert (report.added, report.unchanged) == (1, 1)
+    reference = Store.create(tmp_path / "reference")
+    ingest(str(second), reference)
+    columns = ["sha256", "width", "height", "original_mode", "exif_rotated", "bytes"]
+    assert store.manifest().select(columns).slice(1).equals(reference.manifest().select(columns))

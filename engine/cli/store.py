@@ -35,34 +35,73 @@ def ingest(
         str,
         typer.Argument(help="folder, glob, list file (.txt) or URI (file://, s3://, memory://)"),
     ],
-    store: Annotated[Path, typer.Option(help="store folder (created if new)")],
-    shard_size: Annotated[int, typer.Option(help="images per new shard")] = 1000,
+    store: Annotated[Path, typer.Option(help="store folder (created if new; on a cluster: shared storage)")],
+    config: Annotated[str, typer.Option(help="config name in configs/ or a YAML path (its ingest: block)")] = "sa1b",
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="block.key=value override, e.g. ingest.chunk=256 (repeatable)"),
+    ] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="ingest.shard_size: images per new shard")] = None,
     skip_known: Annotated[
-        bool,
+        Optional[bool],
         typer.Option(
-            help="don't read files the store holds under the same URI with the same size (a "
-            "re-ingest of a source that only grew; a file rewritten in place at the same size is "
-            "missed); default: read and hash every file, content decides"
+            "--skip-known/--read-all",
+            help="ingest.skip_known: don't read files the store holds under the same URI with the "
+            "same size (a re-ingest of a source that only grew; a file rewritten in place at the "
+            "same size is missed); --read-all (default): read and hash every file, content decides",
         ),
-    ] = False,
+    ] = None,
     threads: Annotated[
         Optional[int],
-        typer.Option(help="files read, hashed and decoded at once (default: one per CPU, at most 8)"),
+        typer.Option(help="ingest.threads: files read, hashed and decoded at once here (default: one per CPU, at most 8)"),
+    ] = None,
+    ray: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ray/--local",
+            help="ingest.ray: read, hash, validate and write shards as Ray tasks (on --address / "
+            "RAY_ADDRESS, else an embedded local Ray); --local (default): threads in this process",
+        ),
+    ] = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="ray.address: ingest on this Ray cluster (implies --ray)"),
     ] = None,
 ) -> None:
     """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
+    from engine.cli.config import load_config, section
+    from sharding.manifest import IngestConfig
     from sharding.manifest import ingest as run_ingest
     from sharding.store import Store
+    from stages.config import RayConfig
 
-    if shard_size < 1:
-        fail(f"--shard-size {shard_size} is invalid: use a positive number of images per shard")
-    if threads is not None and threads < 1:
-        fail(f"--threads {threads} is invalid: use a positive number (1: no reading threads)")
+    overrides = list(set_ or [])
+    for key, value in (("shard_size", shard_size), ("skip_known", skip_known), ("threads", threads), ("ray", ray)):
+        if value is not None:
+            overrides.append(f"ingest.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if address:
+        overrides += [f"ray.address={address}", "ingest.ray=true"]
     try:
-        report = run_ingest(
-            source, Store.create(store), shard_size=shard_size, skip_known=skip_known, threads=threads
-        )
+        cfg = load_config(config, overrides)
+        ingest_cfg = section(cfg, "ingest", IngestConfig)
+        ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
+        fail(str(err))
+    kwargs = dict(shard_size=ingest_cfg.shard_size, skip_known=ingest_cfg.skip_known, threads=ingest_cfg.threads)
+    try:
+        if ingest_cfg.ray:
+            from stages.cluster import ray_session
+            from stages.ingest import RayIngest
+
+            target = Store.create(store)
+            with ray_session(ray_cfg) as where:
+                typer.echo(f"ingest on {where}", err=True)
+                report = run_ingest(
+                    source, target, cluster=RayIngest(ingest_cfg.chunk, ingest_cfg.cpus), **kwargs
+                )
+        else:
+            report = run_ingest(source, Store.create(store), **kwargs)
+    except (ValueError, RuntimeError) as err:
         fail(str(err))
     typer.echo(report.summary())
     if report.quarantined:
