@@ -1,6 +1,7 @@
 """Fault tolerance for real: a local two-node Ray cluster on loopback loses its worker node in the
 middle of `sa-engine run`, and every shard is still committed exactly once, with nothing lost and
-no annotation twice (the same tables as the single-process runner gives)."""
+no annotation twice (the same tables as the single-process runner gives); and an ingest on the
+cluster loses it while scanning files, and still writes the local ingest's store."""
 
 import json
 import subprocess
@@ -82,3 +83,49 @@ def test_worker_node_killed_mid_run(tmp_path, cluster):
         assert table.equals(reference.read_annotations("classical", 0, shard))
     assert record["images"] == SHARDS * PER_SHARD
     print(output[-2000:], json.dumps(record["failures"])[:1000])
+
+
+def _running(cluster, name: str, task: bytes) -> bool:
+    """Whether a process of node `name` is running the Ray task named `task` now."""
+    for pid in cluster.pids(name):
+        try:
+            if task in open(f"/proc/{pid}/cmdline", "rb").read():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_ingest(tmp_path, cluster):
+    """`sa-engine ingest --address` loses the worker node while it scans files: Ray reruns the
+    lost tasks and the store is the local ingest's, byte for byte."""
+    photos = synthetic_photos(tmp_path / "photos", 96, size=(1600, 1200), seed=5)
+    reference = Store.create(tmp_path / "reference")
+    ingest(str(photos[0].parent), reference, shard_size=PER_SHARD)
+
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "engine.cli", "ingest", str(photos[0].parent), "--store", str(store)]
+    cmd += ["--address", cluster.address, "--shard-size", str(PER_SHARD), "--set", "ingest.chunk=2"]
+    log = (tmp_path / "ingest.log").open("w")
+    driver = subprocess.Popen(cmd, env=node_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not _running(cluster, "worker", b"_scan_batch"):
+            assert driver.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no scan task ran on the worker node in 90 s"
+            time.sleep(0.05)
+        assert cluster.kill_node("worker") > 0
+        assert driver.poll() is None, "the ingest ended before the node was killed"
+        assert driver.wait(timeout=180) == 0, (tmp_path / "ingest.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = (tmp_path / "ingest.log").read_text()
+    assert "listed 96 files: 96 added in 24 new shards" in output, output[-3000:]
+    tables = lambda root: {  # noqa: E731
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.parquet"))
+        if not p.name.startswith(".")
+    }  # fmt: skip
+    assert tables(store) == tables(reference.root)
+    print(output[-3000:])
