@@ -85,6 +85,15 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
             ["ingest", "{demo}", "--store", "{tmp}/s", "--shard-size", "0"],
             "ingest.shard_size=0 is invalid",
         ),
+        (["ingest", "{demo}", "--store", "{tmp}/s", "--threads", "0"], "ingest.threads=0 is invalid"),
+        (
+            ["ingest", "{demo}", "--store", "{tmp}/s", "--set", "ingest.chunk=0"],
+            "ingest.chunk=0 is invalid: use a positive number of files",
+        ),
+        (
+            ["ingest", "{demo}", "--store", "{tmp}/s", "--set", "ingest.chunks=8"],
+            "config block 'ingest' has unknown keys ['chunks']",
+        ),
         (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
         (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),
         (["verify", "{tmp}/none"], "does not exist: pass the --out folder"),
