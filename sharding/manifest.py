@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,8 @@ _MANIFEST_GROUP = 65536  # manifest rows an ingest holds before writing them out
 @dataclass
 class IngestConfig:
     """The `ingest:` config block: see `ingest` for the first three, `stages.ingest.RayIngest`
-    for chunk and cpus; ray: run the per-file work and the shard writing on Ray."""
+    for chunk and cpus; ray: run the per-file work and the shard writing on Ray; progress: the
+    command's progress line (`stages.progress.IngestProgress`) on stderr."""
 
     shard_size: int = DEFAULT_SHARD_SIZE
     skip_known: bool = False
@@ -47,6 +48,7 @@ class IngestConfig:
     ray: bool = False
     chunk: int = 64
     cpus: float = 1.0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
@@ -232,6 +234,7 @@ def ingest(
     skip_known: bool = False,
     threads: int | None = None,
     cluster: IngestCluster | None = None,
+    on_file: Callable[[int, int, IngestReport], None] | None = None,
 ) -> IngestReport:
     """Add SOURCE's new images to `store` as new shards (see the module docstring for the id rule).
 
@@ -250,6 +253,8 @@ def ingest(
         are read twice: once to hash and validate, once to write their shard, checked against
         the first hash); this process only lists, numbers and commits. Ids, shards and tables
         come out the same as without.
+      on_file (Callable | None): called before each file to read and once after the last, with
+        (files read, files to read, the report's counts so far): a progress display.
     Returns:
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
     """
@@ -293,8 +298,16 @@ def ingest(
         reads = cluster.scan(to_read, check)
     else:
         reads = _read_in_order(to_read, check, threads or min(8, os.cpu_count() or 1))
+
+    def counted(done: int) -> None:
+        report.added, report.duplicates = manifest_part.count, len(dup_rows)
+        report.quarantined = len(q_rows)
+        if on_file is not None:
+            on_file(done, len(to_read), report)
+
     try:
-        for uri, read in zip(to_read, reads):
+        for done, (uri, read) in enumerate(zip(to_read, reads)):
+            counted(done)
             if not read.sha:
                 if (uri, "") not in quarantined_before:
                     q_rows.append(_quarantine(uri, "", read.reason, read.detail))
@@ -349,8 +362,7 @@ def ingest(
         if writer is not None:
             writer.close()
             writer = None
-        report.added = manifest_part.count
-        report.duplicates, report.quarantined = len(dup_rows), len(q_rows)
+        counted(len(to_read))
         for q in q_rows:
             report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
         if manifest_part.count or dup_rows or q_rows:

@@ -1,4 +1,4 @@
-"""The per-stage progress bar: shards, images and masks per second, on stderr."""
+"""The per-stage progress bar: shards, images and masks per second, on stderr; and the ingest's."""
 
 from __future__ import annotations
 
@@ -53,3 +53,33 @@ class Progress:
         self._shown = time.perf_counter()
         self.stream.write(("\r" if self.tty else "") + self.line() + ("\n" if newline else ""))
         self.stream.flush()
+
+
+class IngestProgress(Progress):
+    """The ingest's line: files read of those to read, what became of them, files per second;
+    in place on a terminal, else one line per `every` files (an 11M-file ingest runs for hours)."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None, every: int = 10000) -> None:
+        super().__init__("ingest", 0, 0, enabled, stream)
+        self.every = every
+        self.counts = ""
+
+    def update(self, done: int, total: int, report) -> None:
+        """`sharding.manifest.ingest`'s `on_file`."""
+        self.images, self.images_total = done, total
+        self.counts = (
+            f"added {report.added} | unchanged {report.unchanged} | duplicates "
+            f"{report.duplicates} | quarantined {report.quarantined}"
+        )
+        if self.tty:
+            if time.perf_counter() - self._shown > 0.25:
+                self._show()
+        elif done and (done % self.every == 0 or done == total):
+            self._show(newline=True)
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return (
+            f"{self.label}: files {self.images}/{self.images_total} | {self.counts} | "
+            f"{self.images / dt:.1f} files/s"
+        )

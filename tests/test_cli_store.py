@@ -24,6 +24,7 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
     result = _invoke("ingest", demo_photos[0].parent, "--store", store, "--shard-size", 2)
     assert result.exit_code == 0, result.output
     assert "4 added in 2 new shards" in result.output and "ignored 1 non-image" in result.output
+    assert "ingest: files 4/4 | added 4 | unchanged 0 | duplicates 0 | quarantined 0" in result.output
     again = _invoke("ingest", f"file://{demo_photos[0].parent}", "--store", store)
     assert "0 added" in again.output and "4 already in the store" in again.output
 
@@ -119,3 +120,28 @@ def test_cli_ingest_real_photos(tmp_path, shared_data_dir):
     assert manifest.num_rows + Store(tmp_path / "store").ingest_quarantine().num_rows == count
     assert len(Store(tmp_path / "store").shards()) == -(-manifest.num_rows // 16)
     assert json.loads((tmp_path / "store" / "store.json").read_text())["min_side"] == 32
+
+
+def test_ingest_progress_lines_in_a_log(tmp_path, demo_photos):
+    """Not on a terminal (a log, CI): one line every `every` files and one at the end, with what
+    became of the files so far."""
+    import io
+
+    from sharding.manifest import ingest
+    from stages.progress import IngestProgress
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for p in demo_photos[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "copy.jpg").write_bytes(demo_photos[0].read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    log = io.StringIO()
+    progress = IngestProgress(stream=log, every=2)
+    ingest(str(folder), Store.create(tmp_path / "store"), on_file=progress.update)
+    lines = log.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [
+        "ingest: files 2/5", "ingest: files 4/5", "ingest: files 5/5"
+    ]
+    assert "| added 3 | unchanged 0 | duplicates 1 | quarantined 1 |" in lines[-1]
+    assert lines[-1].endswith("files/s")

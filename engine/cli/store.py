@@ -87,7 +87,13 @@ def ingest(
         ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
         fail(str(err))
-    kwargs = dict(shard_size=ingest_cfg.shard_size, skip_known=ingest_cfg.skip_known, threads=ingest_cfg.threads)
+    from stages.progress import IngestProgress
+
+    progress = IngestProgress(enabled=ingest_cfg.progress)
+    kwargs = dict(
+        shard_size=ingest_cfg.shard_size, skip_known=ingest_cfg.skip_known,
+        threads=ingest_cfg.threads, on_file=progress.update,
+    )  # fmt: skip
     try:
         if ingest_cfg.ray:
             from stages.cluster import ray_session
@@ -102,7 +108,9 @@ def ingest(
         else:
             report = run_ingest(source, Store.create(store), **kwargs)
     except (ValueError, RuntimeError) as err:
+        progress.close()
         fail(str(err))
+    progress.close()
     typer.echo(report.summary())
     if report.quarantined:
         typer.echo(
