@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from engine.cli.main import app
 from sharding.manifest import ingest
 from sharding.store import Store
+import stages.ingest
 from stages.ingest import RayIngest
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def _source(folder, photos):
     return folder
 
 
-def test_ray_ingest_matches_the_local_one(tmp_path, local_ray, demo_photos):
+def test_ray_ingest_matches_the_local_one(tmp_path, local_ray, demo_photos, monkeypatch):
     src = _source(tmp_path / "src", demo_photos[:2])
     local, on_ray = Store.create(tmp_path / "local"), Store.create(tmp_path / "ray")
     expected = ingest(str(src), local, shard_size=1)
@@ -52,10 +53,12 @@ def test_ray_ingest_matches_the_local_one(tmp_path, local_ray, demo_photos):
     assert _files(on_ray.root) == _files(local.root)
     assert on_ray.manifest().column("image_id").to_pylist() == list(range(1, len(demo_photos) + 1))
 
-    # from the shell, on the Ray this process is connected to
+    # from the shell, on the Ray this process is connected to; a listing longer than the tasks
+    # allowed (2 here) gets larger chunks
+    monkeypatch.setattr(stages.ingest, "MAX_SCAN_TASKS", 2)
     result = CliRunner().invoke(
         app, ["ingest", str(src), "--store", str(tmp_path / "cli"), "--ray", "--shard-size", "1",
-              "--set", "ingest.chunk=3"],
+              "--set", "ingest.chunk=1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"listed {len(demo_photos) + 3} files: {len(demo_photos)} added" in result.output
