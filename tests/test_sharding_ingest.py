@@ -292,3 +292,21 @@ def test_a_new_image_whose_sha256_tail_matches_a_stored_one_is_still_validated(
     ingest(str(second), reference)
     columns = ["sha256", "width", "height", "original_mode", "exif_rotated", "bytes"]
     assert store.manifest().select(columns).slice(1).equals(reference.manifest().select(columns))
+
+
+def test_new_images_dedupe_through_merges_and_tail_twins():
+    """An ingest's own new images are found by sha256 whether their keys are recent or merged,
+    and contents sharing their last 8 bytes (made here) are told apart on the full sha256."""
+    from sharding.manifest import _NewImages
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    tail = shas[0][48:]
+    twins = ["a" * 48 + tail, "b" * 48 + tail]
+    new = _NewImages(merge_every=4)
+    for i, sha in enumerate(shas[:20] + twins + shas[20:]):
+        new.add(sha, 101 + i, f"s3://b/{i}.jpg")
+        for j, seen in enumerate((shas[:20] + twins + shas[20:])[: i + 1]):
+            assert new.get(seen) == (101 + j, f"s3://b/{j}.jpg")
+    assert new.get("c" * 48 + tail) is None and new.get(hashlib.sha256(b"x").hexdigest()) is None
+    with pytest.raises(ValueError, match="consecutive"):
+        new.add(hashlib.sha256(b"y").hexdigest(), 500, "s3://b/y.jpg")
