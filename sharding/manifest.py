@@ -179,7 +179,7 @@ class FileCheck:
             return FileRead(reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
         read = FileRead(hashlib.sha256(data).hexdigest(), len(data), data if self.keep_bytes else None)
         key = np.uint64(int(read.sha[48:], 16))
-        at = int(np.searchsorted(self.stored_keys, key))
+        at = int(self.stored_keys.searchsorted(key))
         stored = at < len(self.stored_keys) and self.stored_keys[at] == key
         if not stored and (uri, read.sha) not in self.quarantined:
             _decode(uri, data, read, self.max_pixels, self.min_side)
@@ -480,8 +480,8 @@ class _KnownImages:
 
     def _row(self, sha: str) -> int | None:
         key = np.uint64(int(sha[48:], 16))
-        first = int(np.searchsorted(self.keys, key, side="left"))
-        last = int(np.searchsorted(self.keys, key, side="right"))
+        first = int(self.keys.searchsorted(key, side="left"))
+        last = int(self.keys.searchsorted(key, side="right"))
         for row in self.order[first:last].tolist():
             if self.shas[row].as_py() == sha:
                 return row
