@@ -62,7 +62,9 @@ class IngestConfig:
                 "reading threads) or null"
             )
         if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"ingest.chunk={self.chunk!r} is invalid: use a positive number of files")
+            raise ValueError(
+                f"ingest.chunk={self.chunk!r} is invalid: use a positive number of files"
+            )
         if not isinstance(self.cpus, (int, float)) or not self.cpus > 0:
             raise ValueError(f"ingest.cpus={self.cpus!r} is invalid: use a value > 0")
 
@@ -177,7 +179,8 @@ class FileCheck:
             data = read_source(uri)
         except (OSError, ValueError) as exc:
             return FileRead(reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
-        read = FileRead(hashlib.sha256(data).hexdigest(), len(data), data if self.keep_bytes else None)
+        sha = hashlib.sha256(data).hexdigest()
+        read = FileRead(sha, len(data), data if self.keep_bytes else None)
         key = np.uint64(int(read.sha[48:], 16))
         at = int(self.stored_keys.searchsorted(key))
         stored = at < len(self.stored_keys) and self.stored_keys[at] == key
@@ -189,7 +192,9 @@ class FileCheck:
 def _decode(uri: str, data: bytes, read: FileRead, max_pixels: int, min_side: int) -> None:
     """Decode-validate `data` into `read.info`, or its quarantine reason and detail."""
     try:
-        rgb, read.info = load_image_with_info(data, name=uri, max_pixels=max_pixels, min_side=min_side)
+        rgb, read.info = load_image_with_info(
+            data, name=uri, max_pixels=max_pixels, min_side=min_side
+        )
         del rgb
     except ImageLoadError as err:
         read.reason, read.detail = err.reason, f"{err.detail} ({err.fix})"
@@ -516,7 +521,9 @@ class _NewImages:
         if self._first_id is None:
             self._first_id = image_id
         if image_id != self._first_id + row:
-            raise ValueError(f"new image ids must be consecutive: {image_id} after {self._first_id + row - 1}")
+            raise ValueError(
+                f"new image ids must be consecutive: {image_id} after {self._first_id + row - 1}"
+            )
         self._sources.append(source)
         self._digests += bytes.fromhex(sha)
         key = int(sha[48:], 16)

@@ -33,7 +33,8 @@ class RayIngest:
 
     chunk: files one scan task reads (a few seconds of work: small enough to spread a listing
       over every CPU and to lose little when a node goes, large enough that Ray's per-task cost
-      stays small), or more where the listing would need over `MAX_SCAN_TASKS` tasks. cpus: CPUs one scan or shard-writing task reserves. (Checked as
+      stays small), or more where the listing would need over `MAX_SCAN_TASKS` tasks.
+    cpus: CPUs one scan or shard-writing task reserves. (Both are checked as
       `sharding.IngestConfig`'s.)
     """
 
@@ -72,8 +73,10 @@ class RayIngest:
         # each task writes its shard's file; a source gone or changed comes back as its message
         # (a task's own exception reaches the driver only as Ray's traceback text)
         errors = [row["error"] for row in ds.iter_rows() if row["error"]]
+        if len(errors) > 1:
+            errors[0] += f" (and {len(errors) - 1} more shard(s) like it)"
         if errors:
-            raise ValueError(errors[0] + (f" (and {len(errors) - 1} more shard(s) like it)" if len(errors) > 1 else ""))
+            raise ValueError(errors[0])
 
 
 def _quiet_and_ordered() -> None:
@@ -118,4 +121,3 @@ def _write_row(row: dict[str, Any], root: str, plan: str) -> dict[str, Any]:
     except ValueError as err:
         return {"shard": row["shard"], "error": str(err)}
     return {"shard": row["shard"], "error": ""}
-

@@ -59,18 +59,16 @@ class IngestProgress(Progress):
     """The ingest's line: files read of those to read, what became of them, files per second;
     in place on a terminal, else one line per `every` files (an 11M-file ingest runs for hours)."""
 
-    def __init__(self, enabled: bool = True, stream: TextIO | None = None, every: int = 10000) -> None:
+    def __init__(
+        self, enabled: bool = True, stream: TextIO | None = None, every: int = 10000
+    ) -> None:
         super().__init__("ingest", 0, 0, enabled, stream)
         self.every = every
-        self.counts = ""
+        self.report = None
 
     def update(self, done: int, total: int, report) -> None:
-        """`sharding.manifest.ingest`'s `on_file`."""
-        self.images, self.images_total = done, total
-        self.counts = (
-            f"added {report.added} | unchanged {report.unchanged} | duplicates "
-            f"{report.duplicates} | quarantined {report.quarantined}"
-        )
+        """`sharding.manifest.ingest`'s `on_file` (`report`: its counts so far)."""
+        self.images, self.images_total, self.report = done, total, report
         if self.tty:
             if time.perf_counter() - self._shown > 0.25:
                 self._show()
@@ -79,7 +77,10 @@ class IngestProgress(Progress):
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        return (
-            f"{self.label}: files {self.images}/{self.images_total} | {self.counts} | "
-            f"{self.images / dt:.1f} files/s"
-        )
+        r = self.report
+        counts = "" if r is None else (
+            f" | added {r.added} | unchanged {r.unchanged} | duplicates {r.duplicates} | "
+            f"quarantined {r.quarantined}"
+        )  # fmt: skip
+        rate = self.images / dt
+        return f"{self.label}: files {self.images}/{self.images_total}{counts} | {rate:.1f} files/s"

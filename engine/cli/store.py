@@ -35,13 +35,19 @@ def ingest(
         str,
         typer.Argument(help="folder, glob, list file (.txt) or URI (file://, s3://, memory://)"),
     ],
-    store: Annotated[Path, typer.Option(help="store folder (created if new; on a cluster: shared storage)")],
-    config: Annotated[str, typer.Option(help="config name in configs/ or a YAML path (its ingest: block)")] = "sa1b",
+    store: Annotated[
+        Path, typer.Option(help="store folder (created if new; on a cluster: shared storage)")
+    ],
+    config: Annotated[
+        str, typer.Option(help="config name in configs/ or a YAML path (its ingest: block)")
+    ] = "sa1b",
     set_: Annotated[
         Optional[list[str]],
         typer.Option("--set", help="block.key=value override, e.g. ingest.chunk=256 (repeatable)"),
     ] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="ingest.shard_size: images per new shard")] = None,
+    shard_size: Annotated[
+        Optional[int], typer.Option(help="ingest.shard_size: images per new shard")
+    ] = None,
     skip_known: Annotated[
         Optional[bool],
         typer.Option(
@@ -53,7 +59,10 @@ def ingest(
     ] = None,
     threads: Annotated[
         Optional[int],
-        typer.Option(help="ingest.threads: files read, hashed and decoded at once here (default: one per CPU, at most 8)"),
+        typer.Option(
+            help="ingest.threads: files read, hashed and decoded at once here (default: one per "
+            "CPU, at most 8)"
+        ),
     ] = None,
     ray: Annotated[
         Optional[bool],
@@ -76,9 +85,11 @@ def ingest(
     from stages.config import RayConfig
 
     overrides = list(set_ or [])
-    for key, value in (("shard_size", shard_size), ("skip_known", skip_known), ("threads", threads), ("ray", ray)):
+    flags = {"shard_size": shard_size, "skip_known": skip_known, "threads": threads, "ray": ray}
+    for key, value in flags.items():
         if value is not None:
-            overrides.append(f"ingest.{key}={str(value).lower() if isinstance(value, bool) else value}")
+            text = str(value).lower() if isinstance(value, bool) else value
+            overrides.append(f"ingest.{key}={text}")
     if address:
         overrides += [f"ray.address={address}", "ingest.ray=true"]
     try:
