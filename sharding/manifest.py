@@ -6,6 +6,8 @@ files it has never seen (by content sha256), sorts them by source URI and number
 renumbers old images: ids are stable for the life of the store. Identical files (same sha256) get
 one id; every further copy is recorded in `duplicates/`. New images always go to new shards
 (`shard-NNNNNN`, numbered on from the last one), `shard_size` images each, in id order.
+An ingest commits every `commit_shards` new shards (a manifest part renamed into place), so a
+stopped one is re-run from its last commit and ends as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -32,19 +34,23 @@ from sharding.sources import SourceListing, list_source, read_source, source_siz
 from sharding.store import Store, utc_now
 
 DEFAULT_SHARD_SIZE = 1000
+# New shards an ingest commits at a time: what a stopped ingest can lose (64k images at the
+# default shard size); a re-run goes on from the last commit.
+DEFAULT_COMMIT_SHARDS = 64
 _ROW_GROUP = 16  # images per Parquet row group: readers stream a shard 16 images at a time
 _MANIFEST_GROUP = 65536  # manifest rows an ingest holds before writing them out
 
 
 @dataclass
 class IngestConfig:
-    """The `ingest:` config block: see `ingest` for the first three, `stages.ingest.RayIngest`
+    """The `ingest:` config block: see `ingest` for the first four, `stages.ingest.RayIngest`
     for chunk and cpus; ray: run the per-file work and the shard writing on Ray; progress: the
     command's progress line (`stages.progress.IngestProgress`) on stderr."""
 
     shard_size: int = DEFAULT_SHARD_SIZE
     skip_known: bool = False
     threads: int | None = None
+    commit_shards: int | None = DEFAULT_COMMIT_SHARDS
     ray: bool = False
     chunk: int = 64
     cpus: float = 1.0
@@ -60,6 +66,13 @@ class IngestConfig:
             raise ValueError(
                 f"ingest.threads={self.threads!r} is invalid: use a positive number (1: no "
                 "reading threads) or null"
+            )
+        if self.commit_shards is not None and (
+            not isinstance(self.commit_shards, int) or self.commit_shards < 1
+        ):
+            raise ValueError(
+                f"ingest.commit_shards={self.commit_shards!r} is invalid: use a positive number "
+                "of new shards per commit, or null (one commit at the end)"
             )
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(
@@ -106,6 +119,7 @@ class _TableWriter:
         self._writer = pq.ParquetWriter(tmp, schema)
         self._rows: list[dict[str, Any]] = []
         self._sealed = False
+        self.closed = False  # renamed into place
         self.count = 0
 
     @property
@@ -134,6 +148,7 @@ class _TableWriter:
     def close(self) -> None:
         self.seal()
         self._stack.close()
+        self.closed = True
 
     def abort(self) -> None:
         if not self._sealed:
@@ -238,6 +253,7 @@ def ingest(
     shard_size: int = DEFAULT_SHARD_SIZE,
     skip_known: bool = False,
     threads: int | None = None,
+    commit_shards: int | None = DEFAULT_COMMIT_SHARDS,
     cluster: IngestCluster | None = None,
     on_file: Callable[[int, int, IngestReport], None] | None = None,
 ) -> IngestReport:
@@ -254,6 +270,11 @@ def ingest(
         and hashed; content decides.
       threads (int | None): files read, hashed and decoded at once (None: one per CPU, at most
         8); ids, shards and tables come out the same for any number.
+      commit_shards (int | None): commit every this many new shards (None: once, at the end):
+        the manifest part of those shards' images, with the duplicates and quarantined inputs
+        met since the last commit. A stopped ingest keeps what it committed; run again, it
+        counts those files unchanged (unread with `skip_known`) and goes on with the same ids,
+        shards and tables as an ingest that was never stopped.
       cluster (IngestCluster | None): run the per-file work and the shard writing there (files
         are read twice: once to hash and validate, once to write their shard, checked against
         the first hash); this process only lists, numbers and commits. Ids, shards and tables
@@ -266,6 +287,10 @@ def ingest(
     if shard_size < 1:
         raise ValueError(
             f"shard_size {shard_size} is invalid: use a positive number of images per shard"
+        )
+    if commit_shards is not None and commit_shards < 1:
+        raise ValueError(
+            f"commit_shards {commit_shards} is invalid: use a positive number of shards or None"
         )
     source = os.fspath(source)  # (kept in the run record: JSON)
     listing = list_source(source, with_sizes=skip_known)
@@ -283,19 +308,10 @@ def ingest(
     next_id = (pc.max(manifest.column("image_id")).as_py() or 0) + 1
     shard_names = store.shards()
     next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
-    batch = len(list((store.root / "manifest").glob("part-*.parquet"))) + 1
-
-    part = f"{batch:06d}"
-    # the new images' manifest rows go to disk as they come (a first ingest of SA-1B's 11M
-    # would otherwise hold 11M rows); the part is renamed into place last: the commit
-    manifest_part = _TableWriter(
-        store.root / "manifest" / f"part-{part}.parquet", tables.MANIFEST, _MANIFEST_GROUP
-    )
-    dup_rows: list[dict[str, Any]] = []
-    q_rows: list[dict[str, Any]] = []
+    part = _Part.open(store, len(list((store.root / "manifest").glob("part-*.parquet"))) + 1)
+    committed: list[_Part] = []
     writer: _TableWriter | None = None  # the shard being written here (no cluster)
     in_shard = 0
-    committed = False
 
     to_read = [u for i, u in enumerate(listing.uris) if unread is None or not unread[i]]
     report.unchanged += len(listing.uris) - len(to_read)
@@ -305,17 +321,27 @@ def ingest(
         reads = _read_in_order(to_read, check, threads or min(8, os.cpu_count() or 1))
 
     def counted(done: int) -> None:
-        report.added, report.duplicates = manifest_part.count, len(dup_rows)
-        report.quarantined = len(q_rows)
+        parts = committed + [part]
+        report.added = sum(p.manifest.count for p in parts)
+        report.duplicates = sum(len(p.duplicates) for p in parts)
+        report.quarantined = sum(len(p.quarantined) for p in parts)
         if on_file is not None:
             on_file(done, len(to_read), report)
+
+    def commit() -> None:
+        nonlocal part
+        part.commit(store, cluster)
+        committed.append(part)
+        part = _Part.open(store, part.number + 1)
 
     try:
         for done, (uri, read) in enumerate(zip(to_read, reads)):
             counted(done)
-            if not read.sha:
-                if (uri, "") not in quarantined_before:
-                    q_rows.append(_quarantine(uri, "", read.reason, read.detail))
+            if not read.sha:  # unreadable
+                if (uri, "") in quarantined_before:
+                    report.unchanged += 1
+                else:
+                    part.quarantined.append(_quarantine(uri, "", read.reason, read.detail))
                 continue
             sha = read.sha
             kept = known.kept(sha)
@@ -323,7 +349,7 @@ def ingest(
                 if known.seen(uri, sha, kept):
                     report.unchanged += 1
                 else:
-                    dup_rows.append(
+                    part.duplicates.append(
                         {"source": uri, "sha256": sha, "image_id": kept[0], "kept_source": kept[1]}
                     )
                     known.duplicates.add((uri, sha))
@@ -334,25 +360,24 @@ def ingest(
             if not read.decoded:  # its sha256's tail matched a stored one's by chance
                 _decode(uri, read.data or read_source(uri), read, store.max_pixels, store.min_side)
             if read.reason:
-                q_rows.append(_quarantine(uri, sha, read.reason, read.detail))
+                part.quarantined.append(_quarantine(uri, sha, read.reason, read.detail))
                 continue
             info = read.info
             if in_shard == 0:
-                report.shards_added.append(f"shard-{next_shard:06d}")
+                part.shards.append(f"shard-{next_shard:06d}")
+                report.shards_added.append(part.shards[-1])
                 if cluster is None:
-                    writer = _TableWriter(
-                        store.shard_path(report.shards_added[-1]), tables.SHARD, _ROW_GROUP
-                    )
+                    writer = _TableWriter(store.shard_path(part.shards[-1]), tables.SHARD, _ROW_GROUP)
             known.added.add(sha, next_id, uri)
             row = {"image_id": next_id, "source": uri, "sha256": sha, "width": info.width,
                    "height": info.height}  # fmt: skip
             if writer is not None:
                 writer.add({**row, "data": read.data})
-            manifest_part.add(
+            part.manifest.add(
                 {
                     **row,
                     "bytes": read.size,
-                    "shard": report.shards_added[-1],
+                    "shard": part.shards[-1],
                     "original_mode": info.original_mode,
                     "exif_rotated": info.exif_rotated,
                 }
@@ -364,37 +389,29 @@ def ingest(
                     writer.close()
                     writer = None
                 in_shard, next_shard = 0, next_shard + 1
+                if commit_shards is not None and len(part.shards) >= commit_shards:
+                    commit()
         if writer is not None:
             writer.close()
             writer = None
         counted(len(to_read))
-        for q in q_rows:
-            report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
-        if manifest_part.count or dup_rows or q_rows:
-            if cluster is not None and report.shards_added:
-                manifest_part.seal()  # the shards' plan: each task reads its shard's rows
-                cluster.write_shards(store, manifest_part.tmp, report.shards_added)
-            _write_table(
-                store.root / "duplicates" / f"part-{part}.parquet", dup_rows, tables.DUPLICATES
-            )
-            _write_table(
-                store.root / "quarantine" / f"ingest-{part}.parquet", q_rows, tables.QUARANTINE
-            )
-            manifest_part.close()  # commit
-            committed = True
+        if part.manifest.count or part.duplicates or part.quarantined:
+            commit()
     finally:
         if writer is not None:
             writer.abort()
-        if not committed:
-            manifest_part.abort()
+        part.abort()  # the uncommitted rest (nothing, after the last commit)
+    for q in (q for p in committed for q in p.quarantined):
+        report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
     if committed:
         store.write_run_record(
             "ingest",
             {
                 "source": source,
                 "finished_at": utc_now(),
-                "batch": batch,
+                "parts": [p.number for p in committed],
                 "shard_size": shard_size,
+                "commit_shards": commit_shards,
                 "on": "local threads" if cluster is None else "cluster",
                 **report.__dict__,
             },
@@ -402,12 +419,50 @@ def ingest(
     return report
 
 
+@dataclass
+class _Part:
+    """One commit of an ingest: its manifest rows (streamed to a temporary file as they come: a
+    first ingest of SA-1B's 11M would otherwise hold them all), the duplicates and quarantined
+    inputs it met, and its new shards. Renaming the manifest part into place commits it
+    (`Store` reads the duplicates and quarantine parts of committed manifest parts only)."""
+
+    number: int
+    manifest: _TableWriter
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, store: Store, number: int) -> "_Part":
+        path = store.root / "manifest" / f"part-{number:06d}.parquet"
+        return cls(number, _TableWriter(path, tables.MANIFEST, _MANIFEST_GROUP))
+
+    def commit(self, store: Store, cluster: IngestCluster | None) -> None:
+        """Write the part's shards (on the cluster; here they are written as they fill), its
+        duplicates and quarantine tables, then its manifest part: the commit."""
+        if cluster is not None and self.shards:
+            self.manifest.seal()  # the shards' plan: each task reads its shard's rows
+            cluster.write_shards(store, self.manifest.tmp, self.shards)
+        name = f"{self.number:06d}.parquet"
+        if self.duplicates:
+            _write_table(store.root / "duplicates" / f"part-{name}", self.duplicates, tables.DUPLICATES)
+        if self.quarantined:
+            _write_table(store.root / "quarantine" / f"ingest-{name}", self.quarantined, tables.QUARANTINE)
+        self.manifest.close()
+
+    def abort(self) -> None:
+        """Drop the manifest part if it was not committed (its shard files, if any were written,
+        are not in the manifest: the next ingest writes those shards anew)."""
+        if not self.manifest.closed:
+            self.manifest.abort()
+
+
 def write_planned_shard(store: Store, plan: Path, shard: str) -> int:
     """Write `shard` from its rows of an ingest's sealed manifest part `plan`, re-reading each
     source (a cluster ingest's second pass, run where a task runs); returns its image count.
 
     Raises ValueError naming a source that is gone or changed since it was hashed: the ingest
-    then commits nothing, and a re-run hashes it anew."""
+    then stops without committing the part being written, and a re-run hashes it anew."""
     columns = ["image_id", "source", "sha256", "width", "height"]
     rows = pq.read_table(plan, columns=columns, filters=[("shard", "=", shard)]).to_pylist()
     writer = _TableWriter(store.shard_path(shard), tables.SHARD, _ROW_GROUP)
@@ -419,12 +474,14 @@ def write_planned_shard(store: Store, plan: Path, shard: str) -> int:
             except (OSError, ValueError) as exc:
                 raise ValueError(
                     f"{uri} can no longer be read ({type(exc).__name__}: {exc}) after this ingest "
-                    "hashed it: nothing was committed; re-run the ingest"
+                    "hashed it: nothing since the ingest's last commit was committed; re-run the "
+                    "ingest to go on from there"
                 ) from exc
             if hashlib.sha256(data).hexdigest() != row["sha256"]:
                 raise ValueError(
                     f"{uri} changed while it was ingested (its sha256 differs from the one hashed "
-                    "first): nothing was committed; re-run the ingest once the source is still"
+                    "first): nothing since the ingest's last commit was committed; re-run the "
+                    "ingest once the source is still"
                 )
             writer.add({**row, "data": data})
         writer.close()

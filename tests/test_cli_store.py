@@ -21,9 +21,12 @@ def _invoke(*args):
 
 def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
     store, rel = tmp_path / "store", tmp_path / "release"
-    result = _invoke("ingest", demo_photos[0].parent, "--store", store, "--shard-size", 2)
+    result = _invoke(
+        "ingest", demo_photos[0].parent, "--store", store, "--shard-size", 2, "--commit-shards", 1
+    )
     assert result.exit_code == 0, result.output
     assert "4 added in 2 new shards" in result.output and "ignored 1 non-image" in result.output
+    assert len(list((store / "manifest").glob("part-*.parquet"))) == 2  # a commit a shard
     assert "ingest: files 4/4 | added 4 | unchanged 0 | duplicates 0 | quarantined 0" in result.output
     again = _invoke("ingest", f"file://{demo_photos[0].parent}", "--store", store)
     assert "0 added" in again.output and "4 already in the store" in again.output
@@ -87,6 +90,10 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
             "ingest.shard_size=0 is invalid",
         ),
         (["ingest", "{demo}", "--store", "{tmp}/s", "--threads", "0"], "ingest.threads=0 is invalid"),
+        (
+            ["ingest", "{demo}", "--store", "{tmp}/s", "--commit-shards", "0"],
+            "ingest.commit_shards=0 is invalid: use a positive number of new shards per commit",
+        ),
         (
             ["ingest", "{demo}", "--store", "{tmp}/s", "--set", "ingest.chunk=0"],
             "ingest.chunk=0 is invalid: use a positive number of files",

@@ -38,11 +38,13 @@ def _source(folder, photos):
 def test_ray_ingest_matches_the_local_one(tmp_path, local_ray, demo_photos, monkeypatch):
     src = _source(tmp_path / "src", demo_photos[:2])
     local, on_ray = Store.create(tmp_path / "local"), Store.create(tmp_path / "ray")
-    expected = ingest(str(src), local, shard_size=1)
-    report = ingest(str(src), on_ray, shard_size=1, cluster=RayIngest(chunk=2))
+    expected = ingest(str(src), local, shard_size=1, commit_shards=1)
+    report = ingest(str(src), on_ray, shard_size=1, commit_shards=1, cluster=RayIngest(chunk=2))
     assert report == expected
     assert (report.added, report.duplicates, report.quarantined) == (2, 1, 2)
     assert _files(on_ray.root) == _files(local.root)
+    # a commit a shard, and one for the copy met after them (z_copy.jpg sorts last)
+    assert len(list((on_ray.root / "manifest").glob("part-*.parquet"))) == 3
 
     # the source grows: the next ids and shards, as locally; nothing else is read again
     for p in demo_photos[2:]:
@@ -50,6 +52,8 @@ def test_ray_ingest_matches_the_local_one(tmp_path, local_ray, demo_photos, monk
     expected = ingest(str(src), local, shard_size=1, skip_known=True)
     report = ingest(str(src), on_ray, shard_size=1, skip_known=True, cluster=RayIngest(chunk=2))
     assert report == expected and report.added == len(demo_photos) - 2
+    # every listed file in one count (the unreadable link: quarantined before, so unchanged)
+    assert report.listed == report.added + report.unchanged + report.duplicates + report.quarantined
     assert _files(on_ray.root) == _files(local.root)
     assert on_ray.manifest().column("image_id").to_pylist() == list(range(1, len(demo_photos) + 1))
 
@@ -90,3 +94,21 @@ def test_a_source_changed_between_the_reads_commits_nothing(tmp_path, local_ray,
     assert store.manifest().num_rows == 0 and not list((store.root / "manifest").glob("*.parquet"))
     report = ingest(str(src), store, shard_size=1, cluster=RayIngest())  # a re-run hashes it anew
     assert report.added == 2 and store.shards() == ["shard-000000", "shard-000001"]
+
+
+def test_a_source_changed_after_a_commit_keeps_the_commit(tmp_path, local_ray, demo_photos):
+    """Commits a shard at a time: the second photo changes before its part's shard is written;
+    the first part stays committed, and a re-run adds the second photo as it is now."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in demo_photos[:2]:
+        shutil.copy(p, src / p.name)
+    store = Store.create(tmp_path / "store")
+    changed = src / demo_photos[1].name
+    with pytest.raises(ValueError, match="nothing since the ingest's last commit was committed"):
+        ingest(str(src), store, shard_size=1, commit_shards=1, cluster=_ChangingSource(changed))
+    assert store.manifest().column("source").to_pylist() == [(src / demo_photos[0].name).as_uri()]
+    report = ingest(str(src), store, shard_size=1, commit_shards=1, cluster=RayIngest())
+    assert (report.added, report.unchanged) == (1, 1)
+    assert store.shards() == ["shard-000000", "shard-000001"]
+    assert store.manifest().column("image_id").to_pylist() == [1, 2]

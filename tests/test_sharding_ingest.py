@@ -214,8 +214,9 @@ def test_bad_sources_name_the_fix(tmp_path):
         Store.create(tmp_path / "full")
 
 
-@pytest.mark.slow
-def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
+def _kill_mid_ingest(tmp_path, store, extra, started):
+    """Runs `sa-engine ingest src --store STORE --shard-size 5 EXTRA...` and SIGKILLs it as soon as
+    `started(store path)` holds (polled every 5 ms)."""
     import os
     import signal
     import subprocess
@@ -224,32 +225,24 @@ def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    synthetic_photos(tmp_path / "src", 60, size=(640, 480))
-    ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5)
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "ingest",
-        str(tmp_path / "src"),
-        "--store",
-        str(tmp_path / "killed"),
-        "--shard-size",
-        "5",
-    ]
+    command = [sys.executable, "-m", "engine.cli", "ingest", str(tmp_path / "src"), "--store",
+               str(store), "--shard-size", "5", *extra]  # fmt: skip
     proc = subprocess.Popen(command, cwd=root)
-    shards = tmp_path / "killed" / "shards"
     deadline = time.time() + 60
     try:
-        while (
-            not list(shards.glob("shard-*.parquet"))
-            and time.time() < deadline
-            and proc.poll() is None
-        ):
+        while not started(store) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.005)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
+    synthetic_photos(tmp_path / "src", 60, size=(640, 480))
+    ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5)
+    shards = tmp_path / "killed" / "shards"
+    _kill_mid_ingest(tmp_path, tmp_path / "killed", [], lambda _: list(shards.glob("shard-*.parquet")))
     written = list(shards.glob("shard-*.parquet"))
     assert 1 <= len(written) < 12, "the kill must land mid-ingest"
     killed = Store(tmp_path / "killed")
@@ -259,6 +252,34 @@ def test_sigkilled_ingest_commits_nothing_and_reruns_cleanly(tmp_path):
     clean_files, killed_files = _files(tmp_path / "clean"), _files(tmp_path / "killed")
     del clean_files["store.json"], killed_files["store.json"]  # differ only in creation time
     assert killed_files == clean_files
+
+
+@pytest.mark.slow
+def test_an_ingest_stopped_after_a_commit_goes_on_from_it(tmp_path):
+    """With commits every 2 shards (10 images), a SIGKILL after the first commit keeps what was
+    committed; the re-run reads those files as unchanged and ends with the store an ingest that
+    was never stopped makes, file for file."""
+    synthetic_photos(tmp_path / "src", 60, size=(640, 480))
+    (tmp_path / "src" / "broken.jpg").write_bytes(b"not a jpeg")  # quarantined in the first part
+    clean = ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5, commit_shards=2)
+    assert clean.added == 60 and len(list((tmp_path / "clean" / "manifest").glob("*.parquet"))) == 6
+    manifest = tmp_path / "killed" / "manifest"
+    _kill_mid_ingest(
+        tmp_path, tmp_path / "killed", ["--commit-shards", "2"],
+        lambda _: list(manifest.glob("part-*.parquet")),
+    )  # fmt: skip
+    killed = Store(tmp_path / "killed")
+    kept = killed.manifest().num_rows
+    assert kept in (10, 20, 30, 40, 50), f"the kill must land after a commit, mid-ingest ({kept})"
+    assert killed.ingest_quarantine().num_rows == 1
+    report = ingest(str(tmp_path / "src"), killed, shard_size=5, commit_shards=2)
+    assert (report.added, report.unchanged, report.quarantined) == (60 - kept, kept + 1, 0)
+    assert report.listed == report.added + report.unchanged + report.duplicates + report.quarantined
+    clean_files, killed_files = _files(tmp_path / "clean"), _files(tmp_path / "killed")
+    del clean_files["store.json"], killed_files["store.json"]  # differ only in creation time
+    assert killed_files == clean_files
+    with pytest.raises(ValueError, match="commit_shards 0 is invalid"):
+        ingest(str(tmp_path / "src"), killed, commit_shards=0)
 
 
 def test_a_new_image_whose_sha256_tail_matches_a_stored_one_is_still_validated(

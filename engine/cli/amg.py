@@ -137,7 +137,7 @@ def amg(
 
     import torch
 
-    from engine.amg import SamAutomaticMaskGenerator, image_record
+    from engine.amg import SamAutomaticMaskGenerator
     from engine.model import load_model
 
     try:

@@ -64,6 +64,13 @@ def ingest(
             "CPU, at most 8)"
         ),
     ] = None,
+    commit_shards: Annotated[
+        Optional[int],
+        typer.Option(
+            help="ingest.commit_shards: commit every N new shards, so a stopped ingest re-run "
+            "goes on from its last commit (--set ingest.commit_shards=null: once, at the end)"
+        ),
+    ] = None,
     ray: Annotated[
         Optional[bool],
         typer.Option(
@@ -85,7 +92,8 @@ def ingest(
     from stages.config import RayConfig
 
     overrides = list(set_ or [])
-    flags = {"shard_size": shard_size, "skip_known": skip_known, "threads": threads, "ray": ray}
+    flags = {"shard_size": shard_size, "skip_known": skip_known, "threads": threads,
+             "commit_shards": commit_shards, "ray": ray}  # fmt: skip
     for key, value in flags.items():
         if value is not None:
             text = str(value).lower() if isinstance(value, bool) else value
@@ -103,7 +111,8 @@ def ingest(
     progress = IngestProgress(enabled=ingest_cfg.progress)
     kwargs = dict(
         shard_size=ingest_cfg.shard_size, skip_known=ingest_cfg.skip_known,
-        threads=ingest_cfg.threads, on_file=progress.update,
+        threads=ingest_cfg.threads, commit_shards=ingest_cfg.commit_shards,
+        on_file=progress.update,
     )  # fmt: skip
     try:
         if ingest_cfg.ray:
