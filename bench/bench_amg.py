@@ -133,7 +133,6 @@ def one(
     """Run one generator in this process and report (called in a subprocess); `dump`: a file to
     pickle the records to (masks as COCO RLE), for the agreement with another run."""
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import torch
 
     from engine.image_io import load_image

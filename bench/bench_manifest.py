@@ -42,7 +42,7 @@ from stages.steps import decoded_row_bytes, object_store_mb  # noqa: E402
 
 def write_manifest(root: Path, images: int, shard_size: int) -> None:
     """A store whose manifest lists `images` synthetic images, in parts of 1M rows."""
-    store = Store.create(root)
+    Store.create(root)
     (root / "manifest").mkdir(exist_ok=True)
     for part, start in enumerate(range(1, images + 1, 1_000_000)):
         ids = np.arange(start, min(images, start + 999_999) + 1)

@@ -91,7 +91,6 @@ def make_folder(folder: Path, count: int, short_side: int, distinct: int | None 
 
 def stage_parts(args):
     """(stage name, StageSpec, factory of the plain per-image function) for --stage."""
-    from sharding.runner import StageResult
     from stages.classical import classical_spec, make_classical
 
     if args.stage == "classical":

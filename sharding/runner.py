@@ -119,9 +119,12 @@ def decode_row(row: ImageRow, *, max_pixels: int, min_side: int) -> np.ndarray |
     try:
         return load_image(row.data, name=row.source, max_pixels=max_pixels, min_side=min_side)
     except ImageLoadError as err:
-        return ImageOutcome(
-            row.image_id, quarantined=_entry(row, err.reason, f"{err.detail} ({err.fix})")
-        )
+        return ImageOutcome(row.image_id, quarantined=unreadable_entry(row, err))
+
+
+def unreadable_entry(row: ImageRow, err: ImageLoadError) -> dict[str, Any]:
+    """The quarantine entry of a shard row the image loader refused: its reason, detail and fix."""
+    return _entry(row, err.reason, f"{err.detail} ({err.fix})")
 
 
 def apply_stage(stage: str, row: ImageRow, rgb: np.ndarray, process: ProcessFn) -> ImageOutcome:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +71,7 @@ class LocalCluster:
         args = [sys.executable, "-c", RAY_START, "start", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0"]
         args += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         if head:
-            args += [f"--head", f"--port={self.port}", "--include-dashboard=false"]
+            args += ["--head", f"--port={self.port}", "--include-dashboard=false"]
             args += [f"--temp-dir={self.tmp}"]
         else:
             args += [f"--address={self.address}"]

@@ -205,3 +205,36 @@ def test_assisted_cli_errors(tmp_path, coco):
     assert result.exit_code == 1 and "--checkpoint is required" in result.output
     result = CliRunner().invoke(app, ["report", str(store.root)])
     assert result.exit_code == 1 and "no finished gear" in result.output
+
+
+def test_web_session_quarantines_an_unreadable_image_with_its_reason(tmp_path, parity_dir, demo_photos):
+    """The web tool skips an image its loader refuses (bit rot in a shard) and records why, in the
+    shard's record and the store's quarantine; a later session's commits keep that entry."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.gears.server import AnnotationSession
+    from engine.model import build_sam
+    from engine.predictor import SamPredictor
+    from sharding import Store, ingest
+
+    store = Store.create(tmp_path / "store")
+    ingest(str(demo_photos[0].parent), store, shard_size=4)
+    path = store.shard_path("shard-000000")  # cut image 1's bytes, as a rotting disk would
+    table = pq.read_table(path)
+    data = table.column("data").to_pylist()
+    data[0] = data[0][:1000]
+    column = table.schema.get_field_index("data")
+    pq.write_table(table.set_column(column, "data", pa.array(data, pa.binary())), path)
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+
+    assert AnnotationSession(store, SamPredictor(sam)).next_image()["image_id"] == 2
+    record = store.done_record("assisted", 0, "shard-000000")
+    assert record["images"] == [1] and record["quarantined"][0]["reason"] == "corrupt"
+    (entry,) = [q for q in store.quarantine().to_pylist() if q["stage"] == "assisted"]
+    assert entry["image_id"] == 1 and entry["source"].endswith(demo_photos[0].name)
+
+    later = AnnotationSession(Store(store.root), SamPredictor(sam))
+    later.finish_image(later.next_image()["image_id"])
+    record = store.done_record("assisted", 0, "shard-000000")
+    assert record["images"] == [1, 2] and [q["image_id"] for q in record["quarantined"]] == [1]

@@ -10,7 +10,6 @@ as a PNG.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -38,7 +38,7 @@ from engine.gears.semi import prefilled_effort
 from engine.image_io import ImageLoadError, load_image
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
-from sharding.runner import annotation_id
+from sharding.runner import annotation_id, unreadable_entry
 from sharding.store import ShardOutput, Store
 from sharding.tables import table_to_masks
 
@@ -75,6 +75,7 @@ class ShardWork:
     images: list[int]
     masks: dict[int, list[Accepted]] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
+    quarantined: dict[int, dict[str, Any]] = field(default_factory=dict)  # unreadable, with reasons
     skipped: int = 0
     timed_out: int = 0
 
@@ -135,6 +136,7 @@ class AnnotationSession:
         if record is None:
             return work
         work.done = set(record["images"])
+        work.quarantined = {q["image_id"]: q for q in record.get("quarantined", [])}
         table = self.store.read_annotations(self.stage, self.round, shard)
         masks = table_to_masks(table)
         efforts = {
@@ -151,7 +153,9 @@ class AnnotationSession:
 
     def _commit(self, shard: str) -> None:
         work = self.work[shard]
-        out = ShardOutput(done=sorted(work.done))
+        out = ShardOutput(
+            done=sorted(work.done), quarantined=[work.quarantined[i] for i in sorted(work.quarantined)]
+        )
         for image_id in sorted(work.masks):
             for k, acc in enumerate(work.masks[image_id]):
                 mask_id = annotation_id(image_id, k)
@@ -204,7 +208,9 @@ class AnnotationSession:
                 continue
             try:
                 cur = self._image(image_id)
-            except ImageLoadError as err:  # unreadable: recorded as done without masks
+            except ImageLoadError as err:  # unreadable: done without masks, quarantined with why
+                row = self.store.read_image(shard, image_id)
+                self.work[shard].quarantined[image_id] = unreadable_entry(row, err)
                 self.work[shard].done.add(image_id)
                 self._commit(shard)
                 continue

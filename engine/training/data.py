@@ -16,7 +16,6 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 
 from engine import rle
 from engine.image_io import load_image
