@@ -283,6 +283,8 @@ def ingest(
         (files read, files to read, the report's counts so far): a progress display.
     Returns:
       (IngestReport): counts; bad inputs are in `store.ingest_quarantine()` with their reasons.
+    Raises:
+      ValueError: bad arguments or source, or another ingest adding to the store right now.
     """
     if shard_size < 1:
         raise ValueError(
@@ -292,7 +294,23 @@ def ingest(
         raise ValueError(
             f"commit_shards {commit_shards} is invalid: use a positive number of shards or None"
         )
-    source = os.fspath(source)  # (kept in the run record: JSON)
+    with store.ingest_lock():
+        return _ingest(
+            os.fspath(source), store, shard_size, skip_known, threads, commit_shards, cluster, on_file
+        )
+
+
+def _ingest(
+    source: str,
+    store: Store,
+    shard_size: int,
+    skip_known: bool,
+    threads: int | None,
+    commit_shards: int | None,
+    cluster: IngestCluster | None,
+    on_file: Callable[[int, int, IngestReport], None] | None,
+) -> IngestReport:
+    """`ingest`, under the store's ingest lock."""
     listing = list_source(source, with_sizes=skip_known)
     report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
     manifest = store.manifest_columns(["image_id", "source", "sha256"] + ["bytes"] * skip_known)

@@ -3,7 +3,7 @@
 Layout (all tables are Parquet; every file is written atomically: temporary name, then rename):
 
     STORE/store.json                                  format, version, ingest limits
-    STORE/manifest/part-NNNNNN.parquet                one part per ingest that added something:
+    STORE/manifest/part-NNNNNN.parquet                one part per ingest commit:
                                                       image_id, source, bytes, sha256, width, height,
                                                       shard, original_mode, exif_rotated
     STORE/shards/shard-NNNNNN.parquet                 the ORIGINAL image bytes (+ id, source, sha256,
@@ -32,12 +32,15 @@ with its recorded size; anything else (output without record, a missing or trunc
 redone. The recorded sha256s are checked where data leaves the store (exports) and by `status`: a
 file that fails it (changed after its commit) sets its record aside (`.done.json.corrupt`), so the
 next run redoes the shard.
-Manifest parts are written last in an ingest, so an interrupted ingest leaves no half-visible batch.
+A manifest part is renamed into place after its shards and tables (an ingest commits one every
+`commit_shards` new shards), so an interrupted ingest leaves no half-visible batch; one ingest at a
+time adds to a store (`Store.ingest_lock`).
 The store is a local or shared POSIX folder (rename must be atomic); sources may be any fsspec URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -566,6 +569,41 @@ class Store:
                 for q in (record or {}).get("quarantined", []):
                     entries.append({**q, "stage": stage, "round": round_, "shard": record["shard"]})
         return pa.concat_tables([self.ingest_quarantine(), tables.quarantine_rows(entries)])
+
+    @contextlib.contextmanager
+    def ingest_lock(self) -> Iterator[None]:
+        """Hold the store's ingest lock (`STORE/.ingest.lock`, an OS file lock) for the block.
+
+        An ingest numbers images and shards from what the store holds when it starts; two at once
+        would hand out the same ids and shard names and overwrite each other's shards. The lock
+        goes with its process (a killed ingest leaves nothing to clean up); its file names the
+        holder for the message the next one gets. Raises ValueError while another process holds
+        it. On a filesystem without file locks it warns and goes on unlocked."""
+        import fcntl
+        import socket
+        import warnings
+
+        path = self.root / ".ingest.lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that gave no details"
+                raise ValueError(
+                    f"another ingest is adding to {self.root} ({holder}): two at once would hand "
+                    "out the same ids and shards; wait for it to end, then run this one"
+                ) from None
+            except OSError as exc:
+                warnings.warn(f"{path}: no file locks here ({exc}); run one ingest at a time")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_now()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
 
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         path = (

@@ -331,3 +331,28 @@ def test_new_images_dedupe_through_merges_and_tail_twins():
     assert new.get("c" * 48 + tail) is None and new.get(hashlib.sha256(b"x").hexdigest()) is None
     with pytest.raises(ValueError, match="consecutive"):
         new.add(hashlib.sha256(b"y").hexdigest(), 500, "s3://b/y.jpg")
+
+
+def test_one_ingest_at_a_time_and_a_killed_one_holds_nothing(tmp_path, demo_photos):
+    """Two ingests at once would number the same images and shards: the second is refused,
+    naming the first; the lock goes with its process, so a SIGKILLed holder leaves none."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = Store.create(tmp_path / "store")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sharding.store import Store\n"
+         "with Store(sys.argv[1]).ingest_lock():\n    print('held', flush=True); time.sleep(60)",
+         str(store.root)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"another ingest is adding to .*\(pid {holder.pid} on "):
+            ingest(str(demo_photos[0].parent), store)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.manifest().num_rows == 0
+    assert ingest(str(demo_photos[0].parent), store).added == len(demo_photos)
