@@ -10,6 +10,9 @@ Release folder:
     OUT/SHA256SUMS       `<sha256>  sa_NNNNNN.tar` lines (`sha256sum -c SHA256SUMS` works)
     OUT/MEMBERS.tsv      tar, member, bytes, sha256 of every member of every tar
     OUT/release.json     annotation source (stage, round), privacy round, counts, frame
+    OUT/.export/         one record per tar: what it was made from, its sha256 and members; an
+                         export stopped midway, run again, keeps the tars already written
+                         (release.json is written last). Not part of the release.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.image_io import ImageLoadError, load_image_with_info
@@ -28,6 +32,8 @@ from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record, r
 from sharding.store import PRIVACY_STAGE, Store, sha256_file, utc_now
 
 JPEG_QUALITY = 95
+RESUME_DIR = ".export"  # per-tar records: what each tar was made from (not part of the release)
+EXPORT_VERSION = 1  # bump when the bytes an export writes for the same inputs change
 
 
 @dataclass
@@ -40,6 +46,7 @@ class ExportReport:
     annotations: int = 0
     skipped_shards: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[int, str] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # tars kept from a stopped or earlier export
 
 
 def export_sa1b(
@@ -63,7 +70,13 @@ def export_sa1b(
       ValueError: no privacy output, or shards without it and allow_partial is False.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "release.json").is_file():
+    resume = out_dir / RESUME_DIR
+    if (
+        out_dir.exists()
+        and any(out_dir.iterdir())
+        and not (out_dir / "release.json").is_file()
+        and not resume.is_dir()
+    ):
         raise ValueError(
             f"'{out_dir}' is a non-empty folder that is not a release: pass a new or empty folder"
         )
@@ -76,8 +89,9 @@ def export_sa1b(
                 "a release never contains unblurred originals"
             )
         privacy_round = privacy_rounds[-1]
-    annotated = completed(store, stage, round_)
-    blurred = completed(store, PRIVACY_STAGE, privacy_round)
+    # sizes here; each shard's bytes are checked against their sha256 when its tar is written
+    annotated = completed(store, stage, round_, check="size")
+    blurred = completed(store, PRIVACY_STAGE, privacy_round, check="size")
     report = ExportReport(stage, round_, privacy_round)
     missing = [s for s in annotated if s not in blurred]
     if missing and not allow_partial:
@@ -87,31 +101,34 @@ def export_sa1b(
         )
     for shard in store.shards():
         if shard not in annotated:
-            report.skipped_shards[shard] = f"no finished {stage} round {round_} output" + (
-                " (its output failed its sha256 check and was set aside: run the stage again)"
-                if store.set_aside_path(stage, round_, shard).is_file()
-                else ""
-            )
+            report.skipped_shards[shard] = _not_finished(store, stage, round_, shard)
         elif shard not in blurred:
             report.skipped_shards[shard] = (
                 f"no privacy output (round {privacy_round}): never released unblurred"
             )
-    members_lines, sums_lines = ["tar\tmember\tbytes\tsha256"], []
-    for shard in store.shards():
-        if shard in report.skipped_shards:
-            continue
-        tar_name = f"sa_{shard.split('-')[-1]}.tar"
-        records = shard_records(store, stage, round_, shard, annotated[shard])
-        members = _write_tar(
-            store, out_dir / tar_name, shard, privacy_round, records, short_side, report
-        )
-        report.tars.append(tar_name)
-        members_lines += [f"{tar_name}\t{name}\t{size}\t{digest}" for name, size, digest in members]
-        sums_lines.append(f"{sha256_file(out_dir / tar_name)}  {tar_name}")
+    resume.mkdir(parents=True, exist_ok=True)  # (from here on the folder is an export's)
+    sums_lines = []
+    with atomic_path(out_dir / "MEMBERS.tsv") as tmp, open(tmp, "w", encoding="utf-8") as members:
+        members.write("tar\tmember\tbytes\tsha256\n")
+        for shard in store.shards():
+            if shard in report.skipped_shards:
+                continue
+            done = _export_shard(
+                store, out_dir, shard, (stage, round_, privacy_round, short_side), allow_partial, report
+            )
+            if done is None:
+                continue
+            report.tars.append(done["tar"])
+            report.images += done["images"]
+            report.annotations += done["annotations"]
+            report.skipped_images.update({int(k): v for k, v in done["skipped_images"].items()})
+            for name, size, digest in done["members"]:
+                members.write(f"{done['tar']}\t{name}\t{size}\t{digest}\n")
+            sums_lines.append(f"{done['sha256']}  {done['tar']}")
     for stale in out_dir.glob("sa_*.tar"):  # tars of an earlier export into this release folder
         if stale.name not in report.tars:
             stale.unlink()
-    atomic_write_bytes(out_dir / "MEMBERS.tsv", ("\n".join(members_lines) + "\n").encode())
+            (resume / f"{stale.name}.json").unlink(missing_ok=True)
     atomic_write_bytes(
         out_dir / "SHA256SUMS", ("\n".join(sums_lines) + "\n").encode() if sums_lines else b""
     )
@@ -133,6 +150,72 @@ def export_sa1b(
         indent=1,
     )
     return report
+
+
+def _not_finished(store: Store, stage: str, round_: int, shard: str) -> str:
+    return f"no finished {stage} round {round_} output" + (
+        " (its output failed its sha256 check and was set aside: run the stage again)"
+        if store.set_aside_path(stage, round_, shard).is_file()
+        else ""
+    )
+
+
+def _export_shard(
+    store: Store,
+    out_dir: Path,
+    shard: str,
+    source: tuple[str, int, int, int],
+    allow_partial: bool,
+    report: ExportReport,
+) -> dict[str, Any] | None:
+    """One shard's tar and its resume record (`OUT/.export/<tar>.json`: what the tar was made
+    from, its sha256, members and counts). A tar whose record names the same inputs (the two
+    completion records, which list every output's sha256, and the export settings) and whose
+    bytes still match its sha256 is kept as it is: a stopped export, run again, goes on from
+    there. Otherwise the shard's outputs are checked against their sha256 and the tar written.
+    None: the shard is skipped (its reason in `report.skipped_shards`)."""
+    stage, round_, privacy_round, short_side = source
+    tar_name = f"sa_{shard.split('-')[-1]}.tar"
+    path, record_path = out_dir / tar_name, out_dir / RESUME_DIR / f"{tar_name}.json"
+    inputs = [
+        hashlib.sha256(store.done_path(s, r, shard).read_bytes()).hexdigest()
+        for s, r in ((stage, round_), (PRIVACY_STAGE, privacy_round))
+    ]
+    key = json.dumps([EXPORT_VERSION, stage, round_, privacy_round, short_side, JPEG_QUALITY, inputs])
+    try:
+        old = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is not None and old.get("key") == key and path.is_file() and sha256_file(path) == old["sha256"]:
+        report.reused.append(tar_name)
+        return old
+    annotation_record = store.done_record(stage, round_, shard, "sha256")
+    if annotation_record is None:
+        report.skipped_shards[shard] = _not_finished(store, stage, round_, shard)
+        return None
+    if store.done_record(PRIVACY_STAGE, privacy_round, shard, "sha256") is None:
+        why = (
+            f"its privacy output (round {privacy_round}) failed its sha256 check and was set "
+            "aside: run the privacy stage again"
+        )
+        if not allow_partial:
+            raise ValueError(f"shard {shard}: {why}, or pass --allow-partial to skip it")
+        report.skipped_shards[shard] = why
+        return None
+    records = shard_records(store, stage, round_, shard, annotation_record)
+    counts = ExportReport(stage, round_, privacy_round)
+    members = _write_tar(store, path, shard, privacy_round, records, short_side, counts)
+    done = {
+        "key": key,
+        "tar": tar_name,
+        "sha256": sha256_file(path),
+        "images": counts.images,
+        "annotations": counts.annotations,
+        "skipped_images": {str(k): v for k, v in counts.skipped_images.items()},
+        "members": members,
+    }
+    atomic_write_json(record_path, done)
+    return done
 
 
 def _write_tar(

@@ -199,3 +199,35 @@ def test_an_image_the_privacy_stage_failed_on_is_not_released(annotated, tmp_pat
     assert sorted(_members(tmp_path / "rel" / "sa_000000.tar")) == ["sa_1.jpg", "sa_1.json"]
     release = json.loads((tmp_path / "rel" / "release.json").read_text())
     assert release["skipped_images"] == {"2": report.skipped_images[2]}
+
+
+def test_a_stopped_export_goes_on_from_the_tars_it_wrote(annotated, tmp_path, monkeypatch):
+    """An export that stops after its first tar keeps it: run again, it reuses that tar (the same
+    inputs, its bytes still matching their sha256) and writes the rest, ending with the release
+    an export that never stopped makes; other settings make every tar anew."""
+    import sharding.export_sa1b as export
+
+    run_stage(annotated, "privacy", 0, blur_stage)
+    clean = export_sa1b(annotated, tmp_path / "clean")
+    write_tar = export._write_tar
+
+    def stop_at_the_second(store, path, *args):
+        if path.name == "sa_000001.tar":
+            raise KeyboardInterrupt  # the export is stopped here
+        return write_tar(store, path, *args)
+
+    monkeypatch.setattr(export, "_write_tar", stop_at_the_second)
+    rel = tmp_path / "rel"
+    with pytest.raises(KeyboardInterrupt):
+        export_sa1b(annotated, rel)
+    assert sorted(p.name for p in rel.iterdir()) == [".export", "sa_000000.tar"]
+    monkeypatch.setattr(export, "_write_tar", write_tar)
+    first = (rel / "sa_000000.tar").stat().st_mtime_ns
+    report = export_sa1b(annotated, rel)
+    assert report.reused == ["sa_000000.tar"] and (rel / "sa_000000.tar").stat().st_mtime_ns == first
+    assert (report.tars, report.images, report.annotations) == (clean.tars, clean.images, clean.annotations)
+    for name in ("sa_000000.tar", "sa_000001.tar", "MEMBERS.tsv", "SHA256SUMS"):
+        assert (rel / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert verify_release(rel) == []
+    assert export_sa1b(annotated, rel).reused == clean.tars  # nothing changed: nothing rewritten
+    assert export_sa1b(annotated, rel, short_side=200).reused == []  # another frame: all anew

@@ -192,8 +192,9 @@ def export_sa1b(
         )
     except ValueError as err:
         fail(str(err))
+    kept = f" ({len(report.reused)} kept from an earlier export)" if report.reused else ""
     typer.echo(
-        f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars, "
+        f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars{kept}, "
         f"{report.images} images, {report.annotations} annotations"
     )
     for shard, why in report.skipped_shards.items():
