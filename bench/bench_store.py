@@ -125,6 +125,12 @@ def main(count: int = 100) -> None:
         print(
             f"verify {size:.0f} MB release: {time.perf_counter() - t:.2f} s, {len(problems)} problems"
         )
+        t = time.perf_counter()
+        again = export_sa1b(store, tmp / "release")
+        print(
+            f"re-export into the release (nothing changed): {time.perf_counter() - t:.2f} s, "
+            f"{len(again.reused)}/{len(again.tars)} tars kept"
+        )
 
 
 if __name__ == "__main__":
