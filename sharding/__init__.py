@@ -6,7 +6,8 @@
 - `store.Store`: the store layout (see its docstring), shard reading, atomic shard outputs with
   completion records, the quarantine table.
 - `runner.run_stage` / `process_shard`: the stage-agnostic runner (skip done, redo incomplete).
-- `export_sa1b`, `export_coco`, `verify`: releases and their checksums; `status`: progress.
+- `export_sa1b`, `export_coco`, `verify`: releases and their checksums (`ExportConfig`: the
+  `export:` block; SA-1B tars on Ray through `stages.export.RayExport`); `status`: progress.
 """
 
 from sharding.manifest import IngestConfig, IngestReport, ingest

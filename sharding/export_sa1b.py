@@ -23,7 +23,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.image_io import ImageLoadError, load_image_with_info
@@ -34,6 +34,44 @@ from sharding.store import PRIVACY_STAGE, Store, sha256_file, utc_now
 JPEG_QUALITY = 95
 RESUME_DIR = ".export"  # per-tar records: what each tar was made from (not part of the release)
 EXPORT_VERSION = 1  # bump when the bytes an export writes for the same inputs change
+
+
+@dataclass
+class ExportConfig:
+    """The `export:` config block (`sa-engine export sa1b`): see `export_sa1b` for the first
+    five; ray: write the tars as Ray tasks, one a shard (on ray.address / RAY_ADDRESS, else an
+    embedded local Ray); cpus: CPUs one such task reserves."""
+
+    stage: str | None = None
+    round: int | None = None
+    privacy_round: int | None = None
+    short_side: int = RELEASE_SHORT_SIDE
+    allow_partial: bool = False
+    ray: bool = False
+    cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.short_side, int) or self.short_side < 0:
+            raise ValueError(
+                f"export.short_side={self.short_side!r} is invalid: use a number of pixels >= 0 "
+                "(0 keeps the store frame)"
+            )
+        if not isinstance(self.cpus, (int, float)) or not self.cpus > 0:
+            raise ValueError(f"export.cpus={self.cpus!r} is invalid: use a value > 0")
+
+
+# What one shard's export came to: ("written" | "kept", tar name) or ("skipped", reason).
+ShardOutcome = tuple[str, str]
+
+
+class ExportCluster(Protocol):
+    """Where `export_sa1b` writes the tars (`stages.export.RayExport`: Ray tasks); None: here."""
+
+    def export_shards(
+        self, store: Store, out_dir: Path, shards: list[str], source: tuple, allow_partial: bool
+    ) -> list[ShardOutcome]:
+        """`export_shard(store, out_dir, shard, source, allow_partial)` for every shard, in order."""
+        ...
 
 
 @dataclass
@@ -58,6 +96,7 @@ def export_sa1b(
     privacy_round: int | None = None,
     short_side: int = RELEASE_SHORT_SIDE,
     allow_partial: bool = False,
+    cluster: ExportCluster | None = None,
 ) -> ExportReport:
     """Write an SA-1B release of one annotation output.
 
@@ -66,6 +105,9 @@ def export_sa1b(
       privacy_round (int | None): which privacy output supplies the images (default: highest).
       short_side (int): release frame's shortest side (0 keeps the store frame; no upscaling).
       allow_partial (bool): skip (and report) shards without privacy output instead of refusing.
+      cluster (ExportCluster | None): write the tars there, a shard a task (the store and OUT
+        must be shared storage); this process writes the lists and release.json. The same
+        bytes as without.
     Raises:
       ValueError: no privacy output, or shards without it and allow_partial is False.
     """
@@ -107,17 +149,22 @@ def export_sa1b(
                 f"no privacy output (round {privacy_round}): never released unblurred"
             )
     resume.mkdir(parents=True, exist_ok=True)  # (from here on the folder is an export's)
+    todo = [shard for shard in store.shards() if shard not in report.skipped_shards]
+    source = (stage, round_, privacy_round, short_side)
+    if cluster is not None:
+        outcomes = cluster.export_shards(store, out_dir, todo, source, allow_partial)
+    else:
+        outcomes = [export_shard(store, out_dir, shard, source, allow_partial) for shard in todo]
     sums_lines = []
     with atomic_path(out_dir / "MEMBERS.tsv") as tmp, open(tmp, "w", encoding="utf-8") as members:
         members.write("tar\tmember\tbytes\tsha256\n")
-        for shard in store.shards():
-            if shard in report.skipped_shards:
+        for shard, (status, value) in zip(todo, outcomes):
+            if status == "skipped":
+                report.skipped_shards[shard] = value
                 continue
-            done = _export_shard(
-                store, out_dir, shard, (stage, round_, privacy_round, short_side), allow_partial, report
-            )
-            if done is None:
-                continue
+            if status == "kept":
+                report.reused.append(value)
+            done = json.loads((resume / f"{value}.json").read_text())  # one tar's members at a time
             report.tars.append(done["tar"])
             report.images += done["images"]
             report.annotations += done["annotations"]
@@ -160,20 +207,17 @@ def _not_finished(store: Store, stage: str, round_: int, shard: str) -> str:
     )
 
 
-def _export_shard(
-    store: Store,
-    out_dir: Path,
-    shard: str,
-    source: tuple[str, int, int, int],
-    allow_partial: bool,
-    report: ExportReport,
-) -> dict[str, Any] | None:
-    """One shard's tar and its resume record (`OUT/.export/<tar>.json`: what the tar was made
-    from, its sha256, members and counts). A tar whose record names the same inputs (the two
-    completion records, which list every output's sha256, and the export settings) and whose
-    bytes still match its sha256 is kept as it is: a stopped export, run again, goes on from
-    there. Otherwise the shard's outputs are checked against their sha256 and the tar written.
-    None: the shard is skipped (its reason in `report.skipped_shards`)."""
+def export_shard(
+    store: Store, out_dir: Path, shard: str, source: tuple, allow_partial: bool
+) -> ShardOutcome:
+    """One shard's tar and its record (`OUT/.export/<tar>.json`: what the tar was made from, its
+    sha256, members and counts), written where this runs. A tar whose record names the same
+    inputs (the two completion records, which list every output's sha256, and the export
+    settings `source` = (stage, round, privacy round, short side)) and whose bytes still match
+    its sha256 is kept as it is: a stopped export, run again, goes on from there. Otherwise the
+    shard's outputs are checked against their sha256 and the tar is written.
+
+    Raises ValueError when the privacy output fails its check and `allow_partial` is False."""
     stage, round_, privacy_round, short_side = source
     tar_name = f"sa_{shard.split('-')[-1]}.tar"
     path, record_path = out_dir / tar_name, out_dir / RESUME_DIR / f"{tar_name}.json"
@@ -187,12 +231,10 @@ def _export_shard(
     except (OSError, ValueError):
         old = None
     if old is not None and old.get("key") == key and path.is_file() and sha256_file(path) == old["sha256"]:
-        report.reused.append(tar_name)
-        return old
+        return "kept", tar_name
     annotation_record = store.done_record(stage, round_, shard, "sha256")
     if annotation_record is None:
-        report.skipped_shards[shard] = _not_finished(store, stage, round_, shard)
-        return None
+        return "skipped", _not_finished(store, stage, round_, shard)
     if store.done_record(PRIVACY_STAGE, privacy_round, shard, "sha256") is None:
         why = (
             f"its privacy output (round {privacy_round}) failed its sha256 check and was set "
@@ -200,8 +242,7 @@ def _export_shard(
         )
         if not allow_partial:
             raise ValueError(f"shard {shard}: {why}, or pass --allow-partial to skip it")
-        report.skipped_shards[shard] = why
-        return None
+        return "skipped", why
     records = shard_records(store, stage, round_, shard, annotation_record)
     counts = ExportReport(stage, round_, privacy_round)
     members = _write_tar(store, path, shard, privacy_round, records, short_side, counts)
@@ -215,7 +256,7 @@ def _export_shard(
         "members": members,
     }
     atomic_write_json(record_path, done)
-    return done
+    return "written", tar_name
 
 
 def _write_tar(

@@ -102,6 +102,14 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
             ["ingest", "{demo}", "--store", "{tmp}/s", "--set", "ingest.chunks=8"],
             "config block 'ingest' has unknown keys ['chunks']",
         ),
+        (
+            ["export", "sa1b", "{tmp}", "--out", "{tmp}/r", "--short-side", "-1"],
+            "export.short_side=-1 is invalid: use a number of pixels >= 0",
+        ),
+        (
+            ["export", "sa1b", "{tmp}", "--out", "{tmp}/r", "--set", "export.cpu=2"],
+            "config block 'export' has unknown keys ['cpu']",
+        ),
         (["status", "{tmp}"], "is not a store (no store.json): run `sa-engine ingest"),
         (["export", "coco", "{tmp}", "--out", "{tmp}/c.json"], "is not a store"),
         (["verify", "{tmp}/none"], "does not exist: pass the --out folder"),

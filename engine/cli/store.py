@@ -166,35 +166,84 @@ export_app = typer.Typer(
 @export_app.command("sa1b")
 def export_sa1b(
     store: StoreArg,
-    out: Annotated[Path, typer.Option(help="release folder (new or a previous release)")],
+    out: Annotated[Path, typer.Option(help="release folder (new, a previous release, or a stopped export's)")],
+    config: Annotated[
+        str, typer.Option(help="config name in configs/ or a YAML path (its export: block)")
+    ] = "sa1b",
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="block.key=value override, e.g. export.cpus=2 (repeatable)"),
+    ] = None,
     stage: StageOpt = None,
     round_: RoundOpt = None,
     privacy_round: Annotated[
-        Optional[int], typer.Option(help="privacy output round (default: latest)")
+        Optional[int], typer.Option(help="export.privacy_round: privacy output round (default: latest)")
     ] = None,
-    short_side: ShortSideOpt = 1500,
+    short_side: Annotated[
+        Optional[int],
+        typer.Option(help="export.short_side: release frame's shortest side in px (0: the store frame)"),
+    ] = None,
     allow_partial: Annotated[
-        bool, typer.Option(help="skip shards without privacy output instead of refusing")
-    ] = False,
+        Optional[bool],
+        typer.Option(
+            "--allow-partial/--whole",
+            help="export.allow_partial: skip shards without privacy output instead of refusing",
+        ),
+    ] = None,
+    ray: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ray/--local",
+            help="export.ray: write the tars as Ray tasks, a shard each (on --address / RAY_ADDRESS, "
+            "else an embedded local Ray); --local (default): in this process",
+        ),
+    ] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="ray.address: export on this Ray cluster (implies --ray)")
+    ] = None,
 ) -> None:
-    """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv."""
+    """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv; a stopped
+    export run again into the same folder keeps the tars it wrote."""
+    from engine.cli.config import load_config, section
+    from sharding.export_sa1b import ExportConfig
     from sharding.export_sa1b import export_sa1b as run_export
+    from stages.config import RayConfig
 
+    overrides = list(set_ or [])
+    flags = {"stage": stage, "round": round_, "privacy_round": privacy_round,
+             "short_side": short_side, "allow_partial": allow_partial, "ray": ray}  # fmt: skip
+    for key, value in flags.items():
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else value
+            overrides.append(f"export.{key}={text}")
+    if address:
+        overrides += [f"ray.address={address}", "export.ray=true"]
     try:
-        report = run_export(
-            _open(store),
-            out,
-            stage=stage,
-            round_=round_,
-            privacy_round=privacy_round,
-            short_side=short_side,
-            allow_partial=allow_partial,
-        )
+        cfg = load_config(config, overrides)
+        export_cfg = section(cfg, "export", ExportConfig)
+        ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
+        fail(str(err))
+    target = _open(store)
+    kwargs = dict(
+        stage=export_cfg.stage, round_=export_cfg.round, privacy_round=export_cfg.privacy_round,
+        short_side=export_cfg.short_side, allow_partial=export_cfg.allow_partial,
+    )  # fmt: skip
+    try:
+        if export_cfg.ray:
+            from stages.cluster import ray_session
+            from stages.export import RayExport
+
+            with ray_session(ray_cfg) as where:
+                typer.echo(f"export on {where}", err=True)
+                report = run_export(target, out, cluster=RayExport(export_cfg.cpus), **kwargs)
+        else:
+            report = run_export(target, out, **kwargs)
+    except (ValueError, RuntimeError) as err:
         fail(str(err))
     kept = f" ({len(report.reused)} kept from an earlier export)" if report.reused else ""
     typer.echo(
-        f"{stage or report.stage} round {report.round} -> {out}: {len(report.tars)} tars{kept}, "
+        f"{report.stage} round {report.round} -> {out}: {len(report.tars)} tars{kept}, "
         f"{report.images} images, {report.annotations} annotations"
     )
     for shard, why in report.skipped_shards.items():
