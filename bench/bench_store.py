@@ -131,6 +131,28 @@ def main(count: int = 100) -> None:
             f"re-export into the release (nothing changed): {time.perf_counter() - t:.2f} s, "
             f"{len(again.reused)}/{len(again.tars)} tars kept"
         )
+        _ray_export(tmp, count, store)
+
+
+def _ray_export(tmp: Path, count: int, store: Store) -> None:
+    """The same SA-1B export on an embedded local Ray (`export sa1b --ray`, a task a tar),
+    checked byte-identical to the one-process export's tars."""
+    from stages.cluster import ray_session
+    from stages.config import RayConfig
+    from stages.export import RayExport
+
+    with ray_session(RayConfig()):
+        t = time.perf_counter()
+        report = export_sa1b(store, tmp / "release-ray", cluster=RayExport())
+        dt = time.perf_counter() - t
+    same = all(
+        (tmp / "release-ray" / name).read_bytes() == (tmp / "release" / name).read_bytes()
+        for name in report.tars + ["MEMBERS.tsv", "SHA256SUMS"]
+    )
+    print(
+        f"export sa1b on Ray ({len(report.tars)} tasks): {dt:.2f} s, {count / dt:.1f} images/s, "
+        f"release {'identical to' if same else 'DIFFERENT from'} the one-process export's"
+    )
 
 
 if __name__ == "__main__":
