@@ -346,10 +346,40 @@ def _ingest(
         if on_file is not None:
             on_file(done, len(to_read), report)
 
+    started = utc_now()
+    record_path = store.root / "runs" / "ingest" / f"{started.replace(':', '')}-{os.getpid()}.json"
+
+    def write_record(finished: bool) -> None:
+        """The run record, rewritten at each commit (what a stopped ingest committed) and last."""
+        for q in committed[-1].quarantined if not finished else []:
+            report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
+        counts = {
+            "added": sum(p.manifest.count for p in committed),
+            "duplicates": sum(len(p.duplicates) for p in committed),
+            "quarantined": sum(len(p.quarantined) for p in committed),
+            "shards_added": [s for p in committed for s in p.shards],
+        }
+        store.write_run_record(
+            "ingest",
+            {
+                "source": source,
+                "started_at": started,
+                "finished_at": utc_now() if finished else None,  # None: stopped, or still running
+                "parts": [p.number for p in committed],
+                "shard_size": shard_size,
+                "commit_shards": commit_shards,
+                "on": "local threads" if cluster is None else "cluster",
+                **report.__dict__,
+                **({} if finished else counts),
+            },
+            record_path,
+        )
+
     def commit() -> None:
         nonlocal part
         part.commit(store, cluster)
         committed.append(part)
+        write_record(finished=False)
         part = _Part.open(store, part.number + 1)
 
     try:
@@ -419,21 +449,8 @@ def _ingest(
         if writer is not None:
             writer.abort()
         part.abort()  # the uncommitted rest (nothing, after the last commit)
-    for q in (q for p in committed for q in p.quarantined):
-        report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
     if committed:
-        store.write_run_record(
-            "ingest",
-            {
-                "source": source,
-                "finished_at": utc_now(),
-                "parts": [p.number for p in committed],
-                "shard_size": shard_size,
-                "commit_shards": commit_shards,
-                "on": "local threads" if cluster is None else "cluster",
-                **report.__dict__,
-            },
-        )
+        write_record(finished=True)
     return report
 
 

@@ -263,15 +263,17 @@ def test_an_ingest_stopped_after_a_commit_goes_on_from_it(tmp_path):
     (tmp_path / "src" / "broken.jpg").write_bytes(b"not a jpeg")  # quarantined in the first part
     clean = ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5, commit_shards=2)
     assert clean.added == 60 and len(list((tmp_path / "clean" / "manifest").glob("*.parquet"))) == 6
-    manifest = tmp_path / "killed" / "manifest"
+    runs = tmp_path / "killed" / "runs" / "ingest"  # (written just after each commit)
     _kill_mid_ingest(
-        tmp_path, tmp_path / "killed", ["--commit-shards", "2"],
-        lambda _: list(manifest.glob("part-*.parquet")),
-    )  # fmt: skip
+        tmp_path, tmp_path / "killed", ["--commit-shards", "2"], lambda _: list(runs.glob("*.json"))
+    )
     killed = Store(tmp_path / "killed")
     kept = killed.manifest().num_rows
     assert kept in (10, 20, 30, 40, 50), f"the kill must land after a commit, mid-ingest ({kept})"
     assert killed.ingest_quarantine().num_rows == 1
+    (record,) = [json.loads(p.read_text()) for p in runs.glob("*.json")]
+    assert record["finished_at"] is None and record["added"] == kept  # rewritten at each commit
+    assert record["parts"] == list(range(1, kept // 10 + 1)) and len(record["shards_added"]) == kept // 5
     report = ingest(str(tmp_path / "src"), killed, shard_size=5, commit_shards=2)
     assert (report.added, report.unchanged, report.quarantined) == (60 - kept, kept + 1, 0)
     assert report.listed == report.added + report.unchanged + report.duplicates + report.quarantined
