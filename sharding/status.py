@@ -41,6 +41,24 @@ def stage_progress(store: Store, check: str = "size") -> list[StageProgress]:
     return out
 
 
+def ingest_state(store: Store) -> list[str]:
+    """A line when an ingest is running now, or when the last one stopped before its end."""
+    holder = store.ingest_holder()
+    if holder is not None:
+        return [f"ingest running ({holder}): what it has committed so far is counted above"]
+    last = store.last_run_record("ingest")
+    if last is None or last.get("finished_at") is not None or "started_at" not in last:
+        return []
+    flags = f"--shard-size {last['shard_size']}" + (
+        f" --commit-shards {last['commit_shards']}" if last.get("commit_shards") else ""
+    )
+    return [
+        f"the last ingest, of {last['source']} (started {last['started_at']}), stopped after "
+        f"committing {last['added']} images in {len(last['shards_added'])} shards: run "
+        f"`sa-engine ingest {last['source']} --store {store.root} {flags}` again to go on"
+    ]
+
+
 def status_lines(store: Store, check: str = "size") -> list[str]:
     manifest = store.manifest_index()
     lines = [
@@ -48,6 +66,7 @@ def status_lines(store: Store, check: str = "size") -> list[str]:
         f"{store.duplicates().num_rows} duplicates recorded, "
         f"{store.ingest_quarantine().num_rows} quarantined at ingest",
     ]
+    lines += ingest_state(store)
     for p in stage_progress(store, check):
         line = (
             f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "

@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -586,7 +587,14 @@ class Store:
         path = self.root / ".ingest.lock"
         with open(path, "a+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for attempt in range(10):  # (`ingest_holder` may hold it shared for a moment)
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if attempt == 9:
+                            raise
+                        time.sleep(0.05)
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "a process that gave no details"
@@ -604,6 +612,34 @@ class Store:
                 yield
             finally:
                 handle.truncate(0)
+
+    def ingest_holder(self) -> str | None:
+        """Who holds the ingest lock now (`ingest_lock`'s description of it), or None: no ingest
+        is running. Probes with a shared lock, released at once."""
+        import fcntl
+
+        path = self.root / ".ingest.lock"
+        if not path.is_file():
+            return None
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "a process that gave no details"
+            except OSError:  # no file locks here: nothing to tell
+                return None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+    def last_run_record(self, name: str) -> dict[str, Any] | None:
+        """The newest run record of `name` (records are named by their start time), or None."""
+        paths = sorted((self.root / "runs" / name).glob("*.json"))
+        for path in reversed(paths):
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+        return None
 
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         path = (

@@ -9,6 +9,7 @@ import pytest
 
 from sharding.manifest import ingest
 from sharding.sources import list_source
+from sharding.status import status_lines
 from sharding.store import INDEX_COLUMNS, Store
 from store_helpers import synthetic_photos
 
@@ -274,8 +275,12 @@ def test_an_ingest_stopped_after_a_commit_goes_on_from_it(tmp_path):
     (record,) = [json.loads(p.read_text()) for p in runs.glob("*.json")]
     assert record["finished_at"] is None and record["added"] == kept  # rewritten at each commit
     assert record["parts"] == list(range(1, kept // 10 + 1)) and len(record["shards_added"]) == kept // 5
+    (line,) = [l for l in status_lines(killed) if "the last ingest" in l]
+    assert f"stopped after committing {kept} images in {kept // 5} shards" in line
+    assert line.endswith(f"--store {killed.root} --shard-size 5 --commit-shards 2` again to go on")
     report = ingest(str(tmp_path / "src"), killed, shard_size=5, commit_shards=2)
     assert (report.added, report.unchanged, report.quarantined) == (60 - kept, kept + 1, 0)
+    assert not any("the last ingest" in l or "ingest running" in l for l in status_lines(killed))
     assert report.listed == report.added + report.unchanged + report.duplicates + report.quarantined
     clean_files, killed_files = _files(tmp_path / "clean"), _files(tmp_path / "killed")
     del clean_files["store.json"], killed_files["store.json"]  # differ only in creation time
@@ -351,6 +356,7 @@ def test_one_ingest_at_a_time_and_a_killed_one_holds_nothing(tmp_path, demo_phot
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert f"ingest running (pid {holder.pid} on " in status_lines(store)[1]
         with pytest.raises(ValueError, match=rf"another ingest is adding to .*\(pid {holder.pid} on "):
             ingest(str(demo_photos[0].parent), store)
     finally:
