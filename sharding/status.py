@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
 from sharding.store import Store
 
 
@@ -62,7 +64,8 @@ def ingest_state(store: Store) -> list[str]:
 def status_lines(store: Store, check: str = "size") -> list[str]:
     manifest = store.manifest_index()
     lines = [
-        f"store {store.root}: {manifest.num_rows} images in {len(store.shards())} shards, "
+        f"store {store.root}: {manifest.num_rows} images in "
+        f"{pc.count_distinct(manifest.column('shard')).as_py()} shards, "
         f"{store.duplicates().num_rows} duplicates recorded, "
         f"{store.ingest_quarantine().num_rows} quarantined at ingest",
     ]
