@@ -351,8 +351,6 @@ def _ingest(
 
     def write_record(finished: bool) -> None:
         """The run record, rewritten at each commit (what a stopped ingest committed) and last."""
-        for q in committed[-1].quarantined if not finished else []:
-            report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
         counts = {
             "added": sum(p.manifest.count for p in committed),
             "duplicates": sum(len(p.duplicates) for p in committed),
@@ -379,6 +377,8 @@ def _ingest(
         nonlocal part
         part.commit(store, cluster)
         committed.append(part)
+        for q in part.quarantined:
+            report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
         write_record(finished=False)
         part = _Part.open(store, part.number + 1)
 
