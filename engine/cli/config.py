@@ -42,6 +42,19 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     return apply_overrides(config, overrides or [])
 
 
+def flag_overrides(block: str, flags: dict[str, Any], address: str | None = None) -> list[str]:
+    """`--set`-style overrides of `block`'s keys for the flags a command was given (None: not
+    given); `address` (a command's `--address`) sets `ray.address` and `block.ray=true`."""
+    import json
+
+    out = [
+        f"{block}.{key}={json.dumps(value if isinstance(value, (bool, int, float)) else str(value))}"
+        for key, value in flags.items()
+        if value is not None
+    ]  # (JSON scalars are YAML: a stage named "on" stays a string)
+    return out + ([f"ray.address={json.dumps(address)}", f"{block}.ray=true"] if address else [])
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     for item in overrides:

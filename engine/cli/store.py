@@ -85,23 +85,16 @@ def ingest(
     ] = None,
 ) -> None:
     """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
-    from engine.cli.config import load_config, section
+    from engine.cli.config import flag_overrides, load_config, section
     from sharding.manifest import IngestConfig
     from sharding.manifest import ingest as run_ingest
     from sharding.store import Store
     from stages.config import RayConfig
 
-    overrides = list(set_ or [])
     flags = {"shard_size": shard_size, "skip_known": skip_known, "threads": threads,
              "commit_shards": commit_shards, "ray": ray}  # fmt: skip
-    for key, value in flags.items():
-        if value is not None:
-            text = str(value).lower() if isinstance(value, bool) else value
-            overrides.append(f"ingest.{key}={text}")
-    if address:
-        overrides += [f"ray.address={address}", "ingest.ray=true"]
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, list(set_ or []) + flag_overrides("ingest", flags, address))
         ingest_cfg = section(cfg, "ingest", IngestConfig)
         ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
@@ -204,22 +197,15 @@ def export_sa1b(
 ) -> None:
     """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv; a stopped
     export run again into the same folder keeps the tars it wrote."""
-    from engine.cli.config import load_config, section
+    from engine.cli.config import flag_overrides, load_config, section
     from sharding.export_sa1b import ExportConfig
     from sharding.export_sa1b import export_sa1b as run_export
     from stages.config import RayConfig
 
-    overrides = list(set_ or [])
     flags = {"stage": stage, "round": round_, "privacy_round": privacy_round,
              "short_side": short_side, "allow_partial": allow_partial, "ray": ray}  # fmt: skip
-    for key, value in flags.items():
-        if value is not None:
-            text = str(value).lower() if isinstance(value, bool) else value
-            overrides.append(f"export.{key}={text}")
-    if address:
-        overrides += [f"ray.address={address}", "export.ray=true"]
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, list(set_ or []) + flag_overrides("export", flags, address))
         export_cfg = section(cfg, "export", ExportConfig)
         ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
