@@ -82,13 +82,17 @@ class _ChangingSource(RayIngest):
         super().write_shards(store, plan, shards)
 
 
-def test_a_source_changed_between_the_reads_commits_nothing(tmp_path, local_ray, demo_photos):
+def _two_photos(tmp_path, demo_photos):
+    """(source folder of two photos, the second's path, an empty store)."""
     src = tmp_path / "src"
     src.mkdir()
     for p in demo_photos[:2]:
         shutil.copy(p, src / p.name)
-    store = Store.create(tmp_path / "store")
-    changed = src / demo_photos[1].name
+    return src, src / demo_photos[1].name, Store.create(tmp_path / "store")
+
+
+def test_a_source_changed_between_the_reads_commits_nothing(tmp_path, local_ray, demo_photos):
+    src, changed, store = _two_photos(tmp_path, demo_photos)
     with pytest.raises(ValueError, match=f"{changed} changed while it was ingested"):
         ingest(str(src), store, shard_size=1, cluster=_ChangingSource(changed))
     assert store.manifest().num_rows == 0 and not list((store.root / "manifest").glob("*.parquet"))
@@ -99,12 +103,7 @@ def test_a_source_changed_between_the_reads_commits_nothing(tmp_path, local_ray,
 def test_a_source_changed_after_a_commit_keeps_the_commit(tmp_path, local_ray, demo_photos):
     """Commits a shard at a time: the second photo changes before its part's shard is written;
     the first part stays committed, and a re-run adds the second photo as it is now."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in demo_photos[:2]:
-        shutil.copy(p, src / p.name)
-    store = Store.create(tmp_path / "store")
-    changed = src / demo_photos[1].name
+    src, changed, store = _two_photos(tmp_path, demo_photos)
     with pytest.raises(ValueError, match="nothing since the ingest's last commit was committed"):
         ingest(str(src), store, shard_size=1, commit_shards=1, cluster=_ChangingSource(changed))
     assert store.manifest().column("source").to_pylist() == [(src / demo_photos[0].name).as_uri()]

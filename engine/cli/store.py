@@ -16,6 +16,13 @@ StageOpt = Annotated[
 RoundOpt = Annotated[
     Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")
 ]
+ConfigOpt = Annotated[
+    str, typer.Option(help="config name in configs/ or a YAML path (its ingest: or export: block, ray:)")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="block.key=value override, e.g. export.cpus=2 (repeatable)"),
+]
 ShortSideOpt = Annotated[
     int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")
 ]
@@ -38,13 +45,8 @@ def ingest(
     store: Annotated[
         Path, typer.Option(help="store folder (created if new; on a cluster: shared storage)")
     ],
-    config: Annotated[
-        str, typer.Option(help="config name in configs/ or a YAML path (its ingest: block)")
-    ] = "sa1b",
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="block.key=value override, e.g. ingest.chunk=256 (repeatable)"),
-    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
     shard_size: Annotated[
         Optional[int], typer.Option(help="ingest.shard_size: images per new shard")
     ] = None,
@@ -159,14 +161,11 @@ export_app = typer.Typer(
 @export_app.command("sa1b")
 def export_sa1b(
     store: StoreArg,
-    out: Annotated[Path, typer.Option(help="release folder (new, a previous release, or a stopped export's)")],
-    config: Annotated[
-        str, typer.Option(help="config name in configs/ or a YAML path (its export: block)")
-    ] = "sa1b",
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="block.key=value override, e.g. export.cpus=2 (repeatable)"),
-    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="release folder (new, a previous release, or a stopped export's)")
+    ],
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
     stage: StageOpt = None,
     round_: RoundOpt = None,
     privacy_round: Annotated[
