@@ -230,7 +230,8 @@ def export_shard(
         old = json.loads(record_path.read_text())
     except (OSError, ValueError):
         old = None
-    if old is not None and old.get("key") == key and path.is_file() and sha256_file(path) == old["sha256"]:
+    kept = old is not None and old.get("key") == key and path.is_file()
+    if kept and sha256_file(path) == old["sha256"]:
         return "kept", tar_name
     annotation_record = store.done_record(stage, round_, shard, "sha256")
     if annotation_record is None:

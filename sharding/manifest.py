@@ -482,7 +482,8 @@ class _Part:
         if self.duplicates:
             _write_table(store.root / "duplicates" / f"part-{name}", self.duplicates, tables.DUPLICATES)
         if self.quarantined:
-            _write_table(store.root / "quarantine" / f"ingest-{name}", self.quarantined, tables.QUARANTINE)
+            path = store.root / "quarantine" / f"ingest-{name}"
+            _write_table(path, self.quarantined, tables.QUARANTINE)
         self.manifest.close()
 
     def abort(self) -> None:

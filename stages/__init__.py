@@ -1,1 +1,2 @@
-"""Ray Data pipelines for the privacy stage and the three gears (thin wiring over `engine/` and `sharding/`), and ingest and SA-1B export on a cluster."""
+"""Ray Data pipelines for the privacy stage and the three gears (thin wiring over `engine/` and
+`sharding/`), and ingest and SA-1B export on a cluster."""

@@ -225,7 +225,8 @@ def test_a_stopped_export_goes_on_from_the_tars_it_wrote(annotated, tmp_path, mo
     first = (rel / "sa_000000.tar").stat().st_mtime_ns
     report = export_sa1b(annotated, rel)
     assert report.reused == ["sa_000000.tar"] and (rel / "sa_000000.tar").stat().st_mtime_ns == first
-    assert (report.tars, report.images, report.annotations) == (clean.tars, clean.images, clean.annotations)
+    assert (report.tars, report.images) == (clean.tars, clean.images)
+    assert report.annotations == clean.annotations
     for name in ("sa_000000.tar", "sa_000001.tar", "MEMBERS.tsv", "SHA256SUMS"):
         assert (rel / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert verify_release(rel) == []

@@ -262,7 +262,8 @@ def test_an_ingest_stopped_after_a_commit_goes_on_from_it(tmp_path):
     was never stopped makes, file for file."""
     synthetic_photos(tmp_path / "src", 60, size=(640, 480))
     (tmp_path / "src" / "broken.jpg").write_bytes(b"not a jpeg")  # quarantined in the first part
-    clean = ingest(str(tmp_path / "src"), Store.create(tmp_path / "clean"), shard_size=5, commit_shards=2)
+    clean = Store.create(tmp_path / "clean")
+    clean = ingest(str(tmp_path / "src"), clean, shard_size=5, commit_shards=2)
     assert clean.added == 60 and len(list((tmp_path / "clean" / "manifest").glob("*.parquet"))) == 6
     runs = tmp_path / "killed" / "runs" / "ingest"  # (written just after each commit)
     _kill_mid_ingest(
