@@ -23,7 +23,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.image_io import ImageLoadError, load_image_with_info
@@ -40,7 +40,8 @@ EXPORT_VERSION = 1  # bump when the bytes an export writes for the same inputs c
 class ExportConfig:
     """The `export:` config block (`sa-engine export sa1b`): see `export_sa1b` for the first
     five; ray: write the tars as Ray tasks, one a shard (on ray.address / RAY_ADDRESS, else an
-    embedded local Ray); cpus: CPUs one such task reserves."""
+    embedded local Ray); cpus: CPUs one such task reserves; progress: the command's progress
+    line (tars, images, masks) on stderr."""
 
     stage: str | None = None
     round: int | None = None
@@ -49,6 +50,7 @@ class ExportConfig:
     allow_partial: bool = False
     ray: bool = False
     cpus: float = 1.0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.short_side, int) or self.short_side < 0:
@@ -69,8 +71,9 @@ class ExportCluster(Protocol):
 
     def export_shards(
         self, store: Store, out_dir: Path, shards: list[str], source: tuple, allow_partial: bool
-    ) -> list[ShardOutcome]:
-        """`export_shard(store, out_dir, shard, source, allow_partial)` for every shard, in order."""
+    ) -> Iterator[ShardOutcome]:
+        """`export_shard(store, out_dir, shard, source, allow_partial)` for every shard, in
+        order, each as soon as it and those before it are done."""
         ...
 
 
@@ -97,6 +100,7 @@ def export_sa1b(
     short_side: int = RELEASE_SHORT_SIDE,
     allow_partial: bool = False,
     cluster: ExportCluster | None = None,
+    on_shard: Callable[[dict[str, Any] | None, int], None] | None = None,
 ) -> ExportReport:
     """Write an SA-1B release of one annotation output.
 
@@ -108,6 +112,9 @@ def export_sa1b(
       cluster (ExportCluster | None): write the tars there, a shard a task (the store and OUT
         must be shared storage); this process writes the lists and release.json. The same
         bytes as without.
+      on_shard (Callable | None): called after each shard to export, in order, with its tar's
+        record (tar, images, annotations, ...) or None (skipped), and the number of shards to
+        export: a progress display.
     Raises:
       ValueError: no privacy output, or shards without it and allow_partial is False.
     """
@@ -154,13 +161,15 @@ def export_sa1b(
     if cluster is not None:
         outcomes = cluster.export_shards(store, out_dir, todo, source, allow_partial)
     else:
-        outcomes = [export_shard(store, out_dir, shard, source, allow_partial) for shard in todo]
+        outcomes = (export_shard(store, out_dir, shard, source, allow_partial) for shard in todo)
     sums_lines = []
     with atomic_path(out_dir / "MEMBERS.tsv") as tmp, open(tmp, "w", encoding="utf-8") as members:
         members.write("tar\tmember\tbytes\tsha256\n")
         for shard, (status, value) in zip(todo, outcomes):
             if status == "skipped":
                 report.skipped_shards[shard] = value
+                if on_shard is not None:
+                    on_shard(None, len(todo))
                 continue
             if status == "kept":
                 report.reused.append(value)
@@ -172,6 +181,8 @@ def export_sa1b(
             for name, size, digest in done["members"]:
                 members.write(f"{done['tar']}\t{name}\t{size}\t{digest}\n")
             sums_lines.append(f"{done['sha256']}  {done['tar']}")
+            if on_shard is not None:
+                on_shard(done, len(todo))
     for stale in out_dir.glob("sa_*.tar"):  # tars of an earlier export into this release folder
         if stale.name not in report.tars:
             stale.unlink()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sharding.export_sa1b import ShardOutcome, export_shard
 from sharding.store import Store
@@ -28,12 +28,12 @@ class RayExport:
 
     def export_shards(
         self, store: Store, out_dir: Path, shards: list[str], source: tuple, allow_partial: bool
-    ) -> list[ShardOutcome]:
+    ) -> Iterator[ShardOutcome]:
         import ray
         from ray.data import DataContext
 
         if not shards:
-            return []
+            return
         ctx = DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
@@ -48,13 +48,10 @@ class RayExport:
             },
             num_cpus=self.cpus,
         )
-        rows = list(ds.iter_rows())
-        # a task's own exception would reach the driver only as Ray's traceback text
-        errors = [row["error"] for row in rows if row["error"]]
-        if errors:
-            more = f" (and {len(errors) - 1} more shard(s) like it)" if len(errors) > 1 else ""
-            raise ValueError(errors[0] + more)
-        return [(row["status"], row["value"]) for row in rows]
+        for row in ds.iter_rows():  # in shard order, each as soon as it is done
+            if row["error"]:  # (a task's own exception would come back as Ray's traceback text)
+                raise ValueError(row["error"])
+            yield row["status"], row["value"]
 
 
 def _export_row(

@@ -1,4 +1,5 @@
-"""The per-stage progress bar: shards, images and masks per second, on stderr; and the ingest's."""
+"""The per-stage progress bar: shards, images and masks per second, on stderr; and the ingest's
+and the export's."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ class Progress:
         if self.tty and time.perf_counter() - self._shown > 0.25:
             self._show()
 
-    def add_shard(self) -> None:
+    def add_shard(self, images: int = 0, masks: int = 0) -> None:
+        """A shard done (with `images` and `masks` not yet counted image by image)."""
         self.shards += 1
+        self.images += images
+        self.masks += masks
         self._show(newline=not self.tty)
 
     def line(self) -> str:
@@ -53,6 +57,26 @@ class Progress:
         self._shown = time.perf_counter()
         self.stream.write(("\r" if self.tty else "") + self.line() + ("\n" if newline else ""))
         self.stream.flush()
+
+
+class ExportProgress(Progress):
+    """The SA-1B export's line: tars done of those to write (kept ones included), images and
+    masks released; one line per tar in a log."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None) -> None:
+        super().__init__("export sa1b", 0, 0, enabled, stream)
+
+    def update(self, done: dict | None, total: int) -> None:
+        """`sharding.export_sa1b.export_sa1b`'s `on_shard`."""
+        self.shards_total = total
+        self.add_shard(*((done["images"], done["annotations"]) if done else (0, 0)))
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return (
+            f"{self.label}: tars {self.shards}/{self.shards_total} | images {self.images} | "
+            f"{self.masks} masks | {self.images / dt:.1f} images/s"
+        )
 
 
 class IngestProgress(Progress):

@@ -53,12 +53,17 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
     result = _invoke("export", "sa1b", store, "--out", rel, "--stage", "classical", "--round", 0)
     assert result.exit_code == 0, result.output
     assert "2 tars, 4 images" in result.output
+    assert "export sa1b: tars 1/2 | images 2 |" in result.output  # a progress line per tar
+    assert "export sa1b: tars 2/2 | images 4 |" in result.output
     with tarfile.open(rel / "sa_000001.tar") as tar:
         assert tar.getnames() == ["sa_3.jpg", "sa_3.json", "sa_4.jpg", "sa_4.json"]
     assert _invoke("verify", rel).exit_code == 0
     (rel / "sa_000001.tar").write_bytes((rel / "sa_000001.tar").read_bytes()[:3000])
     broken = _invoke("verify", rel)
     assert broken.exit_code == 1 and "sa_000001.tar/sa_4.json: missing" in broken.output
+    again = _invoke("export", "sa1b", store, "--out", rel, "--stage", "classical", "--round", 0)
+    assert "2 tars (1 kept from an earlier export)" in again.output  # the cut tar is made anew
+    assert _invoke("verify", rel).exit_code == 0
 
     result = _invoke("export", "coco", store, "--out", tmp_path / "coco.json")
     assert result.exit_code == 0 and COCO(str(tmp_path / "coco.json")).getAnnIds()

@@ -209,10 +209,14 @@ def export_sa1b(
         ray_cfg = section(cfg, "ray", RayConfig)
     except ValueError as err:
         fail(str(err))
+    from stages.progress import ExportProgress
+
     target = _open(store)
+    progress = ExportProgress(enabled=export_cfg.progress)
     kwargs = dict(
         stage=export_cfg.stage, round_=export_cfg.round, privacy_round=export_cfg.privacy_round,
         short_side=export_cfg.short_side, allow_partial=export_cfg.allow_partial,
+        on_shard=progress.update,
     )  # fmt: skip
     try:
         if export_cfg.ray:
@@ -225,7 +229,9 @@ def export_sa1b(
         else:
             report = run_export(target, out, **kwargs)
     except (ValueError, RuntimeError) as err:
+        progress.close()
         fail(str(err))
+    progress.close()
     kept = f" ({len(report.reused)} kept from an earlier export)" if report.reused else ""
     typer.echo(
         f"{report.stage} round {report.round} -> {out}: {len(report.tars)} tars{kept}, "
