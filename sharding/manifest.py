@@ -327,7 +327,8 @@ def _ingest(
     shard_names = store.shards()
     next_shard = int(shard_names[-1].split("-")[-1]) + 1 if shard_names else 0
     part = _Part.open(store, len(list((store.root / "manifest").glob("part-*.parquet"))) + 1)
-    committed: list[_Part] = []
+    committed: list[int] = []  # the parts committed
+    totals = IngestReport()  # what they added, duplicates and quarantined, their shards
     writer: _TableWriter | None = None  # the shard being written here (no cluster)
     in_shard = 0
 
@@ -339,10 +340,9 @@ def _ingest(
         reads = _read_in_order(to_read, check, threads or min(8, os.cpu_count() or 1))
 
     def counted(done: int) -> None:
-        parts = committed + [part]
-        report.added = sum(p.manifest.count for p in parts)
-        report.duplicates = sum(len(p.duplicates) for p in parts)
-        report.quarantined = sum(len(p.quarantined) for p in parts)
+        report.added = totals.added + part.manifest.count
+        report.duplicates = totals.duplicates + len(part.duplicates)
+        report.quarantined = totals.quarantined + len(part.quarantined)
         if on_file is not None:
             on_file(done, len(to_read), report)
 
@@ -352,10 +352,10 @@ def _ingest(
     def write_record(finished: bool) -> None:
         """The run record, rewritten at each commit (what a stopped ingest committed) and last."""
         counts = {
-            "added": sum(p.manifest.count for p in committed),
-            "duplicates": sum(len(p.duplicates) for p in committed),
-            "quarantined": sum(len(p.quarantined) for p in committed),
-            "shards_added": [s for p in committed for s in p.shards],
+            "added": totals.added,
+            "duplicates": totals.duplicates,
+            "quarantined": totals.quarantined,
+            "shards_added": totals.shards_added,
         }
         store.write_run_record(
             "ingest",
@@ -363,7 +363,7 @@ def _ingest(
                 "source": source,
                 "started_at": started,
                 "finished_at": utc_now() if finished else None,  # None: stopped, or still running
-                "parts": [p.number for p in committed],
+                "parts": committed,
                 "shard_size": shard_size,
                 "commit_shards": commit_shards,
                 "on": "local threads" if cluster is None else "cluster",
@@ -376,7 +376,11 @@ def _ingest(
     def commit() -> None:
         nonlocal part
         part.commit(store, cluster)
-        committed.append(part)
+        committed.append(part.number)
+        totals.added += part.manifest.count
+        totals.duplicates += len(part.duplicates)
+        totals.quarantined += len(part.quarantined)
+        totals.shards_added += part.shards
         for q in part.quarantined:
             report.reasons[q["reason"]] = report.reasons.get(q["reason"], 0) + 1
         write_record(finished=False)
