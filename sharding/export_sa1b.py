@@ -232,10 +232,13 @@ def export_shard(
     stage, round_, privacy_round, short_side = source
     tar_name = f"sa_{shard.split('-')[-1]}.tar"
     path, record_path = out_dir / tar_name, out_dir / RESUME_DIR / f"{tar_name}.json"
-    inputs = [
-        hashlib.sha256(store.done_path(s, r, shard).read_bytes()).hexdigest()
-        for s, r in ((stage, round_), (PRIVACY_STAGE, privacy_round))
-    ]
+    try:
+        inputs = [
+            hashlib.sha256(store.done_path(s, r, shard).read_bytes()).hexdigest()
+            for s, r in ((stage, round_), (PRIVACY_STAGE, privacy_round))
+        ]
+    except FileNotFoundError:  # a record set aside (or a shard redone) since the export began
+        return "skipped", _not_finished(store, stage, round_, shard)
     key = json.dumps([EXPORT_VERSION, stage, round_, privacy_round, short_side, JPEG_QUALITY, inputs])
     try:
         old = json.loads(record_path.read_text())
