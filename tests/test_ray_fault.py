@@ -1,7 +1,8 @@
 """Fault tolerance for real: a local two-node Ray cluster on loopback loses its worker node in the
 middle of `sa-engine run`, and every shard is still committed exactly once, with nothing lost and
-no annotation twice (the same tables as the single-process runner gives); and an ingest on the
-cluster loses it while scanning files, and still writes the local ingest's store."""
+no annotation twice (the same tables as the single-process runner gives); an ingest on the
+cluster loses it while scanning files, and still writes the local ingest's store; and an SA-1B
+export loses it while writing tars, and still writes the one-process export's release."""
 
 import json
 import subprocess
@@ -12,9 +13,10 @@ import pytest
 
 from ray_cluster import LocalCluster, node_env
 from sharding.manifest import ingest
-from sharding.runner import run_stage
+from sharding.export_sa1b import export_sa1b
+from sharding.runner import StageResult, run_stage
 from sharding.store import Store
-from store_helpers import classical_stage, synthetic_photos
+from store_helpers import blur_stage, classical_stage, synthetic_photos
 
 SHARDS, PER_SHARD = 12, 4
 
@@ -128,4 +130,38 @@ def test_worker_node_killed_mid_ingest(tmp_path, cluster):
         if not p.name.startswith(".")
     }  # fmt: skip
     assert tables(store) == tables(reference.root)
+    print(output[-3000:])
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_export(tmp_path, cluster):
+    """`sa-engine export sa1b --address` loses the worker node while it writes tars: Ray reruns
+    the lost tasks and the release is the one-process export's, byte for byte."""
+    photos = synthetic_photos(tmp_path / "photos", 64, size=(2000, 1600), seed=7)
+    store = Store.create(tmp_path / "store")
+    ingest(str(photos[0].parent), store, shard_size=PER_SHARD)
+    run_stage(store, "empty", 0, lambda row, rgb: StageResult())  # an annotation source
+    run_stage(store, "privacy", 0, blur_stage)
+    export_sa1b(store, tmp_path / "reference")  # (1875x1500: each image is resized and encoded)
+
+    cmd = [sys.executable, "-m", "engine.cli", "export", "sa1b", str(store.root), "--out",
+           str(tmp_path / "release"), "--address", cluster.address]  # fmt: skip
+    log = (tmp_path / "export.log").open("w")
+    driver = subprocess.Popen(cmd, env=node_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not _running(cluster, "worker", b"_export_row"):
+            assert driver.poll() is None, (tmp_path / "export.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no export task ran on the worker node in 90 s"
+            time.sleep(0.02)
+        assert cluster.kill_node("worker") > 0
+        assert driver.poll() is None, "the export ended before the node was killed"
+        assert driver.wait(timeout=180) == 0, (tmp_path / "export.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = (tmp_path / "export.log").read_text()
+    assert "16 tars, 64 images" in output, output[-3000:]
+    for name in ["MEMBERS.tsv", "SHA256SUMS"] + [f"sa_{i:06d}.tar" for i in range(16)]:
+        assert (tmp_path / "release" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     print(output[-3000:])
