@@ -98,6 +98,27 @@ def _running(cluster, name: str, task: bytes) -> bool:
     return False
 
 
+def _kill_worker_during(cluster, cmd: list[str], log_path, task: bytes) -> str:
+    """Runs the command `cmd` as a driver on `cluster`, SIGKILLs the worker node as soon as one
+    of its processes runs the Ray task `task`, and returns the driver's output once it ended
+    well (the node must die while the command still runs)."""
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(cmd, env=node_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while not _running(cluster, "worker", task):
+                assert driver.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"no {task!r} task on the worker node in 90 s"
+                time.sleep(0.02)
+            assert cluster.kill_node("worker") > 0
+            assert driver.poll() is None, "the command ended before the node was killed"
+            assert driver.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    return log_path.read_text()
+
+
 @pytest.mark.slow
 def test_worker_node_killed_mid_ingest(tmp_path, cluster):
     """`sa-engine ingest --address` loses the worker node while it scans files: Ray reruns the
@@ -109,21 +130,7 @@ def test_worker_node_killed_mid_ingest(tmp_path, cluster):
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "engine.cli", "ingest", str(photos[0].parent), "--store", str(store)]
     cmd += ["--address", cluster.address, "--shard-size", str(PER_SHARD), "--set", "ingest.chunk=2"]
-    log = (tmp_path / "ingest.log").open("w")
-    driver = subprocess.Popen(cmd, env=node_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while not _running(cluster, "worker", b"_scan_batch"):
-            assert driver.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no scan task ran on the worker node in 90 s"
-            time.sleep(0.05)
-        assert cluster.kill_node("worker") > 0
-        assert driver.poll() is None, "the ingest ended before the node was killed"
-        assert driver.wait(timeout=180) == 0, (tmp_path / "ingest.log").read_text()[-3000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    output = (tmp_path / "ingest.log").read_text()
+    output = _kill_worker_during(cluster, cmd, tmp_path / "ingest.log", b"_scan_batch")
     assert "listed 96 files: 96 added in 24 new shards" in output, output[-3000:]
     tables = lambda root: {  # noqa: E731
         p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.parquet"))
@@ -146,21 +153,7 @@ def test_worker_node_killed_mid_export(tmp_path, cluster):
 
     cmd = [sys.executable, "-m", "engine.cli", "export", "sa1b", str(store.root), "--out",
            str(tmp_path / "release"), "--address", cluster.address]  # fmt: skip
-    log = (tmp_path / "export.log").open("w")
-    driver = subprocess.Popen(cmd, env=node_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while not _running(cluster, "worker", b"_export_row"):
-            assert driver.poll() is None, (tmp_path / "export.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no export task ran on the worker node in 90 s"
-            time.sleep(0.02)
-        assert cluster.kill_node("worker") > 0
-        assert driver.poll() is None, "the export ended before the node was killed"
-        assert driver.wait(timeout=180) == 0, (tmp_path / "export.log").read_text()[-3000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    output = (tmp_path / "export.log").read_text()
+    output = _kill_worker_during(cluster, cmd, tmp_path / "export.log", b"_export_row")
     assert "16 tars, 64 images" in output, output[-3000:]
     for name in ["MEMBERS.tsv", "SHA256SUMS"] + [f"sa_{i:06d}.tar" for i in range(16)]:
         assert (tmp_path / "release" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
