@@ -102,6 +102,16 @@ def local_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def quiet_and_ordered() -> None:
+    """Ray Data hands rows back in their input order (the ingest's ids follow the listing, the
+    export's lists the shards) and draws none of its own progress bars (the command has its own)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+
+
 def _nodes() -> int:
     import ray
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from sharding.export_sa1b import ShardOutcome, export_shard
 from sharding.store import Store
+from stages.cluster import quiet_and_ordered
 
 
 @dataclass
@@ -30,13 +31,10 @@ class RayExport:
         self, store: Store, out_dir: Path, shards: list[str], source: tuple, allow_partial: bool
     ) -> Iterator[ShardOutcome]:
         import ray
-        from ray.data import DataContext
 
         if not shards:
             return
-        ctx = DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
+        quiet_and_ordered()
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         ds = ds.map(
             _export_row,

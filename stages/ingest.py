@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from sharding.manifest import FileCheck, FileRead, write_planned_shard
 from sharding.store import Store
+from stages.cluster import quiet_and_ordered
 
 _COLUMNS = ("sha", "size", "reason", "detail", "mode", "rotated", "width", "height")
 # Scan tasks of one ingest, at most: Ray Data's cost per block in the driver (~3 ms to make it,
@@ -47,7 +48,7 @@ class RayIngest:
 
         if not uris:
             return
-        _quiet_and_ordered()
+        quiet_and_ordered()
         size = max(self.chunk, -(-len(uris) // MAX_SCAN_TASKS))
         chunks = [pa.table({"uri": uris[i : i + size]}) for i in range(0, len(uris), size)]
         ds = ray.data.from_arrow(chunks).map_batches(
@@ -65,7 +66,7 @@ class RayIngest:
     def write_shards(self, store: Store, plan: Path, shards: list[str]) -> None:
         import ray
 
-        _quiet_and_ordered()
+        quiet_and_ordered()
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         ds = ds.map(
             _write_row, fn_kwargs={"root": str(store.root), "plan": str(plan)}, num_cpus=self.cpus
@@ -77,15 +78,6 @@ class RayIngest:
             errors[0] += f" (and {len(errors) - 1} more shard(s) like it)"
         if errors:
             raise ValueError(errors[0])
-
-
-def _quiet_and_ordered() -> None:
-    """Rows come back in the listing's order (ids follow it); Ray Data's own bars stay off."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
 
 
 def _scan_batch(batch: Any, check: FileCheck) -> Any:
