@@ -131,8 +131,10 @@ def assisted(
     device: DeviceOpt = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Gear 1 (assisted-manual) on Ray: model actors encode each image once into the store, then
-    the simulated annotator clicks its references.
+    """Gear 1 (assisted-manual) on Ray: encode each image once, then annotate its references.
+
+    Model actors encode each image once into the store; then the simulated annotator clicks its
+    references.
 
     With --annotator simulated the SAM paper's simulated annotator clicks every reference mask of
     --references (matched to store images by file path) in order of prominence; accepted masks go
@@ -193,8 +195,10 @@ def semi(
     device: DeviceOpt = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Gear 2 (semi-automatic) on Ray: prefill images with detector boxes turned into SAM masks,
-    then the simulated annotator adds only the references no prefilled mask covers.
+    """Gear 2 (semi-automatic) on Ray: prefill detector-box masks, then add what they miss.
+
+    Images are prefilled with detector boxes turned into SAM masks; then the simulated annotator
+    adds only the references no prefilled mask covers.
 
     The object detector is trained once, here, on the store's gear-1 masks (stages/assisted) on
     the stored embeddings and saved as STORE/detectors/semi-round-N.pt (reused by later runs of
@@ -243,8 +247,10 @@ def report(
         Optional[Path], typer.Option(help="also write effort.json, effort.txt and effort.png here")
     ] = None,
 ) -> None:
-    """Annotation effort per gear and model round: masks per image, clicks per mask, IoU at
-    acceptance, seconds per mask, prefilled vs added (a table; --out adds a PNG plot)."""
+    """Annotation effort per gear and model round (a table; --out adds a PNG plot).
+
+    Masks per image, clicks per mask, IoU at acceptance, seconds per mask, prefilled vs added.
+    """
     from engine.gears.effort import effort_rows, format_table, write_report
 
     s = open_store(store)

@@ -14,7 +14,7 @@ import typer
 from engine.cli.common import fail, model_sets
 
 run_app = typer.Typer(
-    help="run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER)",
+    help="Run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER).",
     no_args_is_help=True,
 )
 
@@ -169,8 +169,10 @@ def classical(
     address: AddressOpt = None,
     shard: ShardOpt = None,
 ) -> None:
-    """Model-free stand-in stage (Otsu + connected components): checks a cluster and a store end
-    to end without weights (outputs: STORE/stages/classical/)."""
+    """Model-free stand-in stage (Otsu + connected components), no weights needed.
+
+    It checks a cluster and a store end to end (outputs: STORE/stages/classical/).
+    """
     st, _, ray_cfg = stage_setup(store, config, set_, address)
     from stages.classical import classical_spec
 

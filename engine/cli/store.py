@@ -153,7 +153,7 @@ def status(
 
 
 export_app = typer.Typer(
-    help="export one annotation output: SA-1B tar shards, COCO JSON or Parquet tables",
+    help="Export one annotation output: SA-1B tar shards, COCO JSON or Parquet tables.",
     no_args_is_help=True,
 )
 
@@ -194,8 +194,10 @@ def export_sa1b(
         Optional[str], typer.Option(help="ray.address: export on this Ray cluster (implies --ray)")
     ] = None,
 ) -> None:
-    """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv; a stopped
-    export run again into the same folder keeps the tars it wrote."""
+    """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv.
+
+    A stopped export run again into the same folder keeps the tars it wrote.
+    """
     from engine.cli.config import flag_overrides, load_config, section
     from sharding.export_sa1b import ExportConfig
     from sharding.export_sa1b import export_sa1b as run_export
