@@ -151,6 +151,19 @@ class ReferenceDriven:
     ) -> StageResult:
         raise NotImplementedError
 
+    def click_references(
+        self, references: list[np.ndarray], result: StageResult, facts: ImageFacts
+    ) -> StageResult:
+        """The simulated annotator on `references` (an all-zero mask is skipped): each accepted
+        mask and its effort go to `result`, each given-up one to `facts.given_up`."""
+        for _, trace in self.annotator.annotate_image(references):
+            if not trace.reached_target:
+                facts.given_up.append((trace.n_clicks, trace.seconds))
+                continue
+            result.masks.append(trace_record(trace, self.predictor))
+            result.effort.append(trace_effort(trace))
+        return result
+
 
 class AssistedAnnotation(ReferenceDriven):
     """Gear 1: every reference object is annotated from scratch, in order of prominence."""
@@ -158,14 +171,7 @@ class AssistedAnnotation(ReferenceDriven):
     def annotate(
         self, row: ImageRow, rgb: np.ndarray, image: ReferenceImage, facts: ImageFacts
     ) -> StageResult:
-        result = StageResult()
-        for _, trace in self.annotator.annotate_image([r.mask() for r in image.references]):
-            if not trace.reached_target:
-                facts.given_up.append((trace.n_clicks, trace.seconds))
-                continue
-            result.masks.append(trace_record(trace, self.predictor))
-            result.effort.append(trace_effort(trace))
-        return result
+        return self.click_references([r.mask() for r in image.references], StageResult(), facts)
 
 
 def shard_meta(

@@ -30,8 +30,6 @@ from engine.gears.assisted import (
     ReferenceDriven,
     mask_record,
     shard_meta,
-    trace_effort,
-    trace_record,
 )
 from engine.gears.detector import DetectorConfig, TrainedDetector, detect, train_detector
 from engine.gears.embeddings import EmbedReport, embed_shard
@@ -183,13 +181,7 @@ class SemiAnnotation(ReferenceDriven):
         facts.covered_by_prefill = sum(covered)
         facts.prefilled = len(prefilled)
         missing = [np.zeros_like(r) if c else r for r, c in zip(references, covered)]
-        for _, trace in self.annotator.annotate_image(missing):
-            if not trace.reached_target:
-                facts.given_up.append((trace.n_clicks, trace.seconds))
-                continue
-            result.masks.append(trace_record(trace, p))
-            result.effort.append(trace_effort(trace, prefilled=False))
-        return result
+        return self.click_references(missing, result, facts)
 
 
 def semi_meta(
