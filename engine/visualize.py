@@ -67,26 +67,12 @@ def draw_masks(
                 cv2.circle(panel, centre, radius, FOREGROUND if label == 1 else BACKGROUND, -1)
         if captions is not None:
             origin = (10, int(30 * max(scale, 0.5)))
-            cv2.putText(
-                panel,
-                captions[i],
-                origin,
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.8 * max(scale, 0.5),
-                (0, 0, 0),
-                thickness + 2,
-                cv2.LINE_AA,
-            )
-            cv2.putText(
-                panel,
-                captions[i],
-                origin,
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.8 * max(scale, 0.5),
-                (255, 255, 255),
-                thickness,
-                cv2.LINE_AA,
-            )
+            for colour, width in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
+                # white text on a black outline: readable on any photo
+                cv2.putText(
+                    panel, captions[i], origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8 * max(scale, 0.5),
+                    colour, width, cv2.LINE_AA,
+                )
         panels.append(panel)
     return np.concatenate(panels, axis=1) if panels else image.copy()
 
