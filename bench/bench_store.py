@@ -21,6 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.classical import classical_masks  # noqa: E402
+from engine.quality import QualityConfig, quality_rows  # noqa: E402
 from engine.image_io import load_image  # noqa: E402
 from sharding.export_sa1b import export_sa1b  # noqa: E402
 from sharding.manifest import ingest  # noqa: E402
@@ -103,6 +104,13 @@ def main(count: int = 100) -> None:
         print(
             f"classical stage: bare loop {bare_s:.2f} s, shard runner {run_s:.2f} s "
             f"({run_s / bare_s:.2f}x; {run.annotations} masks, {count / run_s:.1f} images/s)"
+        )
+        t = time.perf_counter()
+        (row,) = quality_rows(store, QualityConfig(stage="classical"))
+        dt = time.perf_counter() - t
+        print(
+            f"quality report ({row.masks} masks, every image's masks compared for near-duplicates): "
+            f"{dt:.2f} s, {row.masks / dt:.0f} masks/s, {count / dt:.0f} images/s"
         )
         t = time.perf_counter()
         skip = run_stage(store, "classical", 0, lambda row, rgb: StageResult())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo on the bundled photos with the bundled default model. `make demo` runs it.
-# ingest -> privacy -> gear 3 (automatic) -> release export + verify -> gear 1 (simulated
-# annotator) -> effort report -> one click. Retraining: see the README (train/evaluate). Small settings so it finishes in minutes on a CPU.
+# ingest -> privacy -> gear 3 (automatic) + quality report -> release export + verify -> gear 1
+# (simulated annotator) -> effort report -> one click. Retraining: see the README (train/evaluate). Small settings so it finishes in minutes on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SA=".venv/bin/sa-engine"
@@ -21,6 +21,7 @@ $SA run privacy "$STORE"
 echo "== 3. gear 3: automatic masks with the bundled model (round 0)"
 $SA run auto "$STORE" --model default "${AUTO[@]}"
 $SA status "$STORE"
+$SA quality "$STORE" --out "$OUT/quality"
 
 echo "== 4. release: SA-1B tars (blurred images only) + checksums, verified; COCO JSON"
 $SA export sa1b "$STORE" --out "$OUT/release"
@@ -47,4 +48,4 @@ $SA report "$STORE" --out "$OUT/report"
 echo "== 6. one click on the cat with the bundled model"
 $SA predict demo/photos/chelsea.jpg --model default --point 170,110 --multimask --out "$OUT/predict"
 
-echo "demo done: release in $OUT/release, effort report in $OUT/report, overlays in $OUT/predict"
+echo "demo done: release in $OUT/release, quality and effort reports in $OUT/quality and $OUT/report, overlays in $OUT/predict"

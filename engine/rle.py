@@ -60,6 +60,15 @@ def bbox_xywh(rles: Iterable[Rle]) -> np.ndarray:
     return mask_utils.toBbox(rles).reshape(-1, 4) if rles else np.zeros((0, 4))
 
 
+def iou(rles: list[Rle]) -> np.ndarray:
+    """N x N mask IoU of every pair of RLEs of one size (float64), without decoding (pycocotools
+    compares boxes first, so masks far apart cost almost nothing)."""
+    rles = [_as_bytes(_compressed(r)) for r in rles]
+    if not rles:
+        return np.zeros((0, 0))
+    return np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)), np.float64).reshape(len(rles), -1)
+
+
 def from_uncompressed(size: tuple[int, int], counts: list[int]) -> Rle:
     """Column-major run lengths (starting with a run of zeros) to compressed RLE."""
     h, w = int(size[0]), int(size[1])

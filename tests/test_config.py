@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -24,3 +25,18 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
         apply_overrides(config, ["amg.points"])
     with pytest.raises(ValueError, match="not found"):
         load_config("no-such-config")
+
+
+@pytest.mark.parametrize("name", ["sa1b", "meta-default"])
+def test_tool_blocks_of_the_configs_are_the_library_defaults(name):
+    """The configs document the defaults: a store tool's block says what its dataclass does."""
+    from engine.quality import QualityConfig
+    from sharding.export_sa1b import ExportConfig
+    from sharding.manifest import IngestConfig
+    from stages.config import RayConfig
+
+    config = load_config(name)
+    for block, cls in [("ingest", IngestConfig), ("export", ExportConfig),
+                       ("quality", QualityConfig), ("ray", RayConfig)]:  # fmt: skip
+        assert set(config[block]) == {f.name for f in dataclasses.fields(cls)}, block
+        assert section(config, block, cls) == cls(), block

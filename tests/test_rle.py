@@ -54,3 +54,21 @@ def test_crowd_vectors_compress_like_pycocotools(shared_data_dir):
         assert np.allclose(rle.bbox_xywh([raw])[0], v["pycocotools_bbox"]), v["name"]
     zero_leading = next(v for v in vectors if "ZeroLeading" in v["name"])
     assert rle.area([zero_leading["input_rle"]])[0] == zero_leading["pycocotools_decode_area"]
+
+
+def test_pairwise_iou_matches_decoded_masks(shared_data_dir):
+    results = json.loads((shared_data_dir / "rle_vectors" /
+                          "cocoapi_instances_val2014_fakesegm100_results.json").read_text())
+    segs = [r["segmentation"] for r in results if r["segmentation"]["size"] == [480, 640]][:40]
+    assert len(segs) == 40  # masks of several images of one size: some overlap, most do not
+    segs.append(dict(segs[0]))  # an exact copy: IoU 1 with the first
+    masks = rle.decode(segs)
+    expected = np.zeros((len(masks), len(masks)))
+    for i, a in enumerate(masks):
+        for j, b in enumerate(masks):
+            union = (a | b).sum()
+            expected[i, j] = (a & b).sum() / union if union else 0.0
+    got = rle.iou(segs)
+    assert got.shape == (len(segs), len(segs)) and np.allclose(got, expected)
+    assert got[0, -1] == 1.0 and (np.diag(got) == 1).all()
+    assert rle.iou([]).shape == (0, 0)

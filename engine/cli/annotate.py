@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets
+from engine.cli.common import fail, model_config, model_sets, open_store
 from engine.cli.gears import (
     CheckpointOpt,
     ConfigOpt,
@@ -18,7 +18,6 @@ from engine.cli.gears import (
     SetOpt,
     StoreArg,
     block,
-    open_store,
 )
 
 

@@ -15,6 +15,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def open_store(path: Path):
+    """The store at `path`, or a one-line error naming what is wrong with it."""
+    from sharding.store import Store
+
+    try:
+        return Store(path)
+    except ValueError as err:
+        fail(str(err))
+
+
 def files_under(folder: Path, out: Path | None = None) -> list[Path]:
     """Every file under `folder` (recursive), sorted; hidden files and folders, and anything
     inside `out` (a command's output folder placed in its input), left out: a re-run must not

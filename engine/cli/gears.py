@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets
+from engine.cli.common import fail, model_config, model_sets, open_store
 from engine.cli.predict import Device
 from engine.cli.run import AddressOpt, run_spec, stage_setup
 
@@ -56,15 +56,6 @@ ReferencesOpt = Annotated[
 class Annotator(str, Enum):
     simulated = "simulated"
     none = "none"
-
-
-def open_store(path: Path):
-    from sharding.store import Store
-
-    try:
-        return Store(path)
-    except ValueError as err:
-        fail(str(err))
 
 
 def block(cfg: dict, name: str, cls):

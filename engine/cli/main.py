@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from engine.cli import amg, annotate, gears, predict, privacy, run, store, train
+from engine.cli import amg, annotate, gears, predict, privacy, quality, run, store, train
 
 app = typer.Typer(
     name="sa-engine",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (predict, amg, store, privacy, run, gears, annotate, train):
+for module in (predict, amg, store, privacy, run, gears, quality, annotate, train):
     module.register(app)
 
 

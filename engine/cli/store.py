@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import fail, open_store
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
 StageOpt = Annotated[
@@ -26,15 +26,6 @@ SetOpt = Annotated[
 ShortSideOpt = Annotated[
     int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")
 ]
-
-
-def _open(store: Path):
-    from sharding.store import Store
-
-    try:
-        return Store(store)
-    except ValueError as err:
-        fail(str(err))
 
 
 def ingest(
@@ -148,7 +139,7 @@ def status(
     """Progress per stage and round: shards done/total, images, annotations, quarantined."""
     from sharding.status import status_lines
 
-    for line in status_lines(_open(store), "sha256" if verify else "size"):
+    for line in status_lines(open_store(store), "sha256" if verify else "size"):
         typer.echo(line)
 
 
@@ -213,7 +204,7 @@ def export_sa1b(
         fail(str(err))
     from stages.progress import ExportProgress
 
-    target = _open(store)
+    target = open_store(store)
     progress = ExportProgress(enabled=export_cfg.progress)
     kwargs = dict(
         stage=export_cfg.stage, round_=export_cfg.round, privacy_round=export_cfg.privacy_round,
@@ -261,7 +252,7 @@ def export_coco(
             f"--out '{out}' is a folder: pass the path of the JSON file to write, e.g. {out}/coco.json"
         )
     try:
-        counts = run_export(_open(store), out, stage=stage, round_=round_, short_side=short_side)
+        counts = run_export(open_store(store), out, stage=stage, round_=round_, short_side=short_side)
     except ValueError as err:
         fail(str(err))
     typer.echo(
@@ -285,7 +276,7 @@ def export_parquet(
     if out.is_file():
         fail(f"--out '{out}' is a file: pass a folder for the Parquet tables")
     try:
-        counts = run_export(_open(store), out, stage=stage, round_=round_)
+        counts = run_export(open_store(store), out, stage=stage, round_=round_)
     except ValueError as err:
         fail(str(err))
     typer.echo(

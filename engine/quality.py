@@ -1,0 +1,339 @@
+"""The dataset quality report: the SA-1B paper's dataset figures for a store's annotation outputs.
+
+One row per annotation stage and model round with finished shards: images and masks, masks per
+image (and the SA-1B paper's bins), relative mask size (the square root of mask area over image
+area, the paper's measure), predicted IoU and stability score, near-duplicate masks (another mask
+of the same image with mask IoU >= `duplicate_iou`: what users of the peers complain about), masks
+covering >= 95% of their image (the paper's filter drops them), and where mask centres fall on the
+image (a 16 x 16 grid; SA-1B's are spread, object-centric datasets' are centred).
+
+It reads one shard's annotation table at a time into fixed-size histograms, so memory does not
+grow with the store; `every` reads every k-th finished shard (a sample of a large store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import rle
+from sharding.outputs import completed
+from sharding.store import PRIVACY_STAGE, Store, check_stage
+
+# (label, first, last) masks per image; last None: no upper end. 1-10 ... >200: the paper's bins.
+PER_IMAGE_BINS = (("0", 0, 0), ("1-10", 1, 10), ("11-50", 11, 50), ("51-100", 51, 100),
+                  ("101-200", 101, 200), (">200", 201, None))  # fmt: skip
+# Relative mask size bins (sqrt(mask area / image area)), upper ends (each bin holds [lower, upper)).
+SIZE_BINS = (0.05, 0.1, 0.25, 0.5, 1.0)
+WHOLE_IMAGE = 0.95  # area fraction of the SA-1B filter (`amg.max_mask_area_fraction`)
+FINE_BINS = 1000  # histogram bins over [0, 1]: percentiles to 0.001
+GRID = 16  # mask-centre grid
+
+
+@dataclass
+class QualityConfig:
+    """The `quality:` config block (`sa-engine quality`).
+
+    stage, round: one annotation output (None: every stage and round with finished shards).
+    duplicate_iou: two masks of one image with mask IoU >= this are near-duplicates (0: not
+    counted, and the masks are not compared).
+    every: read every k-th finished shard of an output (1: all).
+    """
+
+    stage: str | None = None
+    round: int | None = None
+    duplicate_iou: float = 0.9
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.duplicate_iou, (int, float)) or not 0 <= self.duplicate_iou <= 1:
+            raise ValueError(
+                f"quality.duplicate_iou={self.duplicate_iou!r} is invalid: use a mask IoU in [0, 1] "
+                "(0: do not count near-duplicates)"
+            )
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"quality.every={self.every!r} is invalid: use a whole number >= 1")
+        if self.round is not None and self.stage is None:
+            raise ValueError("quality.round needs quality.stage: name the stage whose round to report")
+        if self.stage is not None:
+            check_stage(self.stage, self.round if self.round is not None else 0)
+
+
+@dataclass
+class QualityRow:
+    """One annotation output's figures. Fractions are of images (masks-per-image bins) or of masks;
+    a figure over no masks is None. Scores absent from a mask (people's masks) are left out of
+    their figures."""
+
+    stage: str
+    round: int
+    shards: int  # finished shards
+    shards_read: int
+    images: int
+    masks: int
+    masks_per_image: float
+    masks_per_image_median: float | None
+    masks_per_image_bins: dict[str, float]
+    relative_size_p10: float | None
+    relative_size_median: float | None
+    relative_size_p90: float | None
+    relative_size_bins: dict[str, float]
+    predicted_iou_mean: float | None
+    predicted_iou_p10: float | None
+    stability_mean: float | None
+    stability_p10: float | None
+    near_duplicates: float | None  # masks with a near-duplicate / masks (None: not counted)
+    near_duplicate_pairs: int | None
+    whole_image: float | None  # masks covering >= 95% of their image / masks
+    centres: list[list[int]] = field(repr=False)  # GRID x GRID mask counts, top row first
+
+    def cells(self) -> list[str]:
+        def fmt(value: float | None, digits: int = 3) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        def pct(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.1f}%"
+
+        return [
+            self.stage,
+            str(self.round),
+            f"{self.shards_read}/{self.shards}",
+            str(self.images),
+            str(self.masks),
+            fmt(self.masks_per_image, 1),
+            fmt(self.masks_per_image_median, 0),
+            fmt(self.relative_size_median),
+            fmt(self.predicted_iou_p10),
+            fmt(self.stability_p10),
+            pct(self.near_duplicates),
+            pct(self.whole_image),
+        ]
+
+
+HEADER = ["stage", "round", "shards", "images", "masks", "masks/image", "median", "rel. size p50",
+          "pred. IoU p10", "stability p10", "near-dup.", ">=95% image"]  # fmt: skip
+
+
+class _Histogram:
+    """Counts of values in FINE_BINS equal bins over [0, 1] (values outside go to the end bins),
+    with their exact sum for the mean."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(FINE_BINS, np.int64)
+        self.total = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        index = np.clip((values * FINE_BINS).astype(np.int64), 0, FINE_BINS - 1)
+        self.counts += np.bincount(index, minlength=FINE_BINS)
+        self.total += float(values.sum())
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    def mean(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    def quantile(self, q: float) -> float | None:
+        """The upper edge of the bin holding the q-quantile (within 1 / FINE_BINS above it)."""
+        if not self.n:
+            return None
+        at = int(np.searchsorted(np.cumsum(self.counts), q * self.n, side="left"))
+        return (min(at, FINE_BINS - 1) + 1) / FINE_BINS
+
+    def share_below(self, edges: tuple[float, ...]) -> list[int]:
+        cumulative = np.concatenate([[0], np.cumsum(self.counts)])
+        ends = [cumulative[int(round(e * FINE_BINS))] for e in edges]
+        return [int(b - a) for a, b in zip([0] + ends[:-1], ends)]
+
+
+class _Output:
+    """The running figures of one annotation output, shard by shard."""
+
+    def __init__(self, duplicate_iou: float) -> None:
+        self.duplicate_iou = duplicate_iou
+        self.per_image = np.zeros(0, np.int64)  # images by mask count
+        self.size = _Histogram()
+        self.iou = _Histogram()
+        self.stability = _Histogram()
+        self.masks = self.whole = self.with_duplicate = self.pairs = 0
+        self.centres = np.zeros((GRID, GRID), np.int64)
+
+    def add_shard(self, images: list[int], table: Any) -> None:
+        ids = table["image_id"].to_numpy()
+        counts = np.zeros(len(images), np.int64)
+        position = {image_id: i for i, image_id in enumerate(images)}
+        seen, per = np.unique(ids, return_counts=True)
+        for image_id, n in zip(seen.tolist(), per.tolist()):
+            if image_id in position:
+                counts[position[image_id]] = n
+        tally = np.bincount(counts)
+        if len(tally) > len(self.per_image):
+            self.per_image = np.pad(self.per_image, (0, len(tally) - len(self.per_image)))
+        self.per_image[: len(tally)] += tally
+        if not len(ids):
+            return
+        self.masks += len(ids)
+        size = table["rle_size"].combine_chunks().flatten().to_numpy().reshape(-1, 2).astype(np.float64)
+        image_area = size[:, 0] * size[:, 1]
+        fraction = table["area"].to_numpy().astype(np.float64) / image_area
+        self.size.add(np.sqrt(fraction))
+        self.whole += int((fraction >= WHOLE_IMAGE).sum())
+        for name, histogram in (("predicted_iou", self.iou), ("stability_score", self.stability)):
+            values = table[name].to_numpy(zero_copy_only=False)
+            histogram.add(np.asarray(values, np.float64))  # None -> nan: left out
+        box = table["bbox"].combine_chunks().flatten().to_numpy().reshape(-1, 4)
+        cx = (box[:, 0] + box[:, 2] / 2) / size[:, 1]
+        cy = (box[:, 1] + box[:, 3] / 2) / size[:, 0]
+        cells = np.clip((np.stack([cy, cx], 1) * GRID).astype(np.int64), 0, GRID - 1)
+        np.add.at(self.centres, (cells[:, 0], cells[:, 1]), 1)
+        if self.duplicate_iou > 0:
+            self._near_duplicates(ids, table)
+
+    def _near_duplicates(self, ids: np.ndarray, table: Any) -> None:
+        order = np.argsort(ids, kind="stable")
+        starts = np.flatnonzero(np.diff(ids[order], prepend=-1))
+        counts = table["rle_counts"].to_pylist()
+        sizes = table["rle_size"].to_pylist()
+        for group in np.split(order, starts[1:]):
+            if len(group) < 2:
+                continue
+            matrix = rle.iou([{"size": sizes[i], "counts": counts[i]} for i in group.tolist()])
+            close = matrix >= self.duplicate_iou
+            np.fill_diagonal(close, False)
+            self.with_duplicate += int(close.any(1).sum())
+            self.pairs += int(np.triu(close, 1).sum())
+
+    def row(self, stage: str, round_: int, shards: int, shards_read: int) -> QualityRow:
+        images = int(self.per_image.sum())
+        masks = self.masks
+
+        def share(count: int, of: int) -> float | None:
+            return count / of if of else None
+
+        median = None
+        if images:
+            median = float(np.searchsorted(np.cumsum(self.per_image), images / 2, side="left"))
+        bins = {}
+        for label, first, last in PER_IMAGE_BINS:
+            part = self.per_image[first : None if last is None else last + 1]
+            bins[label] = share(int(part.sum()), images) or 0.0
+        size_bins = {
+            f"{low:g}-{high:g}": share(n, masks) or 0.0
+            for low, high, n in zip((0.0,) + SIZE_BINS, SIZE_BINS, self.size.share_below(SIZE_BINS))
+        }
+        counted = self.duplicate_iou > 0
+        return QualityRow(
+            stage=stage,
+            round=round_,
+            shards=shards,
+            shards_read=shards_read,
+            images=images,
+            masks=masks,
+            masks_per_image=masks / images if images else 0.0,
+            masks_per_image_median=median,
+            masks_per_image_bins=bins,
+            relative_size_p10=self.size.quantile(0.1),
+            relative_size_median=self.size.quantile(0.5),
+            relative_size_p90=self.size.quantile(0.9),
+            relative_size_bins=size_bins,
+            predicted_iou_mean=self.iou.mean(),
+            predicted_iou_p10=self.iou.quantile(0.1),
+            stability_mean=self.stability.mean(),
+            stability_p10=self.stability.quantile(0.1),
+            near_duplicates=share(self.with_duplicate, masks) if counted else None,
+            near_duplicate_pairs=self.pairs if counted else None,
+            whole_image=share(self.whole, masks),
+            centres=self.centres.tolist(),
+        )
+
+
+def quality_rows(store: Store, config: QualityConfig | None = None) -> list[QualityRow]:
+    """One `QualityRow` per annotation output (stage, round) with finished shards, in stage and
+    round order (or the one `config` names). Raises ValueError when there is none."""
+    config = config or QualityConfig()
+    outputs = [
+        (s, r) for s, r in store.stage_rounds()
+        if s != PRIVACY_STAGE and (config.stage is None or s == config.stage)
+        and (config.round is None or r == config.round)
+    ]  # fmt: skip
+    rows = []
+    for stage, round_ in outputs:
+        finished = list(completed(store, stage, round_, check="size").items())
+        if not finished or not store.output_path(stage, round_, finished[0][0], "annotations").is_file():
+            continue  # (an output of images alone)
+        output = _Output(float(config.duplicate_iou))
+        sample = finished[:: config.every]
+        for shard, record in sample:
+            output.add_shard(list(record["images"]), store.read_annotations(stage, round_, shard))
+        rows.append(output.row(stage, round_, len(finished), len(sample)))
+    if not rows:
+        named = "" if config.stage is None else f" of {config.stage}" + (
+            "" if config.round is None else f" round {config.round}"
+        )
+        raise ValueError(
+            f"{store.root} has no finished annotation shards{named}: run a stage first "
+            f"(`sa-engine run auto {store.root}`), or see `sa-engine status {store.root}`"
+        )
+    return rows
+
+
+def format_table(rows: list[QualityRow]) -> str:
+    cells = [HEADER] + [r.cells() for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_report(rows: list[QualityRow], out: Path) -> list[Path]:
+    """quality.json, quality.txt and quality.png into `out`. Returns the paths written."""
+    from engine.atomic import atomic_write_bytes, atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "quality.json", [asdict(r) for r in rows], indent=1)
+    atomic_write_bytes(out / "quality.txt", (format_table(rows) + "\n").encode())
+    write_plot(rows, out / "quality.png")
+    return [out / "quality.json", out / "quality.txt", out / "quality.png"]
+
+
+def write_plot(rows: list[QualityRow], path: Path) -> None:
+    """Masks per image and relative mask size (the paper's bins), then where each output's mask
+    centres fall on the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.atomic import atomic_path
+
+    shown = rows[:4]
+    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(5 * (2 + len(shown)), 4.2))
+    width = 0.8 / max(1, len(rows))
+    for panel, key, title in (
+        (axes[0], "masks_per_image_bins", "images by masks per image"),
+        (axes[1], "relative_size_bins", "masks by sqrt(mask area / image area)"),
+    ):
+        labels = list(getattr(rows[0], key)) if rows else []
+        for k, row in enumerate(rows):
+            values = list(getattr(row, key).values())
+            xs = np.arange(len(labels)) + (k - (len(rows) - 1) / 2) * width
+            panel.bar(xs, values, width, label=f"{row.stage} r{row.round}")
+        panel.set_xticks(np.arange(len(labels)), labels)
+        panel.set_title(title)
+        panel.set_ylabel("fraction")
+        panel.legend(fontsize=8)
+    for panel, row in zip(axes[2:], shown):
+        grid = np.asarray(row.centres, np.float64)
+        panel.imshow(grid / max(grid.max(), 1), cmap="magma", extent=(0, 1, 1, 0))
+        panel.set_title(f"mask centres: {row.stage} r{row.round}")
+        panel.set_xlabel("x / width")
+        panel.set_ylabel("y / height")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
