@@ -109,8 +109,9 @@ def main(count: int = 100) -> None:
         (row,) = quality_rows(store, QualityConfig(stage="classical"))
         dt = time.perf_counter() - t
         print(
-            f"quality report ({row.masks} masks, every image's masks compared for near-duplicates): "
-            f"{dt:.2f} s, {row.masks / dt:.0f} masks/s, {count / dt:.0f} images/s"
+            f"quality report ({row.masks} masks, every image's masks compared for near-duplicates, "
+            f"{row.concavity_masks} concavities): {dt:.2f} s, {row.masks / dt:.0f} masks/s, "
+            f"{count / dt:.0f} images/s"
         )
         t = time.perf_counter()
         skip = run_stage(store, "classical", 0, lambda row, rgb: StageResult())

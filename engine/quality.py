@@ -31,6 +31,7 @@ SIZE_BINS = (0.05, 0.1, 0.25, 0.5, 1.0)
 WHOLE_IMAGE = 0.95  # area fraction of the SA-1B filter (`amg.max_mask_area_fraction`)
 FINE_BINS = 1000  # histogram bins over [0, 1]: percentiles to 0.001
 GRID = 16  # mask-centre grid
+CONCAVITY_BINS = (0.1, 0.25, 0.5, 1.0)  # upper ends (each bin holds [lower, upper))
 
 
 @dataclass
@@ -41,12 +42,15 @@ class QualityConfig:
     duplicate_iou: two masks of one image with mask IoU >= this are near-duplicates (0: not
     counted, and the masks are not compared).
     every: read every k-th finished shard of an output (1: all).
+    concavity_masks: masks per shard read, evenly spread, whose concavity is measured (it needs
+    each mask decoded: ~5-10 ms at SA-1B's resolution); 0: none.
     """
 
     stage: str | None = None
     round: int | None = None
     duplicate_iou: float = 0.9
     every: int = 1
+    concavity_masks: int = 100
 
     def __post_init__(self) -> None:
         if not isinstance(self.duplicate_iou, (int, float)) or not 0 <= self.duplicate_iou <= 1:
@@ -56,6 +60,11 @@ class QualityConfig:
             )
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"quality.every={self.every!r} is invalid: use a whole number >= 1")
+        if not isinstance(self.concavity_masks, int) or self.concavity_masks < 0:
+            raise ValueError(
+                f"quality.concavity_masks={self.concavity_masks!r} is invalid: use a whole number "
+                ">= 0 (0: no concavity)"
+            )
         if self.round is not None and self.stage is None:
             raise ValueError("quality.round needs quality.stage: name the stage whose round to report")
         if self.stage is not None:
@@ -88,6 +97,10 @@ class QualityRow:
     near_duplicates: float | None  # masks with a near-duplicate / masks (None: not counted)
     near_duplicate_pairs: int | None
     whole_image: float | None  # masks covering >= 95% of their image / masks
+    concavity_masks: int  # masks whose concavity was measured
+    concavity_median: float | None
+    concavity_p90: float | None
+    concavity_bins: dict[str, float]
     centres: list[list[int]] = field(repr=False)  # GRID x GRID mask counts, top row first
 
     def cells(self) -> list[str]:
@@ -108,13 +121,14 @@ class QualityRow:
             fmt(self.relative_size_median),
             fmt(self.predicted_iou_p10),
             fmt(self.stability_p10),
+            fmt(self.concavity_median),
             pct(self.near_duplicates),
             pct(self.whole_image),
         ]
 
 
 HEADER = ["stage", "round", "shards", "images", "masks", "masks/image", "median", "rel. size p50",
-          "pred. IoU p10", "stability p10", "near-dup.", ">=95% image"]  # fmt: skip
+          "pred. IoU p10", "stability p10", "concavity p50", "near-dup.", ">=95% image"]  # fmt: skip
 
 
 class _Histogram:
@@ -154,8 +168,10 @@ class _Histogram:
 class _Output:
     """The running figures of one annotation output, shard by shard."""
 
-    def __init__(self, duplicate_iou: float) -> None:
+    def __init__(self, duplicate_iou: float, concavity_masks: int) -> None:
         self.duplicate_iou = duplicate_iou
+        self.concavity_masks = concavity_masks
+        self.concavity = _Histogram()
         self.per_image = np.zeros(0, np.int64)  # images by mask count
         self.size = _Histogram()
         self.iou = _Histogram()
@@ -193,6 +209,14 @@ class _Output:
         np.add.at(self.centres, (cells[:, 0], cells[:, 1]), 1)
         if self.duplicate_iou > 0:
             self._near_duplicates(ids, table)
+        if self.concavity_masks:
+            picked = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), self.concavity_masks)).astype(int))
+            rows = table.take(picked).select(["rle_size", "rle_counts"]).to_pylist()
+            segmentations = [{"size": r["rle_size"], "counts": r["rle_counts"]} for r in rows]
+            boxes = rle.bbox_xywh(segmentations)  # (the masks' own: a record's bbox is not trusted)
+            self.concavity.add(
+                np.array([concavity(rle.decode(m), b) for m, b in zip(segmentations, boxes)])
+            )
 
     def _near_duplicates(self, ids: np.ndarray, table: Any) -> None:
         order = np.argsort(ids, kind="stable")
@@ -248,8 +272,33 @@ class _Output:
             near_duplicates=share(self.with_duplicate, masks) if counted else None,
             near_duplicate_pairs=self.pairs if counted else None,
             whole_image=share(self.whole, masks),
+            concavity_masks=self.concavity.n,
+            concavity_median=self.concavity.quantile(0.5),
+            concavity_p90=self.concavity.quantile(0.9),
+            concavity_bins={
+                f"{low:g}-{high:g}": share(n, self.concavity.n) or 0.0
+                for low, high, n in zip(
+                    (0.0,) + CONCAVITY_BINS, CONCAVITY_BINS, self.concavity.share_below(CONCAVITY_BINS)
+                )
+            },
             centres=self.centres.tolist(),
         )
+
+
+def concavity(mask: np.ndarray, bbox: list[float]) -> float:
+    """1 - mask area / area of its convex hull, both in pixels (the SA-1B paper's measure; 0 for
+    a convex mask, NaN for an empty one). `bbox`: the mask's XYWH box, where the work is done."""
+    import cv2
+
+    x, y, w, h = (int(round(v)) for v in bbox)
+    window = np.ascontiguousarray(mask[y : y + h, x : x + w], np.uint8)
+    area = int(window.sum())
+    if not area:
+        return float("nan")
+    contours, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = np.zeros_like(window)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
+    return 1.0 - area / max(int(np.count_nonzero(hull | window)), area)
 
 
 def quality_rows(store: Store, config: QualityConfig | None = None) -> list[QualityRow]:
@@ -266,7 +315,7 @@ def quality_rows(store: Store, config: QualityConfig | None = None) -> list[Qual
         finished = list(completed(store, stage, round_, check="size").items())
         if not finished or not store.output_path(stage, round_, finished[0][0], "annotations").is_file():
             continue  # (an output of images alone)
-        output = _Output(float(config.duplicate_iou))
+        output = _Output(float(config.duplicate_iou), config.concavity_masks)
         sample = finished[:: config.every]
         for shard, record in sample:
             output.add_shard(list(record["images"]), store.read_annotations(stage, round_, shard))
@@ -302,8 +351,8 @@ def write_report(rows: list[QualityRow], out: Path) -> list[Path]:
 
 
 def write_plot(rows: list[QualityRow], path: Path) -> None:
-    """Masks per image and relative mask size (the paper's bins), then where each output's mask
-    centres fall on the image."""
+    """Masks per image, relative mask size and concavity (the paper's measures), then where each
+    output's mask centres fall on the image (the first four outputs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,11 +361,12 @@ def write_plot(rows: list[QualityRow], path: Path) -> None:
     from engine.atomic import atomic_path
 
     shown = rows[:4]
-    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(5 * (2 + len(shown)), 4.2))
+    fig, axes = plt.subplots(1, 3 + len(shown), figsize=(5 * (3 + len(shown)), 4.2))
     width = 0.8 / max(1, len(rows))
     for panel, key, title in (
         (axes[0], "masks_per_image_bins", "images by masks per image"),
         (axes[1], "relative_size_bins", "masks by sqrt(mask area / image area)"),
+        (axes[2], "concavity_bins", "masks by concavity (1 - area / convex hull)"),
     ):
         labels = list(getattr(rows[0], key)) if rows else []
         for k, row in enumerate(rows):
@@ -327,7 +377,7 @@ def write_plot(rows: list[QualityRow], path: Path) -> None:
         panel.set_title(title)
         panel.set_ylabel("fraction")
         panel.legend(fontsize=8)
-    for panel, row in zip(axes[2:], shown):
+    for panel, row in zip(axes[3:], shown):
         grid = np.asarray(row.centres, np.float64)
         panel.imshow(grid / max(grid.max(), 1), cmap="magma", extent=(0, 1, 1, 0))
         panel.set_title(f"mask centres: {row.stage} r{row.round}")

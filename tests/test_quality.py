@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from engine import rle
 from engine.cli.main import app
 from engine.classical import classical_masks
-from engine.quality import FINE_BINS, QualityConfig, format_table, quality_rows
+from engine.quality import FINE_BINS, QualityConfig, concavity, format_table, quality_rows
 from sharding.manifest import ingest
 from sharding.runner import StageResult, run_stage
 from sharding.store import Store
@@ -84,6 +84,12 @@ def test_figures_match_the_masks_decoded_one_by_one(store):
         assert row.predicted_iou_mean == pytest.approx(np.mean(ious))
         assert row.whole_image == pytest.approx(np.mean([m.mean() >= 0.95 for m in masks]))
         assert np.asarray(row.centres).sum() == len(masks)
+        assert row.concavity_masks == len(masks)  # fewer than 100 a shard: every one
+        ys = [np.nonzero(m) for m in masks]
+        exact = sorted(concavity(m, [x.min(), y.min(), x.max() - x.min() + 1, y.max() - y.min() + 1])
+                       for m, (y, x) in zip(masks, ys))  # fmt: skip
+        median = exact[int(np.ceil(0.5 * len(exact))) - 1]
+        assert median <= row.concavity_median <= median + 1 / FINE_BINS + 1e-12
         with_one = pairs = 0
         for ms, _ in images.values():
             a, b = near_duplicates(ms, 0.9)
@@ -97,8 +103,11 @@ def test_figures_match_the_masks_decoded_one_by_one(store):
 
 
 def test_a_sample_of_shards_and_one_stage(store):
-    (row,) = quality_rows(store, QualityConfig(stage="copies", every=2, duplicate_iou=0))
+    (row,) = quality_rows(
+        store, QualityConfig(stage="copies", every=2, duplicate_iou=0, concavity_masks=5)
+    )
     assert (row.stage, row.shards, row.shards_read, row.images) == ("copies", 2, 1, 2)
+    assert row.concavity_masks == 5 < row.masks
     assert row.near_duplicates is None and row.near_duplicate_pairs is None
 
 
@@ -107,6 +116,8 @@ def test_bad_settings_and_missing_outputs_are_named(store, tmp_path):
         QualityConfig(every=0)
     with pytest.raises(ValueError, match="quality.duplicate_iou=1.5"):
         QualityConfig(duplicate_iou=1.5)
+    with pytest.raises(ValueError, match="quality.concavity_masks=-1"):
+        QualityConfig(concavity_masks=-1)
     with pytest.raises(ValueError, match="quality.round needs quality.stage"):
         QualityConfig(round=0)
     with pytest.raises(ValueError, match="no finished annotation shards of auto.*sa-engine run auto"):
@@ -130,3 +141,16 @@ def test_cli_prints_the_table_and_writes_the_report(store, tmp_path):
     assert result.exit_code == 1 and "quality.every=-1 is invalid" in result.output
     result = runner.invoke(app, ["quality", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_concavity_of_known_shapes():
+    square = np.zeros((120, 140), bool)
+    square[10:110, 20:120] = True
+    assert concavity(square, [20, 10, 100, 100]) == 0.0
+    ring = square.copy()
+    ring[30:90, 40:100] = False  # the hull of a ring is its filled square
+    assert concavity(ring, [20, 10, 100, 100]) == pytest.approx(3600 / 10000)
+    corner = np.zeros((50, 50), bool)
+    corner[0:40, 0:10] = corner[30:40, 0:40] = True  # an L: its hull adds the triangle between
+    assert 0.3 < concavity(corner, [0, 0, 40, 40]) < 0.5
+    assert np.isnan(concavity(np.zeros((5, 5), bool), [0, 0, 0, 0]))

@@ -27,6 +27,10 @@ def quality(
     every: Annotated[
         Optional[int], typer.Option(help="quality.every: read every k-th finished shard (a sample)")
     ] = None,
+    concavity_masks: Annotated[
+        Optional[int],
+        typer.Option(help="quality.concavity_masks: masks per shard whose concavity is measured (0: none)"),
+    ] = None,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
     out: Annotated[
@@ -35,13 +39,14 @@ def quality(
 ) -> None:
     """Dataset figures per annotation stage and round, as the SA-1B paper reports them.
 
-    Masks per image, relative mask size, predicted IoU and stability, near-duplicate masks, masks
-    covering the whole image, and (with --out) where mask centres fall.
+    Masks per image, relative mask size, concavity, predicted IoU and stability, near-duplicate
+    masks, masks covering the whole image, and (with --out) where mask centres fall.
     """
     from engine.cli.config import flag_overrides, load_config, section
     from engine.quality import QualityConfig, format_table, quality_rows, write_report
 
-    flags = {"stage": stage, "round": round_, "duplicate_iou": duplicate_iou, "every": every}
+    flags = {"stage": stage, "round": round_, "duplicate_iou": duplicate_iou, "every": every,
+             "concavity_masks": concavity_masks}  # fmt: skip
     try:
         cfg = section(load_config(config, list(set_ or []) + flag_overrides("quality", flags)),
                       "quality", QualityConfig)  # fmt: skip
