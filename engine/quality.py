@@ -13,13 +13,14 @@ grow with the store; `every` reads every k-th finished shard (a sample of a larg
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine import rle
+from engine.report_files import pyplot, save_png, text_table, write_report_files
 from sharding.outputs import completed
 from sharding.store import PRIVACY_STAGE, Store, check_stage
 
@@ -332,34 +333,18 @@ def quality_rows(store: Store, config: QualityConfig | None = None) -> list[Qual
 
 
 def format_table(rows: list[QualityRow]) -> str:
-    cells = [HEADER] + [r.cells() for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(HEADER, [r.cells() for r in rows])
 
 
 def write_report(rows: list[QualityRow], out: Path) -> list[Path]:
     """quality.json, quality.txt and quality.png into `out`. Returns the paths written."""
-    from engine.atomic import atomic_write_bytes, atomic_write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "quality.json", [asdict(r) for r in rows], indent=1)
-    atomic_write_bytes(out / "quality.txt", (format_table(rows) + "\n").encode())
-    write_plot(rows, out / "quality.png")
-    return [out / "quality.json", out / "quality.txt", out / "quality.png"]
+    return write_report_files(out, "quality", rows, format_table(rows), write_plot)
 
 
 def write_plot(rows: list[QualityRow], path: Path) -> None:
     """Masks per image, relative mask size and concavity (the paper's measures), then where each
     output's mask centres fall on the image (the first four outputs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engine.atomic import atomic_path
-
+    plt = pyplot()
     shown = rows[:4]
     fig, axes = plt.subplots(1, 3 + len(shown), figsize=(5 * (3 + len(shown)), 4.2))
     width = 0.8 / max(1, len(rows))
@@ -384,6 +369,4 @@ def write_plot(rows: list[QualityRow], path: Path) -> None:
         panel.set_xlabel("x / width")
         panel.set_ylabel("y / height")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_png(fig, path)

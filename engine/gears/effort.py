@@ -10,10 +10,11 @@ as a PNG.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.gears import ASSISTED_STAGE, SEMI_STAGE
+from engine.report_files import pyplot, save_png, text_table, write_report_files
 from sharding.store import Store
 
 GEARS = (ASSISTED_STAGE, SEMI_STAGE)
@@ -127,34 +128,18 @@ def effort_rows(store: Store, gears: tuple[str, ...] = GEARS) -> list[EffortRow]
 
 
 def format_table(rows: list[EffortRow]) -> str:
-    cells = [HEADER] + [r.cells() for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(HEADER, [r.cells() for r in rows])
 
 
 def write_report(rows: list[EffortRow], out: Path) -> list[Path]:
     """effort.json, effort.txt and effort.png into `out`. Returns the paths written."""
-    from engine.atomic import atomic_write_bytes, atomic_write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "effort.json", [asdict(r) for r in rows], indent=1)
-    atomic_write_bytes(out / "effort.txt", (format_table(rows) + "\n").encode())
-    write_plot(rows, out / "effort.png")
-    return [out / "effort.json", out / "effort.txt", out / "effort.png"]
+    return write_report_files(out, "effort", rows, format_table(rows), write_plot)
 
 
 def write_plot(rows: list[EffortRow], path: Path) -> None:
     """Four panels over model rounds, one line per gear (masks/image, clicks/mask, seconds/mask,
     IoU at accept), and a fifth with prefilled vs added masks per gear and round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engine.atomic import atomic_path
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.2))
     panels = [
         ("masks per image", "masks_per_image"),
@@ -185,9 +170,7 @@ def write_plot(rows: list[EffortRow], path: Path) -> None:
     ax.tick_params(axis="x", rotation=45)
     fig.suptitle("annotation effort per gear and model round" + ("" if rows else " (no data)"))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _mean(values: list[float]) -> float | None:
