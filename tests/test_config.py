@@ -40,3 +40,32 @@ def test_tool_blocks_of_the_configs_are_the_library_defaults(name):
                        ("quality", QualityConfig), ("ray", RayConfig)]:  # fmt: skip
         assert set(config[block]) == {f.name for f in dataclasses.fields(cls)}, block
         assert section(config, block, cls) == cls(), block
+
+
+def test_values_of_the_wrong_type_are_named_not_passed_on():
+    """A string where a number goes reached the stage and failed there with a traceback."""
+    from engine.amg_config import AmgConfig
+    from engine.privacy import PrivacyConfig
+    from stages.config import RayConfig
+
+    config = load_config("sa1b")
+    for override, message in [
+        ("ray.decode_cpus=abc", "ray.decode_cpus='abc' is invalid: use a number"),
+        ("ray.num_cpus=true", "ray.num_cpus=True is invalid: use a whole number or null"),
+        ("ray.model_actors=1.5", "ray.model_actors=1.5 is invalid: use a whole number or null"),
+        ("ray.progress=1", "ray.progress=1 is invalid: use true or false"),
+        ("ray.address=6379", "ray.address=6379 is invalid: use a string or null"),
+    ]:
+        with pytest.raises(ValueError, match=override.split("=")[0].replace(".", "\\.")) as err:
+            section(apply_overrides(config, [override]), "ray", RayConfig)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match="config block 'ray' is 5: it must be a mapping"):
+        section({"ray": 5}, "ray", RayConfig)
+    with pytest.raises(ValueError, match=r"privacy.face_scales=\[1, 'x'\] is invalid: use a list of \(a number\)"):
+        section(apply_overrides(config, ["privacy.face_scales=[1, x]"]), "privacy", PrivacyConfig)
+    # YAML 1.1 reads 8e-4 as a string: taken as the number it is; ints are numbers too
+    ray = section(apply_overrides(config, ["ray.io_cpus=5e-1", "ray.decode_cpus=1"]), "ray", RayConfig)
+    assert ray.io_cpus == 0.5 and ray.decode_cpus == 1
+    amg = section(apply_overrides(config, ["amg.point_grids=[[[0.5, 0.5]], [[0.25, 0.75]], [[0.5, 0.5]]]"]),
+                  "amg", AmgConfig)  # fmt: skip
+    assert amg.point_grids[1] == [[0.25, 0.75]]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,12 +74,76 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def section(config: dict[str, Any], block: str, cls: type[T]) -> T:
-    """Build dataclass `cls` from `config[block]`, refusing keys it does not know."""
+    """Build dataclass `cls` from `config[block]`, refusing keys it does not know and values not
+    of their field's type (a string where a number goes would otherwise reach the stage and fail
+    there with a traceback). A float written the way YAML 1.1 reads as a string (`8e-4`) is
+    taken as the number it is."""
     values = config.get(block) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config block '{block}' is {values!r}: it must be a mapping of keys (key: value lines)")
+    values = dict(values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
             f"config block '{block}' has unknown keys {unknown}; known keys: {', '.join(sorted(known))}"
         )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _typed(value, hints[key], f"{block}.{key}")
     return cls(**values)
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` as a value of type `hint` (bool, int, float, str, list[...], X | None), or a
+    ValueError naming the key, the value and the type it needs."""
+    number = _as_number(value)
+    if _fits(value, hint):
+        return value
+    if number is not None and _fits(number, hint):
+        return number
+    raise ValueError(f"{name}={value!r} is invalid: use {_describe(hint)}")
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (
+            not args or all(_fits(v, args[0]) for v in value)
+        )
+    return True  # (Any and other types: the dataclass checks them)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in typing.get_args(hint) else "")
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return f"a list of ({_describe(args[0])})" if args else "a list"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
