@@ -64,6 +64,13 @@ def test_run_errors(tmp_path):
         app, ["run", "auto", str(store.root), "--checkpoint", str(tmp_path / "none.pth")]
     )
     assert result.exit_code == 1 and "does not exist" in result.output
+    # a model without weights would write noise as gear-3 masks; an unknown one is named as such
+    result = runner.invoke(app, ["run", "auto", str(store.root), "--model", "vit_b"])
+    assert result.exit_code == 1 and "'vit_b' has no bundled weights" in result.output
+    assert "--random-weights runs an untrained model" in result.output
+    result = runner.invoke(app, ["run", "auto", str(store.root), "--model", "vit_x"])
+    assert result.exit_code == 1 and "unknown model 'vit_x'" in result.output
+    assert "embedded local Ray" not in result.output
     # a shard that is not there, and a cluster address nothing answers at: named at once, before
     # any Ray starts (ray.init retries an unanswered address for minutes)
     result = runner.invoke(app, ["run", "classical", str(store.root), "--shard", "shard-000009"])

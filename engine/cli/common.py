@@ -46,8 +46,13 @@ def files_under(folder: Path, out: Path | None = None) -> list[Path]:
 def require_weights(model: str, checkpoint: object, random_weights: bool | None = None) -> None:
     """Fail unless the model has weights: a --checkpoint, or a registry entry that ships its own
     (the bundled "default"). random_weights: the command's --random-weights flag, if it has one."""
+    from engine.model import resolve_config
     from engine.model_config import PACKAGED_CHECKPOINTS
 
+    try:
+        resolve_config(model)  # an unknown name is named as such, not as a model without weights
+    except ValueError as err:
+        fail(str(err))
     if checkpoint is not None or random_weights or str(model) in PACKAGED_CHECKPOINTS:
         return
     untrained = "; --random-weights runs an untrained model" if random_weights is not None else ""

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import fail, model_sets
+from engine.cli.common import fail, model_config, model_sets
 
 run_app = typer.Typer(
     help="Run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER).",
@@ -118,20 +118,25 @@ def auto(
         typer.Option(help="model.model: default (bundled), vit_b/vit_l/vit_h or a JSON config"),
     ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="model.checkpoint (.pth)")] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option("--random-weights", help="Run a model without weights (tests, benchmarks)."),
+    ] = False,
     shard: ShardOpt = None,
 ) -> None:
     """Gear 3: SAM's automatic mask generator over every pending shard (one actor per GPU).
 
-    --round N >= 1 runs the store's model round N (`sa-engine train`) unless a model is named."""
+    --round N >= 1 runs the store's model round N (`sa-engine train`) unless a model is named.
+    A model without weights (vit_b with no --checkpoint) is refused: its masks would be noise."""
     sets = model_sets(set_, model, checkpoint, store=store, round_=round_)
     st, cfg, ray_cfg = stage_setup(store, config, sets, address)
     from engine.amg_config import AmgConfig
     from engine.cli.config import section
-    from engine.model_config import ModelConfig
     from stages.auto import auto_spec
 
+    model_cfg = model_config(cfg, random_weights)  # (a name it does not know fails here too)
     try:
-        spec, meta = auto_spec(section(cfg, "model", ModelConfig), section(cfg, "amg", AmgConfig))
+        spec, meta = auto_spec(model_cfg, section(cfg, "amg", AmgConfig))
     except ValueError as err:
         fail(str(err))
     run_spec(st, spec, round_, ray_cfg, shard, meta)
