@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from engine.amg_config import AmgConfig
+from engine.amg_config import AmgConfig, check_generator_params
 from engine.amg_crops import (
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -55,7 +55,6 @@ from engine.mask_ops import MaskUpsampler
 from engine.modeling import batch_rows, iou_only
 from engine.predictor import SamPredictor
 
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # How far under pred_iou_thresh a prompt's re-associated IoU may be and still get Meta's
 # arithmetic: the two differ by ~5e-6 (fixture sets A and B), so this is ~2000x that.
 PREFILTER_MARGIN = 1e-2
@@ -247,40 +246,18 @@ class SamAutomaticMaskGenerator:
             batched on an accelerator (where the per-candidate host work would dominate),
             windowed on a CPU (where it is several times less work).
         """
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("give exactly one of points_per_side and point_grids")
+        check_generator_params(
+            points_per_side=points_per_side, points_per_batch=points_per_batch,
+            crop_n_layers=crop_n_layers, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids, output_mode=output_mode,
+            max_mask_area_fraction=max_mask_area_fraction, decoder_batch=decoder_batch,
+        )  # fmt: skip
         if points_per_side is not None:
-            if int(points_per_side) < 1:
-                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
-            if int(crop_n_points_downscale_factor) < 1:
-                raise ValueError("crop_n_points_downscale_factor must be >= 1")
-            last = int(int(points_per_side) / int(crop_n_points_downscale_factor) ** int(crop_n_layers))
-            if last < 1:
-                raise ValueError(
-                    f"points_per_side={points_per_side} leaves no points on crop layer "
-                    f"{crop_n_layers} with downscale {crop_n_points_downscale_factor}: raise "
-                    "points_per_side or lower crop_n_layers / crop_n_points_downscale_factor"
-                )
             grids = build_all_layer_point_grids(
                 int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor)
             )
         else:
             grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
-            if len(grids) != int(crop_n_layers) + 1:
-                raise ValueError(
-                    f"point_grids has {len(grids)} grids; crop_n_layers={crop_n_layers} needs "
-                    f"{int(crop_n_layers) + 1} (one per layer)"
-                )
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if int(points_per_batch) < 1 or (decoder_batch is not None and int(decoder_batch) < 1):
-            raise ValueError("points_per_batch and decoder_batch must be >= 1 (decoder_batch: or None)")
-        if int(crop_n_layers) < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
-        if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
-            raise ValueError(
-                f"max_mask_area_fraction must be in (0, 1] or None, got {max_mask_area_fraction}"
-            )
         self.point_grids = grids
         self.predictor = SamPredictor(model)
         self.points_per_batch = int(points_per_batch)

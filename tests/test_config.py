@@ -50,7 +50,7 @@ def test_values_of_the_wrong_type_are_named_not_passed_on():
 
     config = load_config("sa1b")
     for override, message in [
-        ("ray.decode_cpus=abc", "ray.decode_cpus='abc' is invalid: use a number"),
+        ("ray.decode_cpus=abc", "ray.decode_cpus='abc' is invalid: use a finite number"),
         ("ray.num_cpus=true", "ray.num_cpus=True is invalid: use a whole number or null"),
         ("ray.model_actors=1.5", "ray.model_actors=1.5 is invalid: use a whole number or null"),
         ("ray.progress=1", "ray.progress=1 is invalid: use true or false"),
@@ -61,11 +61,19 @@ def test_values_of_the_wrong_type_are_named_not_passed_on():
         assert str(err.value) == message
     with pytest.raises(ValueError, match="config block 'ray' is 5: it must be a mapping"):
         section({"ray": 5}, "ray", RayConfig)
-    with pytest.raises(ValueError, match=r"privacy.face_scales=\[1, 'x'\] is invalid: use a list of \(a number\)"):
+    with pytest.raises(ValueError, match=r"privacy.face_scales=\[1, 'x'\] is invalid: use a list of \(a finite number\)"):
         section(apply_overrides(config, ["privacy.face_scales=[1, x]"]), "privacy", PrivacyConfig)
+    for override in ["ray.io_cpus=nan", "ray.io_cpus=.inf", "ray.io_cpus=.nan"]:
+        with pytest.raises(ValueError, match="ray.io_cpus=.* is invalid: use a finite number"):
+            section(apply_overrides(config, [override]), "ray", RayConfig)
+    # the generator's own checks, on the driver before any model actor starts, named by block
+    with pytest.raises(ValueError, match="config block 'amg': points_per_side must be >= 1, got -1"):
+        section(apply_overrides(config, ["amg.points_per_side=-1"]), "amg", AmgConfig)
+    with pytest.raises(ValueError, match="config block 'amg': output_mode must be one of"):
+        section(apply_overrides(config, ["amg.output_mode=png"]), "amg", AmgConfig)
     # YAML 1.1 reads 8e-4 as a string: taken as the number it is; ints are numbers too
     ray = section(apply_overrides(config, ["ray.io_cpus=5e-1", "ray.decode_cpus=1"]), "ray", RayConfig)
     assert ray.io_cpus == 0.5 and ray.decode_cpus == 1
-    amg = section(apply_overrides(config, ["amg.point_grids=[[[0.5, 0.5]], [[0.25, 0.75]], [[0.5, 0.5]]]"]),
-                  "amg", AmgConfig)  # fmt: skip
+    grids = "amg.point_grids=[[[0.5, 0.5]], [[0.25, 0.75]], [[0.5, 0.5]]]"
+    amg = section(apply_overrides(config, [grids, "amg.points_per_side=null"]), "amg", AmgConfig)
     assert amg.point_grids[1] == [[0.25, 0.75]]

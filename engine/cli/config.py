@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -91,7 +92,12 @@ def section(config: dict[str, Any], block: str, cls: type[T]) -> T:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         values[key] = _typed(value, hints[key], f"{block}.{key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # the block's own checks: named by their key, or here by the block
+        if str(err).startswith(f"{block}."):
+            raise
+        raise ValueError(f"config block '{block}': {err}") from None
 
 
 def _typed(value: Any, hint: Any, name: str) -> Any:
@@ -124,8 +130,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # (NaN and infinities are no setting's value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple):
@@ -144,6 +150,6 @@ def _describe(hint: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(hint)
         return f"a list of ({_describe(args[0])})" if args else "a list"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}.get(
         hint, str(hint)
     )
