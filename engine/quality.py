@@ -160,10 +160,15 @@ class _Histogram:
         at = int(np.searchsorted(np.cumsum(self.counts), q * self.n, side="left"))
         return (min(at, FINE_BINS - 1) + 1) / FINE_BINS
 
-    def share_below(self, edges: tuple[float, ...]) -> list[int]:
+    def shares(self, edges: tuple[float, ...]) -> dict[str, float]:
+        """Bin label ("low-high") -> the fraction of the values in [low, high), for the bins that
+        `edges` (their upper ends, the last 1.0) cut [0, 1] into; all 0 when there are no values."""
         cumulative = np.concatenate([[0], np.cumsum(self.counts)])
-        ends = [cumulative[int(round(e * FINE_BINS))] for e in edges]
-        return [int(b - a) for a, b in zip([0] + ends[:-1], ends)]
+        ends = [int(cumulative[int(round(e * FINE_BINS))]) for e in edges]
+        return {
+            f"{low:g}-{high:g}": (end - start) / self.n if self.n else 0.0
+            for low, high, start, end in zip((0.0,) + edges, edges, [0] + ends[:-1], ends)
+        }
 
 
 class _Output:
@@ -247,10 +252,6 @@ class _Output:
         for label, first, last in PER_IMAGE_BINS:
             part = self.per_image[first : None if last is None else last + 1]
             bins[label] = share(int(part.sum()), images) or 0.0
-        size_bins = {
-            f"{low:g}-{high:g}": share(n, masks) or 0.0
-            for low, high, n in zip((0.0,) + SIZE_BINS, SIZE_BINS, self.size.share_below(SIZE_BINS))
-        }
         counted = self.duplicate_iou > 0
         return QualityRow(
             stage=stage,
@@ -265,7 +266,7 @@ class _Output:
             relative_size_p10=self.size.quantile(0.1),
             relative_size_median=self.size.quantile(0.5),
             relative_size_p90=self.size.quantile(0.9),
-            relative_size_bins=size_bins,
+            relative_size_bins=self.size.shares(SIZE_BINS),
             predicted_iou_mean=self.iou.mean(),
             predicted_iou_p10=self.iou.quantile(0.1),
             stability_mean=self.stability.mean(),
@@ -276,12 +277,7 @@ class _Output:
             concavity_masks=self.concavity.n,
             concavity_median=self.concavity.quantile(0.5),
             concavity_p90=self.concavity.quantile(0.9),
-            concavity_bins={
-                f"{low:g}-{high:g}": share(n, self.concavity.n) or 0.0
-                for low, high, n in zip(
-                    (0.0,) + CONCAVITY_BINS, CONCAVITY_BINS, self.concavity.share_below(CONCAVITY_BINS)
-                )
-            },
+            concavity_bins=self.concavity.shares(CONCAVITY_BINS),
             centres=self.centres.tolist(),
         )
 
