@@ -145,15 +145,22 @@ def main(count: int = 100) -> None:
 
 def _ray_export(tmp: Path, count: int, store: Store) -> None:
     """The same SA-1B export on an embedded local Ray (`export sa1b --ray`, a task a tar),
-    checked byte-identical to the one-process export's tars."""
+    checked byte-identical to the one-process export's tars; then the quality report there (a
+    task a shard), checked equal to the one-process report's."""
     from stages.cluster import ray_session
     from stages.config import RayConfig
     from stages.export import RayExport
+
+    from stages.quality import RayQuality
 
     with ray_session(RayConfig()):
         t = time.perf_counter()
         report = export_sa1b(store, tmp / "release-ray", cluster=RayExport())
         dt = time.perf_counter() - t
+        config = QualityConfig(stage="classical")
+        t = time.perf_counter()
+        rows = quality_rows(store, config, cluster=RayQuality())
+        quality_s = time.perf_counter() - t
     same = all(
         (tmp / "release-ray" / name).read_bytes() == (tmp / "release" / name).read_bytes()
         for name in report.tars + ["MEMBERS.tsv", "SHA256SUMS"]
@@ -161,6 +168,12 @@ def _ray_export(tmp: Path, count: int, store: Store) -> None:
     print(
         f"export sa1b on Ray ({len(report.tars)} tasks): {dt:.2f} s, {count / dt:.1f} images/s, "
         f"release {'identical to' if same else 'DIFFERENT from'} the one-process export's"
+    )
+    same = rows == quality_rows(store, config)
+    print(
+        f"quality report on Ray ({rows[0].shards_read} tasks): {quality_s:.2f} s, "
+        f"{count / quality_s:.0f} images/s, figures {'identical to' if same else 'DIFFERENT from'} "
+        "the one-process report's"
     )
 
 

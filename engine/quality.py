@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class QualityConfig:
     every: read every k-th finished shard of an output (1: all).
     concavity_masks: masks per shard read, evenly spread, whose concavity is measured (it needs
     each mask decoded: ~5-10 ms at SA-1B's resolution); 0: none.
+    ray: count the shards as Ray tasks (on ray.address / RAY_ADDRESS, else an embedded local
+    Ray); cpus: CPUs one shard's task reserves.
     """
 
     stage: str | None = None
@@ -52,6 +54,8 @@ class QualityConfig:
     duplicate_iou: float = 0.9
     every: int = 1
     concavity_masks: int = 100
+    ray: bool = False
+    cpus: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.duplicate_iou, (int, float)) or not 0 <= self.duplicate_iou <= 1:
@@ -66,6 +70,8 @@ class QualityConfig:
                 f"quality.concavity_masks={self.concavity_masks!r} is invalid: use a whole number "
                 ">= 0 (0: no concavity)"
             )
+        if not self.cpus > 0:
+            raise ValueError(f"quality.cpus={self.cpus!r} is invalid: use a value > 0")
         if self.round is not None and self.stage is None:
             raise ValueError("quality.round needs quality.stage: name the stage whose round to report")
         if self.stage is not None:
@@ -171,8 +177,9 @@ class _Histogram:
         }
 
 
-class _Output:
-    """The running figures of one annotation output, shard by shard."""
+class Tally:
+    """The figures of some shards of one annotation output, as sums: a shard's (`shard_tally`)
+    add up (`merge`) in shard order to the output's, wherever each was counted."""
 
     def __init__(self, duplicate_iou: float, concavity_masks: int) -> None:
         self.duplicate_iou = duplicate_iou
@@ -184,6 +191,20 @@ class _Output:
         self.stability = _Histogram()
         self.masks = self.whole = self.with_duplicate = self.pairs = 0
         self.centres = np.zeros((GRID, GRID), np.int64)
+
+    def merge(self, other: "Tally") -> None:
+        if len(other.per_image) > len(self.per_image):
+            self.per_image = np.pad(self.per_image, (0, len(other.per_image) - len(self.per_image)))
+        self.per_image[: len(other.per_image)] += other.per_image
+        for name in ("size", "iou", "stability", "concavity"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.counts += theirs.counts
+            mine.total += theirs.total
+        self.masks += other.masks
+        self.whole += other.whole
+        self.with_duplicate += other.with_duplicate
+        self.pairs += other.pairs
+        self.centres += other.centres
 
     def add_shard(self, images: list[int], table: Any) -> None:
         ids = table["image_id"].to_numpy()
@@ -298,9 +319,35 @@ def concavity(mask: np.ndarray, bbox: list[float]) -> float:
     return 1.0 - area / max(int(np.count_nonzero(hull | window)), area)
 
 
-def quality_rows(store: Store, config: QualityConfig | None = None) -> list[QualityRow]:
+class QualityCluster(Protocol):
+    """Where `quality_rows` counts the shards (`stages.quality.RayQuality`: Ray tasks); None: here."""
+
+    def shard_tallies(
+        self, store: Store, stage: str, round_: int, shards: list[str], config: QualityConfig
+    ) -> Iterator[Tally]:
+        """`shard_tally(store, stage, round_, shard, config)` for every shard, in order."""
+        ...
+
+
+def shard_tally(store: Store, stage: str, round_: int, shard: str, config: QualityConfig) -> Tally:
+    """One finished shard's figures. Raises ValueError when its output is no longer finished."""
+    record = store.done_record(stage, round_, shard, "size")
+    if record is None:
+        raise ValueError(
+            f"{stage} round {round_} {shard} is no longer finished (its output changed while the "
+            "report read it): run the report again"
+        )
+    tally = Tally(float(config.duplicate_iou), config.concavity_masks)
+    tally.add_shard(list(record["images"]), store.read_annotations(stage, round_, shard))
+    return tally
+
+
+def quality_rows(
+    store: Store, config: QualityConfig | None = None, cluster: QualityCluster | None = None
+) -> list[QualityRow]:
     """One `QualityRow` per annotation output (stage, round) with finished shards, in stage and
-    round order (or the one `config` names). Raises ValueError when there is none."""
+    round order (or the one `config` names); each shard counted here, or on `cluster`. Raises
+    ValueError when there is none."""
     config = config or QualityConfig()
     outputs = [
         (s, r) for s, r in store.stage_rounds()
@@ -312,10 +359,14 @@ def quality_rows(store: Store, config: QualityConfig | None = None) -> list[Qual
         finished = list(completed(store, stage, round_, check="size").items())
         if not finished or not store.output_path(stage, round_, finished[0][0], "annotations").is_file():
             continue  # (an output of images alone)
-        output = _Output(float(config.duplicate_iou), config.concavity_masks)
-        sample = finished[:: config.every]
-        for shard, record in sample:
-            output.add_shard(list(record["images"]), store.read_annotations(stage, round_, shard))
+        output = Tally(float(config.duplicate_iou), config.concavity_masks)
+        sample = [shard for shard, _ in finished[:: config.every]]
+        if cluster is None:
+            tallies = (shard_tally(store, stage, round_, shard, config) for shard in sample)
+        else:
+            tallies = cluster.shard_tallies(store, stage, round_, sample, config)
+        for tally in tallies:
+            output.merge(tally)
         rows.append(output.row(stage, round_, len(finished), len(sample)))
     if not rows:
         named = "" if config.stage is None else f" of {config.stage}" + (

@@ -154,3 +154,21 @@ def test_concavity_of_known_shapes():
     corner[0:40, 0:10] = corner[30:40, 0:40] = True  # an L: its hull adds the triangle between
     assert 0.3 < concavity(corner, [0, 0, 40, 40]) < 0.5
     assert np.isnan(concavity(np.zeros((5, 5), bool), [0, 0, 0, 0]))
+
+
+def test_on_ray_the_figures_are_the_local_ones(store, local_ray, tmp_path):
+    """A task per shard on a real (embedded) Ray; the tallies summed in shard order give the
+    one-process figures to the last bit."""
+    from stages.quality import RayQuality
+
+    config = QualityConfig(concavity_masks=7)
+    assert quality_rows(store, config, cluster=RayQuality()) == quality_rows(store, config)
+    result = CliRunner().invoke(
+        app, ["quality", str(store.root), "--ray", "--stage", "copies", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((tmp_path / "q" / "quality.json").read_text())
+    (local,) = quality_rows(store, QualityConfig(stage="copies"))
+    assert row == dataclasses.asdict(local)
+    result = CliRunner().invoke(app, ["quality", str(store.root), "--ray", "--set", "quality.cpus=0"])
+    assert result.exit_code == 1 and "quality.cpus=0 is invalid" in result.output

@@ -31,6 +31,17 @@ def quality(
         Optional[int],
         typer.Option(help="quality.concavity_masks: masks per shard whose concavity is measured (0: none)"),
     ] = None,
+    ray: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ray/--local",
+            help="quality.ray: count the shards as Ray tasks (on --address / RAY_ADDRESS, else an "
+            "embedded local Ray); --local (default): in this process",
+        ),
+    ] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="ray.address: count on this Ray cluster (implies --ray)")
+    ] = None,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
     out: Annotated[
@@ -45,12 +56,24 @@ def quality(
     from engine.cli.config import flag_overrides, load_config, section
     from engine.quality import QualityConfig, format_table, quality_rows, write_report
 
+    from stages.config import RayConfig
+
     flags = {"stage": stage, "round": round_, "duplicate_iou": duplicate_iou, "every": every,
-             "concavity_masks": concavity_masks}  # fmt: skip
+             "concavity_masks": concavity_masks, "ray": ray}  # fmt: skip
     try:
-        cfg = section(load_config(config, list(set_ or []) + flag_overrides("quality", flags)),
-                      "quality", QualityConfig)  # fmt: skip
-        rows = quality_rows(open_store(store), cfg)
+        cfg = load_config(config, list(set_ or []) + flag_overrides("quality", flags, address))
+        quality_cfg = section(cfg, "quality", QualityConfig)
+        ray_cfg = section(cfg, "ray", RayConfig)
+        target = open_store(store)
+        if quality_cfg.ray:
+            from stages.cluster import ray_session
+            from stages.quality import RayQuality
+
+            with ray_session(ray_cfg) as where:
+                typer.echo(f"quality report on {where}", err=True)
+                rows = quality_rows(target, quality_cfg, cluster=RayQuality(quality_cfg.cpus))
+        else:
+            rows = quality_rows(target, quality_cfg)
     except ValueError as err:
         fail(str(err))
     typer.echo(format_table(rows))
