@@ -76,8 +76,19 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
             f"source '{source}' names no image files ({', '.join(IMAGE_EXTENSIONS)}): "
             "check the path or pass a glob"
         )
-    uris = sorted(set(uris))
+    uris.sort()  # in place, then repeats dropped in place: no set and no second list of the URIs
+    _drop_repeats(uris)
     return SourceListing(uris, sorted(ignored), None if sizes is None else [sizes[u] for u in uris])
+
+
+def _drop_repeats(items: list[str]) -> None:
+    """Remove the repeats of a sorted list, in place."""
+    kept = 0
+    for item in items:
+        if not kept or item != items[kept - 1]:
+            items[kept] = item
+            kept += 1
+    del items[kept:]
 
 
 def read_source(uri: str) -> bytes:
@@ -98,15 +109,22 @@ def source_size(uri: str) -> int | None:
 def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
     base = path.rsplit("/", 1)[0] if "/" in path else ""
     uris = []
-    for line in fs.cat_file(path).decode("utf-8").splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if "://" in entry:
-            entry_fs, entry_path = fsspec.core.url_to_fs(entry)
-            uris.append(entry_fs.unstrip_protocol(entry_path))
-        elif entry.startswith("/"):
-            uris.append(fs.unstrip_protocol(entry))
-        else:
-            uris.append(fs.unstrip_protocol(f"{base}/{entry}" if base else entry))
+    try:
+        with fs.open(path, "rt", encoding="utf-8") as handle:  # a line at a time, not all at once
+            for line in handle:
+                entry = line.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                if "://" in entry:
+                    entry_fs, entry_path = fsspec.core.url_to_fs(entry)
+                    uris.append(entry_fs.unstrip_protocol(entry_path))
+                elif entry.startswith("/"):
+                    uris.append(fs.unstrip_protocol(entry))
+                else:
+                    uris.append(fs.unstrip_protocol(f"{base}/{entry}" if base else entry))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"list file {fs.unstrip_protocol(path)} is not UTF-8 text ({err.reason} at byte "
+            f"{err.start} of a chunk): save it as UTF-8, one path or URI per line"
+        ) from None
     return uris

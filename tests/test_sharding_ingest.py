@@ -175,9 +175,13 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     synthetic_photos(tmp_path / "src" / "sub", 4)
     glob = list_source(str(tmp_path / "src" / "**" / "img_00[12].jpg"))
     assert [u.rsplit("/", 1)[1] for u in glob.uris] == ["img_001.jpg", "img_002.jpg"]
-    (tmp_path / "src" / "list.txt").write_text(
-        "# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\n"
+    (tmp_path / "src" / "list.txt").write_text(  # (one named twice: listed once; CRLF too)
+        "# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\r\n"
+        "sub/img_003.jpg"
     )
+    assert [u.rsplit("/", 1)[1] for u in list_source(str(tmp_path / "src" / "list.txt")).uris] == [
+        "img_000.jpg", "img_003.jpg"
+    ]  # fmt: skip
     store = Store.create(tmp_path / "store")
     report = ingest(str(tmp_path / "src" / "list.txt"), store)
     assert report.added == 2
@@ -206,6 +210,9 @@ def test_bad_sources_name_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="names no image files"):
         list_source(str(tmp_path / "empty"))
+    (tmp_path / "latin1.txt").write_bytes("a.jpg\ncaf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text .*save it as UTF-8"):
+        list_source(str(tmp_path / "latin1.txt"))
     store = Store.create(tmp_path / "store")
     with pytest.raises(ValueError, match="shard_size"):
         ingest(str(tmp_path), store, shard_size=0)
