@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from stages.config import RayConfig
 
@@ -110,6 +110,25 @@ def quiet_and_ordered() -> None:
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+
+
+def shard_tasks(
+    shards: list[str], fn: Any, fn_kwargs: dict[str, Any], cpus: float
+) -> Iterator[dict[str, Any]]:
+    """`fn({"shard": s}, **fn_kwargs)` as one Ray Data task per shard (`cpus` CPUs each) on the
+    Ray this process is connected to; yields the rows it returns, in shard order, each as soon
+    as it and those before it are done. A row's "error" (text; the task's own exception would
+    come back as Ray's traceback) raises ValueError here."""
+    import ray
+
+    if not shards:
+        return
+    quiet_and_ordered()
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=cpus).iter_rows():
+        if row["error"]:
+            raise ValueError(row["error"])
+        yield row
 
 
 def _nodes() -> int:

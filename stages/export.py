@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from sharding.export_sa1b import ShardOutcome, export_shard
 from sharding.store import Store
-from stages.cluster import quiet_and_ordered
+from stages.cluster import shard_tasks
 
 
 @dataclass
@@ -30,25 +30,9 @@ class RayExport:
     def export_shards(
         self, store: Store, out_dir: Path, shards: list[str], source: tuple, allow_partial: bool
     ) -> Iterator[ShardOutcome]:
-        import ray
-
-        if not shards:
-            return
-        quiet_and_ordered()
-        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map(
-            _export_row,
-            fn_kwargs={
-                "root": str(store.root),
-                "out": str(out_dir),
-                "source": list(source),
-                "allow_partial": allow_partial,
-            },
-            num_cpus=self.cpus,
-        )
-        for row in ds.iter_rows():  # in shard order, each as soon as it is done
-            if row["error"]:  # (a task's own exception would come back as Ray's traceback text)
-                raise ValueError(row["error"])
+        kwargs = {"root": str(store.root), "out": str(out_dir), "source": list(source),
+                  "allow_partial": allow_partial}  # fmt: skip
+        for row in shard_tasks(shards, _export_row, kwargs, self.cpus):
             yield row["status"], row["value"]
 
 

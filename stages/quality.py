@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from engine.quality import QualityConfig, Tally, shard_tally
 from sharding.store import Store
-from stages.cluster import quiet_and_ordered
+from stages.cluster import shard_tasks
 
 
 @dataclass
@@ -30,21 +30,8 @@ class RayQuality:
     def shard_tallies(
         self, store: Store, stage: str, round_: int, shards: list[str], config: QualityConfig
     ) -> Iterator[Tally]:
-        import ray
-
-        if not shards:
-            return
-        quiet_and_ordered()
-        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map(
-            _tally_row,
-            fn_kwargs={"root": str(store.root), "stage": stage, "round_": round_,
-                       "config": asdict(config)},  # fmt: skip
-            num_cpus=self.cpus,
-        )
-        for row in ds.iter_rows():  # in shard order
-            if row["error"]:  # (a task's own exception would come back as Ray's traceback text)
-                raise ValueError(row["error"])
+        kwargs = {"root": str(store.root), "stage": stage, "round_": round_, "config": asdict(config)}
+        for row in shard_tasks(shards, _tally_row, kwargs, self.cpus):
             yield pickle.loads(row["tally"])
 
 
