@@ -2,7 +2,8 @@
 
 Only the CLI reads YAML; the library takes typed arguments. A config is a dict of blocks, one per
 stage (`amg:`, `privacy:`, `ingest:` ...); `section()` turns one block into the stage's dataclass and
-rejects unknown keys, so a typo in a YAML file or a `--set` fails loudly instead of vanishing.
+rejects unknown keys and values of the wrong type, so a typo in a YAML file or a `--set` fails
+loudly, before anything runs, instead of vanishing or failing deep inside a stage.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def section(config: dict[str, Any], block: str, cls: type[T]) -> T:
     taken as the number it is."""
     values = config.get(block) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"config block '{block}' is {values!r}: it must be a mapping of keys (key: value lines)")
+        raise ValueError(
+            f"config block '{block}' is {values!r}: it must be a mapping of keys (key: value lines)"
+        )
     values = dict(values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
