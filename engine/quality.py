@@ -33,6 +33,9 @@ WHOLE_IMAGE = 0.95  # area fraction of the SA-1B filter (`amg.max_mask_area_frac
 FINE_BINS = 1000  # histogram bins over [0, 1]: percentiles to 0.001
 GRID = 16  # mask-centre grid
 CONCAVITY_BINS = (0.1, 0.25, 0.5, 1.0)  # upper ends (each bin holds [lower, upper))
+# Predicted IoU and stability score bins: finer near SA-1B's thresholds (0.88 and 0.95), so a
+# report shows how many masks sit just over them; values outside [0, 1] count in the end bins.
+SCORE_BINS = (0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95, 0.97, 1.0)
 
 
 @dataclass
@@ -99,8 +102,10 @@ class QualityRow:
     relative_size_bins: dict[str, float]
     predicted_iou_mean: float | None
     predicted_iou_p10: float | None
+    predicted_iou_bins: dict[str, float]
     stability_mean: float | None
     stability_p10: float | None
+    stability_bins: dict[str, float]
     near_duplicates: float | None  # masks with a near-duplicate / masks (None: not counted)
     near_duplicate_pairs: int | None
     whole_image: float | None  # masks covering >= 95% of their image / masks
@@ -290,8 +295,10 @@ class Tally:
             relative_size_bins=self.size.shares(SIZE_BINS),
             predicted_iou_mean=self.iou.mean(),
             predicted_iou_p10=self.iou.quantile(0.1),
+            predicted_iou_bins=self.iou.shares(SCORE_BINS),
             stability_mean=self.stability.mean(),
             stability_p10=self.stability.quantile(0.1),
+            stability_bins=self.stability.shares(SCORE_BINS),
             near_duplicates=share(self.with_duplicate, masks) if counted else None,
             near_duplicate_pairs=self.pairs if counted else None,
             whole_image=share(self.whole, masks),
@@ -389,27 +396,30 @@ def write_report(rows: list[QualityRow], out: Path) -> list[Path]:
 
 
 def write_plot(rows: list[QualityRow], path: Path) -> None:
-    """Masks per image, relative mask size and concavity (the paper's measures), then where each
-    output's mask centres fall on the image (the first four outputs)."""
+    """Masks per image, relative mask size and concavity (the paper's measures), predicted IoU and
+    stability; below, where each output's mask centres fall on the image (the first five)."""
     plt = pyplot()
-    shown = rows[:4]
-    fig, axes = plt.subplots(1, 3 + len(shown), figsize=(5 * (3 + len(shown)), 4.2))
+    fig, axes = plt.subplots(2, 5, figsize=(27, 9))
     width = 0.8 / max(1, len(rows))
     for panel, key, title in (
-        (axes[0], "masks_per_image_bins", "images by masks per image"),
-        (axes[1], "relative_size_bins", "masks by sqrt(mask area / image area)"),
-        (axes[2], "concavity_bins", "masks by concavity (1 - area / convex hull)"),
+        (axes[0, 0], "masks_per_image_bins", "images by masks per image"),
+        (axes[0, 1], "relative_size_bins", "masks by sqrt(mask area / image area)"),
+        (axes[0, 2], "concavity_bins", "masks by concavity (1 - area / convex hull)"),
+        (axes[0, 3], "predicted_iou_bins", "masks by predicted IoU"),
+        (axes[0, 4], "stability_bins", "masks by stability score"),
     ):
         labels = list(getattr(rows[0], key)) if rows else []
         for k, row in enumerate(rows):
             values = list(getattr(row, key).values())
             xs = np.arange(len(labels)) + (k - (len(rows) - 1) / 2) * width
             panel.bar(xs, values, width, label=f"{row.stage} r{row.round}")
-        panel.set_xticks(np.arange(len(labels)), labels)
+        panel.set_xticks(np.arange(len(labels)), labels, rotation=45 if len(labels) > 6 else 0)
         panel.set_title(title)
         panel.set_ylabel("fraction")
         panel.legend(fontsize=8)
-    for panel, row in zip(axes[3:], shown):
+    for panel in axes[1, len(rows):]:
+        panel.axis("off")
+    for panel, row in zip(axes[1], rows):
         grid = np.asarray(row.centres, np.float64)
         panel.imshow(grid / max(grid.max(), 1), cmap="magma", extent=(0, 1, 1, 0))
         panel.set_title(f"mask centres: {row.stage} r{row.round}")

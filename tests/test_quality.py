@@ -82,6 +82,10 @@ def test_figures_match_the_masks_decoded_one_by_one(store):
         assert row.relative_size_bins["0-0.05"] == pytest.approx((sizes < 0.05).mean())
         ious = [v for _, vs in images.values() for v in vs]
         assert row.predicted_iou_mean == pytest.approx(np.mean(ious))
+        assert sum(row.predicted_iou_bins.values()) == pytest.approx(1.0)
+        assert sum(row.stability_bins.values()) == pytest.approx(1.0)
+        below_half = np.mean(np.clip(ious, 0, 1) < 0.5)
+        assert row.predicted_iou_bins["0-0.5"] == pytest.approx(below_half)
         assert row.whole_image == pytest.approx(np.mean([m.mean() >= 0.95 for m in masks]))
         assert np.asarray(row.centres).sum() == len(masks)
         assert row.concavity_masks == len(masks)  # fewer than 100 a shard: every one
