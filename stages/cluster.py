@@ -112,20 +112,27 @@ def quiet_and_ordered() -> None:
     ctx.enable_progress_bars = False
 
 
-def shard_tasks(
+def shard_rows(
     shards: list[str], fn: Any, fn_kwargs: dict[str, Any], cpus: float
 ) -> Iterator[dict[str, Any]]:
     """`fn({"shard": s}, **fn_kwargs)` as one Ray Data task per shard (`cpus` CPUs each) on the
     Ray this process is connected to; yields the rows it returns, in shard order, each as soon
-    as it and those before it are done. A row's "error" (text; the task's own exception would
-    come back as Ray's traceback) raises ValueError here."""
+    as it and those before it are done. A row says its failure in "error" (text: the task's own
+    exception would come back as Ray's traceback)."""
     import ray
 
     if not shards:
         return
     quiet_and_ordered()
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    for row in ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=cpus).iter_rows():
+    yield from ds.map(fn, fn_kwargs=fn_kwargs, num_cpus=cpus).iter_rows()
+
+
+def shard_tasks(
+    shards: list[str], fn: Any, fn_kwargs: dict[str, Any], cpus: float
+) -> Iterator[dict[str, Any]]:
+    """`shard_rows`, stopped at the first row with an "error" (raised as ValueError)."""
+    for row in shard_rows(shards, fn, fn_kwargs, cpus):
         if row["error"]:
             raise ValueError(row["error"])
         yield row

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from sharding.manifest import FileCheck, FileRead, write_planned_shard
 from sharding.store import Store
-from stages.cluster import quiet_and_ordered
+from stages.cluster import quiet_and_ordered, shard_rows
 
 _COLUMNS = ("sha", "size", "reason", "detail", "mode", "rotated", "width", "height")
 # Scan tasks of one ingest, at most: Ray Data's cost per block in the driver (~3 ms to make it,
@@ -64,16 +64,11 @@ class RayIngest:
                 yield _read(*(columns[name][i] for name in _COLUMNS))
 
     def write_shards(self, store: Store, plan: Path, shards: list[str]) -> None:
-        import ray
-
-        quiet_and_ordered()
-        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map(
-            _write_row, fn_kwargs={"root": str(store.root), "plan": str(plan)}, num_cpus=self.cpus
-        )
-        # each task writes its shard's file; a source gone or changed comes back as its message
-        # (a task's own exception reaches the driver only as Ray's traceback text)
-        errors = [row["error"] for row in ds.iter_rows() if row["error"]]
+        # each task writes its shard's file; a source gone or changed comes back as its message,
+        # and every shard is tried before the first is raised, with how many more failed
+        kwargs = {"root": str(store.root), "plan": str(plan)}
+        rows = shard_rows(shards, _write_row, kwargs, self.cpus)
+        errors = [row["error"] for row in rows if row["error"]]
         if len(errors) > 1:
             errors[0] += f" (and {len(errors) - 1} more shard(s) like it)"
         if errors:
