@@ -4,9 +4,11 @@ folder, the model flags as `model:` keys, commands still to come."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -23,6 +25,21 @@ def open_store(path: Path):
         return Store(path)
     except ValueError as err:
         fail(str(err))
+
+
+def here_or_on_ray(
+    on_ray: bool, ray_config: Any, what: str, run: Callable[[Any], T], cluster: Callable[[], Any]
+) -> T:
+    """`run(None)` in this process, or with `on_ray`, `run(cluster())` in a Ray session
+    (`ray_config`'s cluster or RAY_ADDRESS, else an embedded local Ray), saying where on stderr:
+    the one shape of `ingest`, `export sa1b` and `quality` with `--ray` / `--address`."""
+    if not on_ray:
+        return run(None)
+    from stages.cluster import ray_session
+
+    with ray_session(ray_config) as where:
+        typer.echo(f"{what} on {where}", err=True)
+        return run(cluster())
 
 
 def files_under(folder: Path, out: Path | None = None) -> list[Path]:

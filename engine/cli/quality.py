@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, open_store
+from engine.cli.common import fail, here_or_on_ray, open_store
 from engine.cli.store import ConfigOpt, SetOpt, StoreArg
 
 
@@ -65,15 +65,16 @@ def quality(
         quality_cfg = section(cfg, "quality", QualityConfig)
         ray_cfg = section(cfg, "ray", RayConfig)
         target = open_store(store)
-        if quality_cfg.ray:
-            from stages.cluster import ray_session
+
+        def ray_quality():
             from stages.quality import RayQuality
 
-            with ray_session(ray_cfg) as where:
-                typer.echo(f"quality report on {where}", err=True)
-                rows = quality_rows(target, quality_cfg, cluster=RayQuality(quality_cfg.cpus))
-        else:
-            rows = quality_rows(target, quality_cfg)
+            return RayQuality(quality_cfg.cpus)
+
+        rows = here_or_on_ray(
+            quality_cfg.ray, ray_cfg, "quality report",
+            lambda cluster: quality_rows(target, quality_cfg, cluster=cluster), ray_quality,
+        )  # fmt: skip
     except ValueError as err:
         fail(str(err))
     typer.echo(format_table(rows))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, open_store
+from engine.cli.common import fail, here_or_on_ray, open_store
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
 StageOpt = Annotated[
@@ -100,19 +100,17 @@ def ingest(
         threads=ingest_cfg.threads, commit_shards=ingest_cfg.commit_shards,
         on_file=progress.update,
     )  # fmt: skip
-    try:
-        if ingest_cfg.ray:
-            from stages.cluster import ray_session
-            from stages.ingest import RayIngest
+    def ray_ingest():
+        from stages.ingest import RayIngest
 
-            target = Store.create(store)
-            with ray_session(ray_cfg) as where:
-                typer.echo(f"ingest on {where}", err=True)
-                report = run_ingest(
-                    source, target, cluster=RayIngest(ingest_cfg.chunk, ingest_cfg.cpus), **kwargs
-                )
-        else:
-            report = run_ingest(source, Store.create(store), **kwargs)
+        return RayIngest(ingest_cfg.chunk, ingest_cfg.cpus)
+
+    try:
+        target = Store.create(store)
+        report = here_or_on_ray(
+            ingest_cfg.ray, ray_cfg, "ingest",
+            lambda cluster: run_ingest(source, target, cluster=cluster, **kwargs), ray_ingest,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         progress.close()
         fail(str(err))
@@ -211,16 +209,16 @@ def export_sa1b(
         short_side=export_cfg.short_side, allow_partial=export_cfg.allow_partial,
         on_shard=progress.update,
     )  # fmt: skip
-    try:
-        if export_cfg.ray:
-            from stages.cluster import ray_session
-            from stages.export import RayExport
+    def ray_export():
+        from stages.export import RayExport
 
-            with ray_session(ray_cfg) as where:
-                typer.echo(f"export on {where}", err=True)
-                report = run_export(target, out, cluster=RayExport(export_cfg.cpus), **kwargs)
-        else:
-            report = run_export(target, out, **kwargs)
+        return RayExport(export_cfg.cpus)
+
+    try:
+        report = here_or_on_ray(
+            export_cfg.ray, ray_cfg, "export",
+            lambda cluster: run_export(target, out, cluster=cluster, **kwargs), ray_export,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         progress.close()
         fail(str(err))
