@@ -336,9 +336,18 @@ class QualityCluster(Protocol):
         ...
 
 
-def shard_tally(store: Store, stage: str, round_: int, shard: str, config: QualityConfig) -> Tally:
-    """One finished shard's figures. Raises ValueError when its output is no longer finished."""
-    record = store.done_record(stage, round_, shard, "size")
+def shard_tally(
+    store: Store,
+    stage: str,
+    round_: int,
+    shard: str,
+    config: QualityConfig,
+    record: dict[str, Any] | None = None,
+) -> Tally:
+    """One finished shard's figures; `record`: its completion record, when the caller has just
+    read it (a Ray task reads it again, on its node). Raises ValueError when its output is no
+    longer finished."""
+    record = record or store.done_record(stage, round_, shard, "size")
     if record is None:
         raise ValueError(
             f"{stage} round {round_} {shard} is no longer finished (its output changed while the "
@@ -367,11 +376,11 @@ def quality_rows(
         if not finished or not store.output_path(stage, round_, finished[0][0], "annotations").is_file():
             continue  # (an output of images alone)
         output = Tally(float(config.duplicate_iou), config.concavity_masks)
-        sample = [shard for shard, _ in finished[:: config.every]]
+        sample = finished[:: config.every]
         if cluster is None:
-            tallies = (shard_tally(store, stage, round_, shard, config) for shard in sample)
+            tallies = (shard_tally(store, stage, round_, s, config, record) for s, record in sample)
         else:
-            tallies = cluster.shard_tallies(store, stage, round_, sample, config)
+            tallies = cluster.shard_tallies(store, stage, round_, [s for s, _ in sample], config)
         for tally in tallies:
             output.merge(tally)
         rows.append(output.row(stage, round_, len(finished), len(sample)))

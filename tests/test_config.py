@@ -46,6 +46,7 @@ def test_values_of_the_wrong_type_are_named_not_passed_on():
     """A string where a number goes reached the stage and failed there with a traceback."""
     from engine.amg_config import AmgConfig
     from engine.privacy import PrivacyConfig
+    from engine.training.trainer import TrainConfig
     from stages.config import RayConfig
 
     config = load_config("sa1b")
@@ -74,6 +75,10 @@ def test_values_of_the_wrong_type_are_named_not_passed_on():
     # YAML 1.1 reads 8e-4 as a string: taken as the number it is; ints are numbers too
     ray = section(apply_overrides(config, ["ray.io_cpus=5e-1", "ray.decode_cpus=1"]), "ray", RayConfig)
     assert ray.io_cpus == 0.5 and ray.decode_cpus == 1
+    train = section(apply_overrides({"train": {}}, ["train.lr=8e-4"]), "train", TrainConfig)
+    assert train.lr == 8e-4
+    with pytest.raises(ValueError, match="train.lr='fast' is invalid: use a finite number"):
+        section(apply_overrides({"train": {}}, ["train.lr=fast"]), "train", TrainConfig)
     grids = "amg.point_grids=[[[0.5, 0.5]], [[0.25, 0.75]], [[0.5, 0.5]]]"
     amg = section(apply_overrides(config, [grids, "amg.points_per_side=null"]), "amg", AmgConfig)
     assert amg.point_grids[1] == [[0.25, 0.75]]

@@ -91,18 +91,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 25
 
-    def __post_init__(self) -> None:
-        # YAML reads "8e-4" (no dot) as a string: accept it for float fields, refuse other text.
-        for name in ("lr", "weight_decay", "min_lr_ratio", "box_noise", "box_noise_max_px",
-                     "box_probability", "focal_weight", "dice_weight", "iou_weight",
-                     "max_mask_area", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"train.{name}={value!r} is not a number") from None
-
     def validate(self) -> None:
         if self.steps < 1 or self.masks_per_image < 1 or self.rounds < 1:
             raise ValueError("train: steps, masks_per_image and rounds must be >= 1")
