@@ -24,3 +24,38 @@ def test_every_command_has_a_one_line_summary():
         summary = (command.help or "").strip().split("\n\n")[0]
         assert summary, f"`sa-engine {' '.join(path)}` has no help"
         assert "\n" not in summary, f"`sa-engine {' '.join(path)}`: summary wraps: {summary!r}"
+
+
+def test_config_options_name_blocks_and_keys_the_config_has():
+    """--config says which blocks a command reads and --set's example is a real key: both are
+    checked against configs/sa1b.yaml, so a renamed block or key cannot leave the help behind."""
+    import re
+
+    import typer.main
+
+    from engine.cli.config import load_config
+
+    sa1b = load_config("sa1b")
+
+    def commands(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield path + [name], sub
+            yield from commands(sub, path + [name])
+
+    seen = 0
+    for path, command in commands(typer.main.get_command(app), []):
+        options = {p.name: p for p in getattr(command, "params", [])}
+        if "config" not in options:
+            continue
+        seen += 1
+        where = f"`sa-engine {' '.join(path)}`"
+        blocks = re.findall(r"(\w+):", options["config"].help.split("reads its", 1)[1])
+        assert blocks, f"{where} --config does not say which blocks it reads"
+        for block in blocks:
+            assert block in sa1b or block in sa1b.get("train", {}), f"{where}: no {block}: block"
+        example = re.search(r"e\.g\. (\S+)=", options["set_"].help).group(1)
+        node = sa1b
+        for part in example.split("."):
+            assert isinstance(node, dict) and part in node, f"{where}: --set example {example}"
+            node = node[part]
+    assert seen >= 12

@@ -14,7 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, files_under, require_weights
+from engine.cli.common import config_option, fail, files_under, require_weights, set_option
+
+ConfigOpt = config_option("model: and amg: blocks")
+SetOpt = set_option("amg.points_per_side=16")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -84,13 +87,8 @@ def amg(
     out: Annotated[Path, typer.Option(help="Output folder: <name>.json per image.")] = Path(
         "out/amg"
     ),
-    config: Annotated[
-        str, typer.Option(help="sa1b (paper settings), meta-default, or a YAML file.")
-    ] = "sa1b",
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="Override a config key, e.g. amg.points_per_side=16."),
-    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
     model: Annotated[
         Optional[str], typer.Option(help="model.model: vit_b | vit_l | vit_h | JSON config.")
     ] = None,

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets, open_store
+from engine.cli.common import config_option, fail, model_config, model_sets, open_store
 from engine.cli.gears import (
     CheckpointOpt,
-    ConfigOpt,
     DeviceOpt,
     ModelOpt,
     RandomOpt,
@@ -19,6 +18,8 @@ from engine.cli.gears import (
     StoreArg,
     block,
 )
+
+ConfigOpt = config_option("model: and annotate: blocks (and semi: with --stage semi)")
 
 
 def serve(

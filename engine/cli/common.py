@@ -1,14 +1,34 @@
-"""Small helpers every CLI command shares: failing with a clear message, the files of an input
-folder, the model flags as `model:` keys, commands still to come."""
+"""Small helpers every CLI command shares: the --config / --set options, failing with a clear
+message, the files of an input folder, the model flags as `model:` keys."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
 import typer
 
 T = TypeVar("T")
+
+
+def config_option(blocks: str) -> Any:
+    """The `--config` option of a command that reads `blocks` of the config (its help says which)."""
+    return Annotated[
+        str,
+        typer.Option(
+            "--config",
+            help="config: a name in configs/ (sa1b: the paper's settings; meta-default: Meta's "
+            f"library defaults) or a YAML path; this command reads its {blocks}",
+        ),
+    ]
+
+
+def set_option(example: str) -> Any:
+    """The repeatable `--set block.key=value` option (`engine.cli.config.apply_overrides`)."""
+    return Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help=f"override a config key, e.g. {example} (repeatable)"),
+    ]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -137,17 +157,3 @@ def model_config(cfg: dict, random_weights: bool | None = None):
         fail(str(exc))
     require_weights(model.model, model.checkpoint, random_weights)
     return model
-
-
-def not_built(command: str, issue: int, what: str) -> NoReturn:
-    fail(f"'{command}' is not built yet: it arrives with issue #{issue} ({what}).", code=2)
-
-
-def placeholder(app: typer.Typer, command: str, issue: int, what: str) -> None:
-    """Register a command that says which issue brings it, so `--help` shows the whole product."""
-
-    def run() -> None:
-        not_built(command, issue, what)
-
-    run.__doc__ = f"{what} (not built yet: arrives with issue #{issue})."
-    app.command(name=command)(run)

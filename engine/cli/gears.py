@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets, open_store
+from engine.cli.common import config_option, fail, model_config, model_sets, open_store, set_option
 from engine.cli.predict import Device
 from engine.cli.run import AddressOpt, run_spec, stage_setup
 
@@ -41,11 +41,9 @@ RoundOpt = Annotated[
         "model round N unless --model/--checkpoint name one",
     ),
 ]
-ConfigOpt = Annotated[str, typer.Option(help="config name in configs/ or a YAML path")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="override a config key, e.g. annotate.target_iou=0.8"),
-]
+AssistedConfigOpt = config_option("model:, annotate: and ray: blocks")
+SemiConfigOpt = config_option("model:, annotate:, semi: and ray: blocks")
+SetOpt = set_option("annotate.target_iou=0.8")
 ShardOpt = Annotated[Optional[list[str]], typer.Option("--shard", help="only this shard (repeat)")]
 ReferencesOpt = Annotated[
     Optional[Path],
@@ -113,7 +111,7 @@ def assisted(
     ] = Annotator.simulated,
     references: ReferencesOpt = None,
     round_: RoundOpt = 0,
-    config: ConfigOpt = "sa1b",
+    config: AssistedConfigOpt = "sa1b",
     set_: SetOpt = None,
     address: AddressOpt = None,
     model: ModelOpt = None,
@@ -177,7 +175,7 @@ def semi(
         Optional[Path],
         typer.Option(help="a trained detector (.pt); default: the round's, trained if absent"),
     ] = None,
-    config: ConfigOpt = "sa1b",
+    config: SemiConfigOpt = "sa1b",
     set_: SetOpt = None,
     address: AddressOpt = None,
     model: ModelOpt = None,

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets
+from engine.cli.common import config_option, fail, model_config, model_sets, set_option
+
+ConfigOpt = config_option("model: block")
+SetOpt = set_option("model.bf16=true")
 
 
 class Device(str, Enum):
@@ -84,13 +87,8 @@ def predict(
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Run without a checkpoint (tests, benchmarks).")
     ] = False,
-    config: Annotated[
-        str, typer.Option(help="config whose model: block is used (name in configs/ or YAML)")
-    ] = "sa1b",
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="override a config key, e.g. model.bf16=true"),
-    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
 ) -> None:
     """Prompt SAM with points and/or a box on one image.
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from engine.cli.common import fail, files_under
+from engine.cli.common import config_option, fail, files_under, set_option
+
+ConfigOpt = config_option("privacy: block")
+SetOpt = set_option("privacy.face_score=0.8")
 
 _CV2_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -54,13 +57,8 @@ def blur(
         Path, typer.Argument(help="An image file or a folder (searched recursively).")
     ],
     out: Annotated[Path, typer.Option(help="Output folder (blurred images, detections.jsonl).")],
-    config: Annotated[
-        str, typer.Option(help="Config name in configs/ (sa1b, meta-default) or a YAML path.")
-    ] = "sa1b",
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", help="Override a config key, e.g. privacy.face_score=0.8."),
-    ] = None,
+    config: ConfigOpt = "sa1b",
+    set_: SetOpt = None,
 ) -> None:
     """Blur faces and licence plates in an image or a folder; write detections.jsonl."""
     from engine.atomic import atomic_write_bytes, atomic_write_json

@@ -8,8 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, here_or_on_ray, open_store
-from engine.cli.store import ConfigOpt, SetOpt, StoreArg
+from engine.cli.common import config_option, fail, here_or_on_ray, open_store, set_option
+from engine.cli.store import StoreArg
+
+ConfigOpt = config_option("quality: and ray: blocks")
+SetOpt = set_option("quality.every=10")
 
 
 def quality(

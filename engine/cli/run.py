@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import fail, model_config, model_sets
+from engine.cli.common import config_option, fail, model_config, model_sets, set_option
 
 run_app = typer.Typer(
     help="Run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER).",
@@ -19,11 +19,12 @@ run_app = typer.Typer(
 )
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (on a cluster: shared storage)")]
-ConfigOpt = Annotated[str, typer.Option(help="config name in configs/ or a YAML path")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="block.key=value override, e.g. ray.model_actors=4 (repeatable)"),
-]
+AutoConfigOpt = config_option("model:, amg: and ray: blocks")
+AutoSetOpt = set_option("ray.model_actors=4")
+PrivacyConfigOpt = config_option("privacy: and ray: blocks")
+PrivacySetOpt = set_option("privacy.face_score=0.8")
+ClassicalConfigOpt = config_option("ray: block")
+ClassicalSetOpt = set_option("ray.num_cpus=2")
 RoundOpt = Annotated[
     int,
     typer.Option(
@@ -109,8 +110,8 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
 @run_app.command("auto")
 def auto(
     store: StoreArg,
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: AutoConfigOpt = "sa1b",
+    set_: AutoSetOpt = None,
     round_: RoundOpt = 0,
     address: AddressOpt = None,
     model: Annotated[
@@ -145,8 +146,8 @@ def auto(
 @run_app.command("privacy")
 def privacy(
     store: StoreArg,
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: PrivacyConfigOpt = "sa1b",
+    set_: PrivacySetOpt = None,
     round_: RoundOpt = 0,
     address: AddressOpt = None,
     shard: ShardOpt = None,
@@ -168,8 +169,8 @@ def privacy(
 @run_app.command("classical")
 def classical(
     store: StoreArg,
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: ClassicalConfigOpt = "sa1b",
+    set_: ClassicalSetOpt = None,
     round_: RoundOpt = 0,
     address: AddressOpt = None,
     shard: ShardOpt = None,

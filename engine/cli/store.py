@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import fail, here_or_on_ray, open_store
+from engine.cli.common import config_option, fail, here_or_on_ray, open_store, set_option
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
 StageOpt = Annotated[
@@ -16,13 +16,10 @@ StageOpt = Annotated[
 RoundOpt = Annotated[
     Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")
 ]
-ConfigOpt = Annotated[
-    str, typer.Option(help="config name in configs/ or a YAML path (its ingest: or export: block, ray:)")
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="block.key=value override, e.g. export.cpus=2 (repeatable)"),
-]
+IngestConfigOpt = config_option("ingest: and ray: blocks")
+IngestSetOpt = set_option("ingest.threads=16")
+ExportConfigOpt = config_option("export: and ray: blocks")
+ExportSetOpt = set_option("export.short_side=1500")
 ShortSideOpt = Annotated[
     int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")
 ]
@@ -36,8 +33,8 @@ def ingest(
     store: Annotated[
         Path, typer.Option(help="store folder (created if new; on a cluster: shared storage)")
     ],
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: IngestConfigOpt = "sa1b",
+    set_: IngestSetOpt = None,
     shard_size: Annotated[
         Optional[int], typer.Option(help="ingest.shard_size: images per new shard")
     ] = None,
@@ -153,8 +150,8 @@ def export_sa1b(
     out: Annotated[
         Path, typer.Option(help="release folder (new, a previous release, or a stopped export's)")
     ],
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: ExportConfigOpt = "sa1b",
+    set_: ExportSetOpt = None,
     stage: StageOpt = None,
     round_: RoundOpt = None,
     privacy_round: Annotated[

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import fail
+from engine.cli.common import config_option, fail, set_option
 
 if TYPE_CHECKING:
     from engine.modeling import Sam
     from engine.training.cluster import WorkerConfig
     from engine.training.trainer import TrainConfig, TrainResult
 
-ConfigOpt = Annotated[str, typer.Option("--config", help="Config name in configs/ or a YAML path.")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override: train.key=value (repeatable).")
-]
+TrainConfigOpt = config_option("train: block (the recipe, its gate: and the workers)")
+EvaluateConfigOpt = config_option("train: block's gate:")
+TrainSetOpt = set_option("train.steps=500")
+EvaluateSetOpt = set_option("train.gate.max_masks=200")
 
 
 def _sources(
@@ -215,8 +215,8 @@ def train(
             "train.workers); default: RAY_ADDRESS, else this process alone."
         ),
     ] = None,
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: TrainConfigOpt = "sa1b",
+    set_: TrainSetOpt = None,
 ) -> None:
     """Retrain SAM on the masks collected in a store; write model round N+1 (checkpoint + card)."""
     try:
@@ -381,8 +381,8 @@ def evaluate(
         bool, typer.Option("--promote/--no-promote", help="Make the candidate current if it passes.")
     ] = True,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
-    config: ConfigOpt = "sa1b",
-    set_: SetOpt = None,
+    config: EvaluateConfigOpt = "sa1b",
+    set_: EvaluateSetOpt = None,
 ) -> None:
     """Gate: score a candidate round and the current one on held-out masks; promote if better."""
     import datetime as dt
