@@ -120,6 +120,43 @@ def test_gate_refuses_a_worse_round_and_promotes_a_better_one(tmp_path):
     assert current["report"].endswith("gate-vs-round-1.json")
 
 
+def test_the_gate_never_scores_images_a_scored_round_trained_on(tmp_path, trained_store):
+    """A held-out share larger than the one a round was trained with would score it on its own
+    training images: `evaluate` reads the share from the rounds' cards (and those they were
+    fine-tuned from) and refuses a larger one."""
+    from engine.cli.train import _held_out_share
+    from engine.training.data import DataConfig
+
+    share_02 = ["--from", "synthetic", "--synthetic-scenes", "2", "--held-out-share", "0.2"]
+    result = runner.invoke(
+        app, ["evaluate", str(trained_store), "--candidate", "0", "--against", "none", *share_02]
+    )
+    assert result.exit_code == 1, result.output
+    assert "held-out share 0.2 is larger than a scored round" in result.output
+    assert "use --held-out-share 0 or less" in result.output  # round 0 was trained with share 0
+
+    registry = ModelRegistry(tmp_path)
+    sam = build_sam(TINY)
+
+    def data(share: float) -> list[dict]:
+        return [{"source": "synthetic", "split": "train", "held_out_share": share}]
+
+    registry.write_round(0, sam, {"data": data(0.2), "parent_round": None})
+    registry.write_round(1, sam, {"data": data(0.3), "parent_round": 0})  # fine-tuned from 0
+    registry.write_round(2, sam, {"data": data(0.25), "parent_round": None,
+                                  "lineage": [{"data": data(0.15)}]})  # fmt: skip
+    registry.write_round(3, sam, {"parent_round": None})  # nothing recorded
+    config = DataConfig(held_out_share=0.05)
+    assert _held_out_share(registry, [1], None, config) == 0.2  # its parent's share
+    assert _held_out_share(registry, [1, 2], None, config) == 0.15  # round 2's first stage
+    assert _held_out_share(registry, [1], 0.1, config) == 0.1  # a smaller one is a subset
+    with pytest.raises(ValueError, match="larger than a scored round"):
+        _held_out_share(registry, [1], 0.25, config)
+    assert _held_out_share(registry, [3], None, config) == 0.05  # the config's
+    with pytest.raises(ValueError, match=r"train.held_out_share=1 is invalid: use a share in \[0, 1\)"):
+        DataConfig(held_out_share=1)
+
+
 def test_train_errors_name_the_fix(tmp_path):
     result = runner.invoke(app, ["train", str(tmp_path), "--round", "0"])
     assert result.exit_code == 1 and "no training data" in result.output

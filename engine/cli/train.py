@@ -26,6 +26,12 @@ TrainConfigOpt = config_option("train: block (the recipe, its gate: and the work
 EvaluateConfigOpt = config_option("train: block's gate:")
 TrainSetOpt = set_option("train.steps=500")
 EvaluateSetOpt = set_option("train.gate.max_masks=200")
+ScenesOpt = Annotated[
+    Optional[int], typer.Option(help="train.synthetic_scenes: scenes for --from synthetic (600)")
+]
+SeedOpt = Annotated[
+    Optional[int], typer.Option(help="train.synthetic_seed: first scene seed for --from synthetic (0)")
+]
 
 
 def _sources(
@@ -67,24 +73,73 @@ def _sources(
     return items, infos
 
 
+def _synthetic_flags(from_: str | None, data: Any) -> dict[str, Any]:
+    """The synthetic scenes' flags of a recorded command line, when it reads them."""
+    if not (from_ and "synthetic" in from_):
+        return {}
+    return {"--synthetic-scenes": data.synthetic_scenes, "--synthetic-seed": data.synthetic_seed}
+
+
+def _held_out_share(registry: Any, rounds: list[int], given: float | None, data: Any) -> float:
+    """The held-out share the gate scores `rounds` at: `given` (the flag), else the smallest the
+    rounds and their ancestors were trained with (their cards), else the config's. Raises
+    ValueError for a share larger than one they were trained with: images between the two were
+    training images of a scored round."""
+    from engine.training.data import trained_held_out_share
+
+    cards, todo = [], list(rounds)
+    while todo:  # each round and the rounds it was fine-tuned from
+        round_ = todo.pop()
+        card = registry.card(round_)
+        cards.append(card)
+        parent = card.get("parent_round")
+        if isinstance(parent, int) and parent >= 0 and parent != round_:
+            todo.append(parent)
+    trained = trained_held_out_share(cards)
+    share = given if given is not None else trained if trained is not None else data.held_out_share
+    if trained is not None and share > trained + 1e-12:
+        raise ValueError(
+            f"held-out share {share:g} is larger than a scored round (or one it was fine-tuned "
+            f"from) was trained with ({trained:g}): images in between were training images; use "
+            f"--held-out-share {trained:g} or less (the default reads it from the cards), or "
+            "--split all with a separate test set"
+        )
+    return share
+
+
 def _train_config(config: str, overrides: list[str] | None):
-    """(TrainConfig, GateConfig, WorkerConfig) of the `train:` block: the recipe, its `gate:`
-    sub-block, and the cluster keys (workers, cpus_per_worker)."""
+    """(TrainConfig, GateConfig, WorkerConfig, DataConfig) of the `train:` block: the recipe, its
+    `gate:` sub-block, the cluster keys (workers, cpus_per_worker) and the data keys
+    (held_out_share, synthetic_scenes, synthetic_seed)."""
     import dataclasses
 
     from engine.cli.config import load_config, section
     from engine.training.cluster import WorkerConfig
+    from engine.training.data import DataConfig
     from engine.training.gate import GateConfig
     from engine.training.trainer import TrainConfig
 
     cfg = load_config(config, overrides)
     block = dict(cfg.get("train") or {})
     gate = block.pop("gate", None) or {}
-    cluster = {f.name: block.pop(f.name) for f in dataclasses.fields(WorkerConfig) if f.name in block}
+
+    def keys_of(cls) -> dict:
+        return {f.name: block.pop(f.name) for f in dataclasses.fields(cls) if f.name in block}
+
+    cluster, data = keys_of(WorkerConfig), keys_of(DataConfig)
     train_cfg = section({"train": block}, "train", TrainConfig)
     gate_cfg = section({"gate": gate}, "gate", GateConfig)
     worker_cfg = section({"train": cluster}, "train", WorkerConfig)
-    return train_cfg, gate_cfg, worker_cfg
+    data_cfg = section({"train": data}, "train", DataConfig)
+    return train_cfg, gate_cfg, worker_cfg, data_cfg
+
+
+def _data_sets(
+    sets: list[str] | None, held_out_share: float | None, scenes: int | None, seed: int | None
+) -> list[str]:
+    """`--set` overrides plus the data flags as `train.*` keys."""
+    flags = {"held_out_share": held_out_share, "synthetic_scenes": scenes, "synthetic_seed": seed}
+    return list(sets or []) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
 
 
 @dataclass
@@ -199,11 +254,14 @@ def train(
             "round's weights, e.g. mobilenet_v2 (ImageNet backbone, untrained decoder)."
         ),
     ] = None,
-    synthetic_scenes: Annotated[int, typer.Option(help="Scenes for --from synthetic.")] = 600,
-    synthetic_seed: Annotated[int, typer.Option(help="First scene seed for --from synthetic.")] = 0,
+    synthetic_scenes: ScenesOpt = None,
+    synthetic_seed: SeedOpt = None,
     held_out_share: Annotated[
-        float, typer.Option(help="Share of images kept out of training for the gate.")
-    ] = 0.1,
+        Optional[float],
+        typer.Option(
+            help="train.held_out_share: share of images kept out of training for the gate (0.1)"
+        ),
+    ] = None,
     threads: Annotated[
         int,
         typer.Option(help="torch CPU threads (0: torch's default; with --address: the worker's CPUs)."),
@@ -220,7 +278,8 @@ def train(
 ) -> None:
     """Retrain SAM on the masks collected in a store; write model round N+1 (checkpoint + card)."""
     try:
-        train_cfg, _, worker_cfg = _train_config(config, set_)
+        sets = _data_sets(set_, held_out_share, synthetic_scenes, synthetic_seed)
+        train_cfg, _, worker_cfg, data_cfg = _train_config(config, sets)
         train_cfg.validate()
         worker_cfg.validate()
     except ValueError as exc:
@@ -245,8 +304,8 @@ def train(
         fail(f"model round {new_round} already exists in {registry.round_dir(new_round)}")
     sources = {
         "gears": from_, "max_round": max(parent, 0), "coco": coco, "images": images,
-        "synthetic_scenes": synthetic_scenes, "synthetic_seed": synthetic_seed,
-        "held_out_share": held_out_share,
+        "synthetic_scenes": data_cfg.synthetic_scenes, "synthetic_seed": data_cfg.synthetic_seed,
+        "held_out_share": data_cfg.held_out_share,
     }
     try:
         items, infos = _sources(store, **sources, split="train")
@@ -276,9 +335,8 @@ def train(
                 {
                     "--from": from_, "--round": parent, "--init": init, "--coco": coco,
                     "--images": images,
-                    "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
-                    "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
-                    "--held-out-share": held_out_share, "--threads": threads or None,
+                    **_synthetic_flags(from_, data_cfg),
+                    "--held-out-share": data_cfg.held_out_share, "--threads": threads or None,
                     "--address": address, "--config": config, "--set": set_ or None,
                 },
             ),
@@ -374,9 +432,15 @@ def evaluate(
     split: Annotated[
         str, typer.Option(help="held_out (images training never sees) or all (a separate test set).")
     ] = "held_out",
-    held_out_share: Annotated[float, typer.Option(help="As given to train.")] = 0.1,
-    synthetic_scenes: Annotated[int, typer.Option(help="Scenes for --from synthetic.")] = 600,
-    synthetic_seed: Annotated[int, typer.Option(help="First scene seed for --from synthetic.")] = 0,
+    held_out_share: Annotated[
+        Optional[float],
+        typer.Option(
+            help="default: the smallest share the scored rounds were trained with (their cards), "
+            "else train.held_out_share; a larger one is refused (it would score on training images)"
+        ),
+    ] = None,
+    synthetic_scenes: ScenesOpt = None,
+    synthetic_seed: SeedOpt = None,
     promote: Annotated[
         bool, typer.Option("--promote/--no-promote", help="Make the candidate current if it passes.")
     ] = True,
@@ -397,7 +461,8 @@ def evaluate(
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        _, gate_cfg, _ = _train_config(config, set_)
+        sets = _data_sets(set_, held_out_share, synthetic_scenes, synthetic_seed)
+        _, gate_cfg, _, data_cfg = _train_config(config, sets)
         gate_cfg.validate()
     except ValueError as exc:
         fail(str(exc))
@@ -416,8 +481,13 @@ def evaluate(
     if base == cand:
         base = None
     try:
+        share = data_cfg.held_out_share  # (--split all scores every image)
+        if split == "held_out":
+            scored = [cand] if base is None else [cand, base]
+            share = _held_out_share(registry, scored, held_out_share, data_cfg)
         items, infos = _sources(
-            store, from_, None, coco, images, synthetic_scenes, synthetic_seed, split, held_out_share
+            store, from_, None, coco, images, data_cfg.synthetic_scenes, data_cfg.synthetic_seed,
+            split, share,
         )
         models = {cand: registry.load(cand)}
         if base is not None:
@@ -426,7 +496,8 @@ def evaluate(
         fail(str(exc))
     scores = {}
     for round_, sam in models.items():
-        typer.echo(f"scoring round {round_} on {len(items)} held-out images")
+        held = f"held-out images (share {share:g})" if split == "held_out" else "images (--split all)"
+        typer.echo(f"scoring round {round_} on {len(items)} {held}")
         try:
             scores[round_] = score_model(sam, items, gate_cfg, log=typer.echo)
         except ValueError as exc:
@@ -444,9 +515,8 @@ def evaluate(
             {
                 "--candidate": cand, "--against": "none" if base is None else base,
                 "--from": from_, "--coco": coco, "--images": images, "--split": split,
-                "--held-out-share": held_out_share,
-                "--synthetic-scenes": synthetic_scenes if from_ and "synthetic" in from_ else None,
-                "--synthetic-seed": synthetic_seed if from_ and "synthetic" in from_ else None,
+                "--held-out-share": share if split == "held_out" else None,
+                **_synthetic_flags(from_, data_cfg),
                 "--no-promote": not promote, "--threads": threads or None, "--config": config,
                 "--set": set_ or None,
             },

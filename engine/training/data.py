@@ -13,8 +13,9 @@ deterministic rule on the image id, so `train` never sees the images `evaluate` 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 
 from engine import rle
@@ -23,6 +24,47 @@ from engine.training.synthetic import SceneConfig, make_scene, photo_library
 from engine.training.trainer import TrainItem
 
 SYNTHETIC = "synthetic"
+
+
+@dataclass
+class DataConfig:
+    """The data keys of the `train:` block, for `train` and `evaluate`.
+
+    Attributes:
+      held_out_share (float): share of every source's images (`is_held_out`) that training never
+        sees and the gate scores on.
+      synthetic_scenes (int): scenes of `--from synthetic`, seeds `synthetic_seed` onwards.
+      synthetic_seed (int): the first scene's seed.
+    """
+
+    held_out_share: float = 0.1
+    synthetic_scenes: int = 600
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.held_out_share < 1:
+            raise ValueError(
+                f"train.held_out_share={self.held_out_share!r} is invalid: use a share in [0, 1) "
+                "(0: no held-out images)"
+            )
+        if self.synthetic_scenes < 1:
+            raise ValueError(f"train.synthetic_scenes={self.synthetic_scenes!r} is invalid: use >= 1")
+        if self.synthetic_seed < 0:
+            raise ValueError(f"train.synthetic_seed={self.synthetic_seed!r} is invalid: use >= 0")
+
+
+def trained_held_out_share(cards: Iterable[dict[str, Any]]) -> float | None:
+    """The smallest held-out share the model cards' training data was split with (`data`, and
+    `lineage` stages), or None when none records one. An image held out at that share was held
+    out from every one of them: `is_held_out` at a smaller share picks a subset."""
+    shares = [
+        float(entry["held_out_share"])
+        for card in cards
+        for data in [card.get("data") or []] + [s.get("data") or [] for s in card.get("lineage") or []]
+        for entry in data
+        if entry.get("split") == "train" and "held_out_share" in entry
+    ]
+    return min(shares) if shares else None
 
 
 def is_held_out(image_id: str | int, share: float) -> bool:
