@@ -67,6 +67,14 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
 
     result = _invoke("export", "coco", store, "--out", tmp_path / "coco.json")
     assert result.exit_code == 0 and COCO(str(tmp_path / "coco.json")).getAnnIds()
+    # the COCO export's frame is the release's: the export: block, as for the SA-1B tars
+    frames = {}
+    for short_side in ("200", "0"):
+        out = tmp_path / f"coco-{short_side}.json"
+        result = _invoke("export", "coco", store, "--out", out, "--set", f"export.short_side={short_side}")
+        assert result.exit_code == 0, result.output
+        frames[short_side] = {i["id"]: min(i["width"], i["height"]) for i in COCO(str(out)).dataset["images"]}
+    assert set(frames["200"].values()) == {200} and min(frames["0"].values()) > 200
     result = _invoke("export", "parquet", store, "--out", tmp_path / "pq")
     assert result.exit_code == 0 and (tmp_path / "pq" / "images.parquet").is_file()
 

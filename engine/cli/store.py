@@ -11,18 +11,16 @@ from engine.cli.common import config_option, fail, here_or_on_ray, open_store, s
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
 StageOpt = Annotated[
-    Optional[str], typer.Option(help="annotation stage to export (default: latest completed)")
+    Optional[str], typer.Option(help="export.stage: annotation stage to export (default: latest completed)")
 ]
 RoundOpt = Annotated[
-    Optional[int], typer.Option("--round", help="model round of --stage (default: its latest)")
+    Optional[int], typer.Option("--round", help="export.round: model round of --stage (default: its latest)")
 ]
 IngestConfigOpt = config_option("ingest: and ray: blocks")
 IngestSetOpt = set_option("ingest.threads=16")
 ExportConfigOpt = config_option("export: and ray: blocks")
 ExportSetOpt = set_option("export.short_side=1500")
-ShortSideOpt = Annotated[
-    int, typer.Option(help="release frame: shortest side in px (0 keeps the store frame)")
-]
+TablesConfigOpt = config_option("export: block (stage, round; short_side for coco)")
 
 
 def ingest(
@@ -235,9 +233,17 @@ def export_sa1b(
 def export_coco(
     store: StoreArg,
     out: Annotated[Path, typer.Option(help="COCO instances JSON file to write")],
+    config: TablesConfigOpt = "sa1b",
+    set_: ExportSetOpt = None,
     stage: StageOpt = None,
     round_: RoundOpt = None,
-    short_side: ShortSideOpt = 1500,
+    short_side: Annotated[
+        Optional[int],
+        typer.Option(
+            help="export.short_side: frame of the masks, shortest side in px (0: the store frame); "
+            "the SA-1B release's by default"
+        ),
+    ] = None,
 ) -> None:
     """One COCO instances JSON (category "object", RLE segmentation, iscrowd 0)."""
     from sharding.export_coco import export_coco as run_export
@@ -246,8 +252,12 @@ def export_coco(
         fail(
             f"--out '{out}' is a folder: pass the path of the JSON file to write, e.g. {out}/coco.json"
         )
+    export_cfg = _export_config(config, set_, {"stage": stage, "round": round_, "short_side": short_side})
     try:
-        counts = run_export(open_store(store), out, stage=stage, round_=round_, short_side=short_side)
+        counts = run_export(
+            open_store(store), out, stage=export_cfg.stage, round_=export_cfg.round,
+            short_side=export_cfg.short_side,
+        )  # fmt: skip
     except ValueError as err:
         fail(str(err))
     typer.echo(
@@ -262,6 +272,8 @@ def export_parquet(
     out: Annotated[
         Path, typer.Option(help="folder for annotations/<shard>.parquet and images.parquet")
     ],
+    config: TablesConfigOpt = "sa1b",
+    set_: ExportSetOpt = None,
     stage: StageOpt = None,
     round_: RoundOpt = None,
 ) -> None:
@@ -270,14 +282,27 @@ def export_parquet(
 
     if out.is_file():
         fail(f"--out '{out}' is a file: pass a folder for the Parquet tables")
+    export_cfg = _export_config(config, set_, {"stage": stage, "round": round_})
     try:
-        counts = run_export(open_store(store), out, stage=stage, round_=round_)
+        counts = run_export(open_store(store), out, stage=export_cfg.stage, round_=export_cfg.round)
     except ValueError as err:
         fail(str(err))
     typer.echo(
         f"{counts['stage']} round {counts['round']} -> {out}: {counts['shards']} shards, "
         f"{counts['images']} images, {counts['annotations']} annotations"
     )
+
+
+def _export_config(config: str, sets: list[str] | None, flags: dict):
+    """The `export:` block with the flags given, or a one-line error."""
+    from engine.cli.config import flag_overrides, load_config, section
+    from sharding.export_sa1b import ExportConfig
+
+    try:
+        cfg = load_config(config, list(sets or []) + flag_overrides("export", flags))
+        return section(cfg, "export", ExportConfig)
+    except ValueError as err:
+        fail(str(err))
 
 
 def verify(

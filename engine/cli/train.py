@@ -138,8 +138,10 @@ def _data_sets(
     sets: list[str] | None, held_out_share: float | None, scenes: int | None, seed: int | None
 ) -> list[str]:
     """`--set` overrides plus the data flags as `train.*` keys."""
+    from engine.cli.config import flag_overrides
+
     flags = {"held_out_share": held_out_share, "synthetic_scenes": scenes, "synthetic_seed": seed}
-    return list(sets or []) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+    return list(sets or []) + flag_overrides("train", flags)
 
 
 @dataclass
