@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow.compute as pc
 
@@ -43,45 +44,77 @@ def stage_progress(store: Store, check: str = "size") -> list[StageProgress]:
     return out
 
 
-def ingest_state(store: Store) -> list[str]:
-    """A line when an ingest is running now, or when the last one stopped before its end."""
+def ingest_state(store: Store) -> dict[str, Any]:
+    """The ingest running now ({"running": holder}), or the last one when it stopped before its
+    end ({"stopped": what it committed, "resume": the command that goes on}); else {}."""
     holder = store.ingest_holder()
     if holder is not None:
-        return [f"ingest running ({holder}): what it has committed so far is counted above"]
+        return {"running": str(holder)}
     last = store.last_run_record("ingest")
     if last is None or last.get("finished_at") is not None or "started_at" not in last:
-        return []
+        return {}
     flags = f"--shard-size {last['shard_size']}" + (
         f" --commit-shards {last['commit_shards']}" if last.get("commit_shards") else ""
     )
-    return [
-        f"the last ingest, of {last['source']} (started {last['started_at']}), stopped after "
-        f"committing {last['added']} images in {len(last['shards_added'])} shards: run "
-        f"`sa-engine ingest {last['source']} --store {store.root} {flags}` again to go on"
-    ]
+    return {
+        "stopped": {
+            "source": last["source"],
+            "started_at": last["started_at"],
+            "added": last["added"],
+            "shards_added": len(last["shards_added"]),
+        },
+        "resume": f"sa-engine ingest {last['source']} --store {store.root} {flags}",
+    }
+
+
+def store_status(store: Store, check: str = "size") -> dict[str, Any]:
+    """The store's progress as data (`sa-engine status --json`): what was ingested, the ingest
+    running or stopped, and per stage and round the shards done (`complete` when all are)."""
+    manifest = store.manifest_index()
+    reasons = store.quarantine().column("reason").to_pylist()
+    stages = []
+    for p in stage_progress(store, check):
+        stages.append({**asdict(p), "complete": p.shards_done == p.shards_total})
+    return {
+        "store": str(store.root),
+        "images": manifest.num_rows,
+        "shards": pc.count_distinct(manifest.column("shard")).as_py(),
+        "duplicates": store.duplicates().num_rows,
+        "quarantined_at_ingest": store.ingest_quarantine().num_rows,
+        "ingest": ingest_state(store),
+        "stages": stages,
+        "quarantine_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+    }
 
 
 def status_lines(store: Store, check: str = "size") -> list[str]:
-    manifest = store.manifest_index()
+    status = store_status(store, check)
     lines = [
-        f"store {store.root}: {manifest.num_rows} images in "
-        f"{pc.count_distinct(manifest.column('shard')).as_py()} shards, "
-        f"{store.duplicates().num_rows} duplicates recorded, "
-        f"{store.ingest_quarantine().num_rows} quarantined at ingest",
+        f"store {status['store']}: {status['images']} images in {status['shards']} shards, "
+        f"{status['duplicates']} duplicates recorded, "
+        f"{status['quarantined_at_ingest']} quarantined at ingest",
     ]
-    lines += ingest_state(store)
-    for p in stage_progress(store, check):
-        line = (
-            f"{p.stage} round {p.round}: {p.shards_done}/{p.shards_total} shards done, {p.images} images, "
-            f"{p.annotations} annotations, {p.quarantined} quarantined"
+    ingest = status["ingest"]
+    if "running" in ingest:
+        lines.append(f"ingest running ({ingest['running']}): what it has committed so far is counted above")
+    elif ingest:
+        last = ingest["stopped"]
+        lines.append(
+            f"the last ingest, of {last['source']} (started {last['started_at']}), stopped after "
+            f"committing {last['added']} images in {last['shards_added']} shards: run "
+            f"`{ingest['resume']}` again to go on"
         )
-        if p.output_images:
-            line += f", {p.output_images} output images"
-        if p.set_aside:
-            line += f", {p.set_aside} set aside (an output failed its sha256 check: `run` redoes them)"
+    for p in status["stages"]:
+        line = (
+            f"{p['stage']} round {p['round']}: {p['shards_done']}/{p['shards_total']} shards done, "
+            f"{p['images']} images, {p['annotations']} annotations, {p['quarantined']} quarantined"
+        )
+        if p["output_images"]:
+            line += f", {p['output_images']} output images"
+        if p["set_aside"]:
+            line += f", {p['set_aside']} set aside (an output failed its sha256 check: `run` redoes them)"
         lines.append(line)
-    reasons = store.quarantine().column("reason").to_pylist()
-    if reasons:
-        counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+    if status["quarantine_reasons"]:
+        counts = status["quarantine_reasons"]
         lines.append("quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return lines

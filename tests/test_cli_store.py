@@ -49,6 +49,11 @@ def test_cli_round_trip_on_demo_photos(tmp_path, demo_photos):
         "privacy round 0: 2/2 shards done, 4 images, 0 annotations, 0 quarantined, 4 output images"
         in status.output
     )
+    figures = json.loads(_invoke("status", store, "--json").output)  # the same, for scripts
+    assert (figures["images"], figures["shards"], figures["ingest"]) == (4, 2, {})
+    stages = {(s["stage"], s["round"]): s for s in figures["stages"]}
+    assert stages[("classical", 0)]["complete"] and stages[("classical", 0)]["images"] == 4
+    assert stages[("privacy", 0)]["output_images"] == 4
 
     result = _invoke("export", "sa1b", store, "--out", rel, "--stage", "classical", "--round", 0)
     assert result.exit_code == 0, result.output

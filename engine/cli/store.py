@@ -128,11 +128,25 @@ def status(
             "at SA-1B's scale); --quick (default): output sizes only, as runs check them",
         ),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print one JSON object instead (per stage and round: shards done / total, "
+            "complete, images, annotations, quarantined; the ingest running or stopped)",
+        ),
+    ] = False,
 ) -> None:
     """Progress per stage and round: shards done/total, images, annotations, quarantined."""
-    from sharding.status import status_lines
+    import json
 
-    for line in status_lines(open_store(store), "sha256" if verify else "size"):
+    from sharding.status import status_lines, store_status
+
+    check = "sha256" if verify else "size"
+    if as_json:
+        typer.echo(json.dumps(store_status(open_store(store), check), indent=1))
+        return
+    for line in status_lines(open_store(store), check):
         typer.echo(line)
 
 
