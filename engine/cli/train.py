@@ -437,8 +437,9 @@ def evaluate(
     held_out_share: Annotated[
         Optional[float],
         typer.Option(
-            help="default: the smallest share the scored rounds were trained with (their cards), "
-            "else train.held_out_share; a larger one is refused (it would score on training images)"
+            help="train.held_out_share: default the smallest share the scored rounds were trained "
+            "with (their cards), else the config's; a larger one is refused (it would score a round "
+            "on its training images)"
         ),
     ] = None,
     synthetic_scenes: ScenesOpt = None,
