@@ -59,3 +59,22 @@ def test_config_options_name_blocks_and_keys_the_config_has():
             assert isinstance(node, dict) and part in node, f"{where}: --set example {example}"
             node = node[part]
     assert seen >= 12
+
+
+def test_help_paragraphs_reflow_to_the_terminal():
+    """Rich help keeps a docstring's single line breaks (wrapped for the source, ragged at any
+    other width): they are joined; lists stay as written."""
+    from engine.cli.main import reflow_help
+
+    text = """First line.
+
+        A paragraph wrapped
+        for the source.
+
+        Steps:
+        - one
+        - two
+        """
+    assert reflow_help(text) == "First line.\n\nA paragraph wrapped for the source.\n\nSteps:\n- one\n- two"
+    result = CliRunner().invoke(app, ["run", "auto", "--help"], env={"COLUMNS": "200"})
+    assert "unless a model is named. A model without weights" in result.output

@@ -22,5 +22,33 @@ for module in (predict, amg, store, privacy, run, gears, quality, annotate, trai
     module.register(app)
 
 
+def reflow_help(text: str) -> str:
+    """A docstring's paragraphs with their single line breaks joined: Rich help keeps them, and
+    lines wrapped for the source break raggedly at any other width. Paragraphs whose lines are a
+    list or indented (and `\\b` ones) stay as written."""
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    out = []
+    for paragraph in paragraphs:
+        lines = paragraph.split("\n")
+        kept = paragraph.startswith("\b") or any(
+            line.startswith(("  ", "- ", "* ")) for line in lines[1:]
+        )
+        out.append(paragraph if kept else " ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_commands(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None and command.callback.__doc__:
+            command.callback.__doc__ = reflow_help(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _reflow_commands(group.typer_instance)
+
+
+_reflow_commands(app)
+
+
 if __name__ == "__main__":
     app()
