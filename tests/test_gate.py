@@ -124,8 +124,8 @@ def test_the_gate_never_scores_images_a_scored_round_trained_on(tmp_path, traine
     """A held-out share larger than the one a round was trained with would score it on its own
     training images: `evaluate` reads the share from the rounds' cards (and those they were
     fine-tuned from) and refuses a larger one."""
-    from engine.cli.train import _held_out_share
     from engine.training.data import DataConfig
+    from engine.training.gate import gate_held_out_share
 
     share_02 = ["--from", "synthetic", "--synthetic-scenes", "2", "--held-out-share", "0.2"]
     result = runner.invoke(
@@ -134,6 +134,10 @@ def test_the_gate_never_scores_images_a_scored_round_trained_on(tmp_path, traine
     assert result.exit_code == 1, result.output
     assert "held-out share 0.2 is larger than a scored round" in result.output
     assert "use --held-out-share 0 or less" in result.output  # round 0 was trained with share 0
+    result = runner.invoke(
+        app, ["evaluate", str(trained_store), "--candidate", "0", "--against", "none", *share_02[:4]]
+    )  # the default share, read from the card: 0, so no image was held out
+    assert result.exit_code == 1 and "no held-out images at share 0 (the scored rounds were" in result.output
 
     registry = ModelRegistry(tmp_path)
     sam = build_sam(TINY)
@@ -146,13 +150,17 @@ def test_the_gate_never_scores_images_a_scored_round_trained_on(tmp_path, traine
     registry.write_round(2, sam, {"data": data(0.25), "parent_round": None,
                                   "lineage": [{"data": data(0.15)}]})  # fmt: skip
     registry.write_round(3, sam, {"parent_round": None})  # nothing recorded
-    config = DataConfig(held_out_share=0.05)
-    assert _held_out_share(registry, [1], None, config) == 0.2  # its parent's share
-    assert _held_out_share(registry, [1, 2], None, config) == 0.15  # round 2's first stage
-    assert _held_out_share(registry, [1], 0.1, config) == 0.1  # a smaller one is a subset
+    share = gate_held_out_share
+    default = 0.05  # the config's
+    assert share(registry, [1], None, default) == 0.2  # its parent's share
+    assert share(registry, [1, 2], None, default) == 0.15  # round 2's first stage
+    assert share(registry, [1], 0.1, default) == 0.1  # a smaller one is a subset
     with pytest.raises(ValueError, match="larger than a scored round"):
-        _held_out_share(registry, [1], 0.25, config)
-    assert _held_out_share(registry, [3], None, config) == 0.05  # the config's
+        share(registry, [1], 0.25, default)
+    assert share(registry, [3], None, default) == 0.05  # the config's
+    registry.write_round(4, sam, {"parent_round": 5})
+    registry.write_round(5, sam, {"data": data(0.12), "parent_round": 4})  # a loop ends
+    assert share(registry, [4], None, default) == 0.12
     with pytest.raises(ValueError, match=r"train.held_out_share=1 is invalid: use a share in \[0, 1\)"):
         DataConfig(held_out_share=1)
 

@@ -201,3 +201,43 @@ def test_mobilenet_v2_loads_imagenet_weights_strictly_and_sees_a_cat(demo_photos
         _, stride32 = backbone(x)
         top = classifier(head(stride32).mean((2, 3))).argmax().item()
     assert 281 <= top <= 285, f"ImageNet class {top} is not a cat (281-285)"
+
+
+def test_coco_masks_split_by_image_for_training_and_the_gate(shared_data_dir, tmp_path):
+    """`train --coco` / `evaluate --coco` on real COCO person masks: the two splits share no
+    image and make up the whole file, crowd regions are left out, and the masks are pycocotools'."""
+    import json
+
+    from pycocotools.coco import COCO
+
+    from engine.training.data import coco_items
+
+    annotations = shared_data_dir / "annotations" / "coco_persons_keypoints.json"
+    images = shared_data_dir / "images"
+    train, train_info = coco_items(annotations, images, "train", 0.3)
+    held, held_info = coco_items(annotations, images, "held_out", 0.3)
+    every, every_info = coco_items(annotations, images, "all", 0.3)
+
+    def ids(items):
+        return {item.image_id for item in items}
+
+    assert train and held and ids(train).isdisjoint(ids(held)) and ids(train) | ids(held) == ids(every)
+    assert train_info["masks"] + held_info["masks"] == every_info["masks"]
+    data = json.loads(annotations.read_text())
+    assert every_info["masks"] == sum(1 for a in data["annotations"] if not a.get("iscrowd"))
+
+    coco = COCO(str(annotations))
+    image_id = int(held[0].image_id.split(":")[1])
+    image, masks = held[0].load()
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])) if not a["iscrowd"]]
+    assert image.shape[:2] == masks[0].shape and image.dtype == np.uint8
+    assert len(masks) == len(anns)
+    assert all(np.array_equal(m, coco.annToMask(a).astype(bool)) for m, a in zip(masks, anns))
+
+    with pytest.raises(ValueError, match="does not exist: pass --coco FILE.json"):
+        coco_items(tmp_path / "none.json", images)
+    with pytest.raises(ValueError, match="does not exist: pass --images DIR"):
+        coco_items(annotations, tmp_path / "none")
+    (tmp_path / "broken.json").write_text('{"images": [], "annotations": 3}')
+    with pytest.raises(ValueError, match="broken.json: cannot be read"):
+        coco_items(tmp_path / "broken.json", images)

@@ -80,33 +80,6 @@ def _synthetic_flags(from_: str | None, data: Any) -> dict[str, Any]:
     return {"--synthetic-scenes": data.synthetic_scenes, "--synthetic-seed": data.synthetic_seed}
 
 
-def _held_out_share(registry: Any, rounds: list[int], given: float | None, data: Any) -> float:
-    """The held-out share the gate scores `rounds` at: `given` (the flag), else the smallest the
-    rounds and their ancestors were trained with (their cards), else the config's. Raises
-    ValueError for a share larger than one they were trained with: images between the two were
-    training images of a scored round."""
-    from engine.training.data import trained_held_out_share
-
-    cards, todo = [], list(rounds)
-    while todo:  # each round and the rounds it was fine-tuned from
-        round_ = todo.pop()
-        card = registry.card(round_)
-        cards.append(card)
-        parent = card.get("parent_round")
-        if isinstance(parent, int) and parent >= 0 and parent != round_:
-            todo.append(parent)
-    trained = trained_held_out_share(cards)
-    share = given if given is not None else trained if trained is not None else data.held_out_share
-    if trained is not None and share > trained + 1e-12:
-        raise ValueError(
-            f"held-out share {share:g} is larger than a scored round (or one it was fine-tuned "
-            f"from) was trained with ({trained:g}): images in between were training images; use "
-            f"--held-out-share {trained:g} or less (the default reads it from the cards), or "
-            "--split all with a separate test set"
-        )
-    return share
-
-
 def _train_config(config: str, overrides: list[str] | None):
     """(TrainConfig, GateConfig, WorkerConfig, DataConfig) of the `train:` block: the recipe, its
     `gate:` sub-block, the cluster keys (workers, cpus_per_worker) and the data keys
@@ -458,7 +431,7 @@ def evaluate(
     import torch
 
     from engine.atomic import atomic_write_json
-    from engine.training.gate import decide, score_model
+    from engine.training.gate import decide, gate_held_out_share, score_model
     from engine.training.registry import ModelRegistry
 
     if threads > 0:
@@ -487,11 +460,18 @@ def evaluate(
         share = data_cfg.held_out_share  # (--split all scores every image)
         if split == "held_out":
             scored = [cand] if base is None else [cand, base]
-            share = _held_out_share(registry, scored, held_out_share, data_cfg)
+            share = gate_held_out_share(registry, scored, held_out_share, data_cfg.held_out_share)
         items, infos = _sources(
             store, from_, None, coco, images, data_cfg.synthetic_scenes, data_cfg.synthetic_seed,
             split, share,
         )
+        if split == "held_out" and not items:
+            raise ValueError(
+                f"no held-out images at share {share:g}"
+                + (" (the scored rounds were trained on every image)" if share == 0 else "")
+                + ": score on a separate test set (--split all --coco FILE.json --images DIR), "
+                "or retrain with a held-out share (train.held_out_share)"
+            )
         models = {cand: registry.load(cand)}
         if base is not None:
             models[base] = registry.load(base)

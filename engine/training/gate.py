@@ -190,3 +190,33 @@ def decide(candidate: ModelScore, current: ModelScore | None, config: GateConfig
             False, f"{config.primary} did not improve (gain {primary_gain:.3f} <= {config.min_gain})", deltas
         )
     return GateDecision(True, f"{config.primary} better by {primary_gain:.3f}", deltas)
+
+
+def gate_held_out_share(registry: Any, rounds: list[int], given: float | None, default: float) -> float:
+    """The held-out share the gate scores `rounds` (of a `ModelRegistry`) at: `given`, else the
+    smallest that they and the rounds they were fine-tuned from were trained with (their cards'
+    `data` and `lineage`), else `default`. Raises ValueError for a share larger than one they
+    were trained with: the images in between were training images of a scored round."""
+    from engine.training.data import trained_held_out_share
+
+    cards, seen, todo = [], set(), list(rounds)
+    while todo:  # each round, and the rounds it was fine-tuned from
+        round_ = todo.pop()
+        if round_ in seen:
+            continue
+        seen.add(round_)
+        card = registry.card(round_)
+        cards.append(card)
+        parent = card.get("parent_round")
+        if isinstance(parent, int) and parent >= 0:
+            todo.append(parent)
+    trained = trained_held_out_share(cards)
+    share = given if given is not None else trained if trained is not None else default
+    if trained is not None and share > trained + 1e-12:
+        raise ValueError(
+            f"held-out share {share:g} is larger than a scored round (or one it was fine-tuned "
+            f"from) was trained with ({trained:g}): images in between were training images; use "
+            f"--held-out-share {trained:g} or less (the default reads it from the cards), or "
+            "--split all with a separate test set"
+        )
+    return share
