@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.checks import invalid
+
 CHOICES = ("oracle", "predicted")
 REFINES = ("brush", "none")
 
@@ -67,17 +69,19 @@ class AnnotatorConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_iou <= 1.0:
-            raise ValueError(f"annotate.target_iou {self.target_iou} must be in (0, 1]")
+            raise invalid("annotate.target_iou", self.target_iou, "an IoU in (0, 1]")
         if self.max_clicks < 1:
-            raise ValueError(f"annotate.max_clicks {self.max_clicks} must be >= 1")
-        if self.seconds_per_click <= 0 or self.time_limit_s <= 0:
-            raise ValueError("annotate.seconds_per_click and annotate.time_limit_s must be > 0")
+            raise invalid("annotate.max_clicks", self.max_clicks, "a whole number >= 1")
+        for name in ("seconds_per_click", "time_limit_s"):
+            if not getattr(self, name) > 0:
+                raise invalid(f"annotate.{name}", getattr(self, name), "seconds > 0")
         if self.first_choice not in CHOICES:
-            raise ValueError(
-                f"annotate.first_choice '{self.first_choice}' is invalid: use one of {CHOICES}"
-            )
+            raise invalid(
+                "annotate.first_choice", self.first_choice,
+                f"one of {', '.join(CHOICES)}",
+            )  # fmt: skip
         if self.refine not in REFINES:
-            raise ValueError(f"annotate.refine '{self.refine}' is invalid: use one of {REFINES}")
+            raise invalid("annotate.refine", self.refine, f"one of {', '.join(REFINES)}")
 
     @property
     def click_budget(self) -> int:

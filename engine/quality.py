@@ -20,6 +20,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from engine import rle
+from engine.checks import invalid
 from engine.report_files import pyplot, save_png, text_table, write_report_files
 from sharding.outputs import completed
 from sharding.store import PRIVACY_STAGE, Store, check_stage
@@ -62,19 +63,19 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.duplicate_iou, (int, float)) or not 0 <= self.duplicate_iou <= 1:
-            raise ValueError(
-                f"quality.duplicate_iou={self.duplicate_iou!r} is invalid: use a mask IoU in [0, 1] "
-                "(0: do not count near-duplicates)"
-            )
+            raise invalid(
+                "quality.duplicate_iou", self.duplicate_iou,
+                "a mask IoU in [0, 1] (0: do not count near-duplicates)",
+            )  # fmt: skip
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"quality.every={self.every!r} is invalid: use a whole number >= 1")
+            raise invalid("quality.every", self.every, "a whole number >= 1")
         if not isinstance(self.concavity_masks, int) or self.concavity_masks < 0:
-            raise ValueError(
-                f"quality.concavity_masks={self.concavity_masks!r} is invalid: use a whole number "
-                ">= 0 (0: no concavity)"
-            )
+            raise invalid(
+                "quality.concavity_masks", self.concavity_masks,
+                "a whole number >= 0 (0: no concavity)",
+            )  # fmt: skip
         if not self.cpus > 0:
-            raise ValueError(f"quality.cpus={self.cpus!r} is invalid: use a value > 0")
+            raise invalid("quality.cpus", self.cpus, "a value > 0")
         if self.round is not None and self.stage is None:
             raise ValueError("quality.round needs quality.stage: name the stage whose round to report")
         if self.stage is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from engine.checks import invalid
 from engine.image_io import ImageLoadError, load_image_with_info
 from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record, resize_image
@@ -54,12 +55,12 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.short_side, int) or self.short_side < 0:
-            raise ValueError(
-                f"export.short_side={self.short_side!r} is invalid: use a number of pixels >= 0 "
-                "(0 keeps the store frame)"
-            )
+            raise invalid(
+                "export.short_side", self.short_side,
+                "a number of pixels >= 0 (0 keeps the store frame)",
+            )  # fmt: skip
         if not isinstance(self.cpus, (int, float)) or not self.cpus > 0:
-            raise ValueError(f"export.cpus={self.cpus!r} is invalid: use a value > 0")
+            raise invalid("export.cpus", self.cpus, "a value > 0")
 
 
 # What one shard's export came to: ("written" | "kept", tar name) or ("skipped", reason).

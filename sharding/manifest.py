@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path
+from engine.checks import invalid
 from engine.image_io import ImageInfo, ImageLoadError, load_image_with_info
 from sharding import tables
 from sharding.sources import SourceListing, list_source, read_source, source_size
@@ -58,28 +59,26 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ValueError(
-                f"ingest.shard_size={self.shard_size!r} is invalid: use a positive number of "
-                "images per shard"
-            )
+            raise invalid(
+                "ingest.shard_size", self.shard_size,
+                "a positive number of images per shard",
+            )  # fmt: skip
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(
-                f"ingest.threads={self.threads!r} is invalid: use a positive number (1: no "
-                "reading threads) or null"
-            )
+            raise invalid(
+                "ingest.threads", self.threads,
+                "a positive number (1: no reading threads) or null",
+            )  # fmt: skip
         if self.commit_shards is not None and (
             not isinstance(self.commit_shards, int) or self.commit_shards < 1
         ):
-            raise ValueError(
-                f"ingest.commit_shards={self.commit_shards!r} is invalid: use a positive number "
-                "of new shards per commit, or null (one commit at the end)"
-            )
+            raise invalid(
+                "ingest.commit_shards", self.commit_shards,
+                "a positive number of new shards per commit, or null (one commit at the end)",
+            )  # fmt: skip
         if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(
-                f"ingest.chunk={self.chunk!r} is invalid: use a positive number of files"
-            )
+            raise invalid("ingest.chunk", self.chunk, "a positive number of files")
         if not isinstance(self.cpus, (int, float)) or not self.cpus > 0:
-            raise ValueError(f"ingest.cpus={self.cpus!r} is invalid: use a value > 0")
+            raise invalid("ingest.cpus", self.cpus, "a value > 0")
 
 
 @dataclass

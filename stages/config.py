@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.checks import invalid
+
 
 @dataclass
 class RayConfig:
@@ -56,15 +58,15 @@ class RayConfig:
     def __post_init__(self) -> None:
         for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus", "post_cpus"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"ray.{name}={getattr(self, name)} is invalid: use a value > 0")
+                raise invalid(f"ray.{name}", getattr(self, name), "a value > 0")
         if self.io_cpus < 0:
-            raise ValueError(f"ray.io_cpus={self.io_cpus} is invalid: use a value >= 0")
+            raise invalid("ray.io_cpus", self.io_cpus, "a value >= 0")
         for name in ("num_cpus", "model_actors", "read_tasks", "object_store_mb", "block_images",
                      "idle_workers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"ray.{name}={value!r} is invalid: use a positive integer or null")
+                raise invalid(f"ray.{name}", value, "a positive integer or null")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"ray.batch_size={self.batch_size!r} is invalid: use an integer >= 1")
+            raise invalid("ray.batch_size", self.batch_size, "an integer >= 1")
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"ray.max_attempts={self.max_attempts!r} is invalid: use >= 1")
+            raise invalid("ray.max_attempts", self.max_attempts, "a whole number >= 1")

@@ -70,7 +70,7 @@ def test_empty_reference_and_bad_config_are_refused():
         AnnotatorConfig(target_iou=1.5)
     with pytest.raises(ValueError, match="first_choice"):
         AnnotatorConfig(first_choice="best")
-    with pytest.raises(ValueError, match="annotate.refine 'magic'"):
+    with pytest.raises(ValueError, match="annotate.refine='magic' is invalid: use one of brush, none"):
         AnnotatorConfig(refine="magic")
     assert AnnotatorConfig(max_clicks=20, seconds_per_click=4, time_limit_s=30).click_budget == 7
 

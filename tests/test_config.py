@@ -82,3 +82,27 @@ def test_values_of_the_wrong_type_are_named_not_passed_on():
     grids = "amg.point_grids=[[[0.5, 0.5]], [[0.25, 0.75]], [[0.5, 0.5]]]"
     amg = section(apply_overrides(config, [grids, "amg.points_per_side=null"]), "amg", AmgConfig)
     assert amg.point_grids[1] == [[0.25, 0.75]]
+
+
+def test_every_block_names_a_value_out_of_range_the_same_way():
+    """One form (`engine.checks.invalid`): the key as written in YAML or --set, the value, what
+    it takes."""
+    from engine.annotator import AnnotatorConfig
+    from engine.gears.semi import SemiConfig
+    from engine.privacy import PrivacyConfig
+    from engine.training.gate import GateConfig
+    from engine.training.trainer import TrainConfig
+
+    for make, message in [
+        (lambda: TrainConfig(lr=-1.0).validate(), "train.lr=-1.0 is invalid: use a learning rate > 0"),
+        (lambda: TrainConfig(min_lr_ratio=2.0).validate(), "train.min_lr_ratio=2.0 is invalid"),
+        (lambda: TrainConfig(log_every=0).validate(), "train.log_every=0 is invalid"),
+        (lambda: GateConfig(first_choice="best").validate(), "gate.first_choice='best' is invalid"),
+        (lambda: GateConfig(tolerance=-1).validate(), "gate.tolerance=-1 is invalid"),
+        (lambda: AnnotatorConfig(time_limit_s=0), "annotate.time_limit_s=0 is invalid: use seconds > 0"),
+        (lambda: SemiConfig(steps=0), "semi.steps=0 is invalid: use a whole number >= 1"),
+        (lambda: PrivacyConfig(tile_overlap=200, tile_size=256), "privacy.tile_overlap=200 is invalid"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            make()
+        assert str(err.value).startswith(message), str(err.value)

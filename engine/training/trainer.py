@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from engine.checks import invalid
 from engine.modeling import Sam
 from engine.training.collective import (
     average_gradients,
@@ -92,18 +93,38 @@ class TrainConfig:
     log_every: int = 25
 
     def validate(self) -> None:
-        if self.steps < 1 or self.masks_per_image < 1 or self.rounds < 1:
-            raise ValueError("train: steps, masks_per_image and rounds must be >= 1")
+        for name in ("steps", "masks_per_image", "rounds", "log_every"):
+            if getattr(self, name) < 1:
+                raise invalid(f"train.{name}", getattr(self, name), "a whole number >= 1")
         if not 0 <= self.rounds_without_point < self.rounds:
-            raise ValueError(
-                f"train.rounds_without_point={self.rounds_without_point} must be in 0..rounds-1 "
-                f"({self.rounds - 1}): the first round always has a prompt"
-            )
+            raise invalid(
+                "train.rounds_without_point", self.rounds_without_point,
+                f"0 .. train.rounds - 1 ({self.rounds - 1}): the first round always has a prompt",
+            )  # fmt: skip
+        if self.warmup_steps < 0:
+            raise invalid("train.warmup_steps", self.warmup_steps, "a whole number >= 0")
+        if not self.lr > 0:
+            raise invalid("train.lr", self.lr, "a learning rate > 0")
+        for name in ("weight_decay", "box_noise", "box_noise_max_px", "focal_weight",
+                     "dice_weight", "iou_weight", "grad_clip"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise invalid(f"train.{name}", getattr(self, name), "a value >= 0")
+        if not self.focal_weight + self.dice_weight + self.iou_weight > 0:
+            raise invalid("train.focal_weight", self.focal_weight, "weights whose sum is > 0")
+        for name in ("min_lr_ratio", "box_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise invalid(f"train.{name}", getattr(self, name), "a share in [0, 1]")
         if not 0 < self.max_mask_area <= 1:
-            raise ValueError("train.max_mask_area must be in (0, 1]")
+            raise invalid(
+                "train.max_mask_area", self.max_mask_area,
+                "a share of the image in (0, 1]",
+            )  # fmt: skip
         bad = [s for s in self.image_sizes if s < 64 or s % 16]
         if not self.image_sizes or bad:
-            raise ValueError(f"train.image_sizes {self.image_sizes}: sides must be multiples of 16, >= 64")
+            raise invalid(
+                "train.image_sizes", self.image_sizes,
+                "sides that are multiples of 16, >= 64",
+            )  # fmt: skip
 
 
 @dataclass
