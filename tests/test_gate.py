@@ -161,6 +161,14 @@ def test_the_gate_never_scores_images_a_scored_round_trained_on(tmp_path, traine
     registry.write_round(4, sam, {"parent_round": 5})
     registry.write_round(5, sam, {"data": data(0.12), "parent_round": 4})  # a loop ends
     assert share(registry, [4], None, default) == 0.12
+    # only the shares of the kind of images scored: a round trained on synthetic scenes at 0.02
+    # and on store masks at 0.08 is scored on store images at 0.08
+    both = [{"source": "synthetic", "split": "train", "held_out_share": 0.02},
+            {"source": "store", "split": "train", "held_out_share": 0.08}]  # fmt: skip
+    registry.write_round(6, sam, {"data": both, "parent_round": None})
+    assert share(registry, [6], None, default, ["store"]) == 0.08
+    assert share(registry, [6], None, default) == 0.02  # (any kind)
+    assert share(registry, [1], None, default, ["coco"]) == default  # never trained on COCO
     with pytest.raises(ValueError, match=r"train.held_out_share=1 is invalid: use a share in \[0, 1\)"):
         DataConfig(held_out_share=1)
 

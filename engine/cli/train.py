@@ -73,6 +73,16 @@ def _sources(
     return items, infos
 
 
+def _source_kinds(from_: str | None, coco: Path | None) -> list[str]:
+    """The kinds of image sources --from and --coco name (`training.data` info "source")."""
+    from engine.training.data import SYNTHETIC
+
+    names = {g.strip() for g in (from_ or "").split(",") if g.strip()}
+    kinds = [SYNTHETIC] if SYNTHETIC in names else []
+    kinds += ["store"] if names - {SYNTHETIC} else []
+    return kinds + (["coco"] if coco is not None else [])
+
+
 def _synthetic_flags(from_: str | None, data: Any) -> dict[str, Any]:
     """The synthetic scenes' flags of a recorded command line, when it reads them."""
     if not (from_ and "synthetic" in from_):
@@ -460,7 +470,10 @@ def evaluate(
         share = data_cfg.held_out_share  # (--split all scores every image)
         if split == "held_out":
             scored = [cand] if base is None else [cand, base]
-            share = gate_held_out_share(registry, scored, held_out_share, data_cfg.held_out_share)
+            kinds = _source_kinds(from_, coco)
+            share = gate_held_out_share(
+                registry, scored, held_out_share, data_cfg.held_out_share, kinds
+            )
         items, infos = _sources(
             store, from_, None, coco, images, data_cfg.synthetic_scenes, data_cfg.synthetic_seed,
             split, share,

@@ -53,17 +53,22 @@ class DataConfig:
             raise invalid("train.synthetic_seed", self.synthetic_seed, "a whole number >= 0")
 
 
-def trained_held_out_share(cards: Iterable[dict[str, Any]]) -> float | None:
+def trained_held_out_share(
+    cards: Iterable[dict[str, Any]], sources: Iterable[str] | None = None
+) -> float | None:
     """The smallest held-out share the model cards' training data was split with (`data`, and
-    `lineage` stages), or None when none records one. An image held out at that share was held
-    out from every one of them: `is_held_out` at a smaller share picks a subset."""
+    `lineage` stages), of the `sources` kinds only ("store", "coco", "synthetic"; None: all),
+    or None when none records one. An image held out at that share was held out from every one
+    of them: `is_held_out` at a smaller share picks a subset."""
+    kinds = None if sources is None else set(sources)
     shares = [
         float(entry["held_out_share"])
         for card in cards
         for data in [card.get("data") or []] + [s.get("data") or [] for s in card.get("lineage") or []]
         for entry in data
         if entry.get("split") == "train" and "held_out_share" in entry
-    ]
+        and (kinds is None or entry.get("source") in kinds)
+    ]  # fmt: skip
     return min(shares) if shares else None
 
 

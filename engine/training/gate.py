@@ -204,9 +204,16 @@ def decide(candidate: ModelScore, current: ModelScore | None, config: GateConfig
     return GateDecision(True, f"{config.primary} better by {primary_gain:.3f}", deltas)
 
 
-def gate_held_out_share(registry: Any, rounds: list[int], given: float | None, default: float) -> float:
-    """The held-out share the gate scores `rounds` (of a `ModelRegistry`) at: `given`, else the
-    smallest that they and the rounds they were fine-tuned from were trained with (their cards'
+def gate_held_out_share(
+    registry: Any,
+    rounds: list[int],
+    given: float | None,
+    default: float,
+    sources: list[str] | None = None,
+) -> float:
+    """The held-out share the gate scores `rounds` (of a `ModelRegistry`) at on images of the
+    `sources` kinds ("store", "coco", "synthetic"; None: any): `given`, else the smallest that
+    they and the rounds they were fine-tuned from were trained with on those kinds (their cards'
     `data` and `lineage`), else `default`. Raises ValueError for a share larger than one they
     were trained with: the images in between were training images of a scored round."""
     from engine.training.data import trained_held_out_share
@@ -222,7 +229,7 @@ def gate_held_out_share(registry: Any, rounds: list[int], given: float | None, d
         parent = card.get("parent_round")
         if isinstance(parent, int) and parent >= 0:
             todo.append(parent)
-    trained = trained_held_out_share(cards)
+    trained = trained_held_out_share(cards, sources)
     share = given if given is not None else trained if trained is not None else default
     if trained is not None and share > trained + 1e-12:
         raise ValueError(
