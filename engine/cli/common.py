@@ -31,6 +31,25 @@ def set_option(example: str) -> Any:
     ]
 
 
+def ray_option(block: str, work: str, local: str = "in this process") -> Any:
+    """The `--ray/--local` option of a `here_or_on_ray` command: `block.ray`, run `work` as Ray tasks."""
+    return Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ray/--local",
+            help=f"{block}.ray: {work} as Ray tasks (on --address / RAY_ADDRESS, else an embedded "
+            f"local Ray); --local (default): {local}",
+        ),
+    ]
+
+
+def address_option(verb: str) -> Any:
+    """The `--address` option of a `here_or_on_ray` command (`ray.address`, implies --ray)."""
+    return Annotated[
+        Optional[str], typer.Option(help=f"ray.address: {verb} on this Ray cluster (implies --ray)")
+    ]
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)

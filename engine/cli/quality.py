@@ -8,11 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, here_or_on_ray, open_store, set_option
+from engine.cli.common import (
+    address_option,
+    config_option,
+    fail,
+    here_or_on_ray,
+    open_store,
+    ray_option,
+    set_option,
+)
 from engine.cli.store import StoreArg
 
 ConfigOpt = config_option("quality: and ray: blocks")
 SetOpt = set_option("quality.every=10")
+RayOpt = ray_option("quality", "count the shards")
+AddressOpt = address_option("count")
 
 
 def quality(
@@ -34,17 +44,8 @@ def quality(
         Optional[int],
         typer.Option(help="quality.concavity_masks: masks per shard whose concavity is measured (0: none)"),
     ] = None,
-    ray: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--ray/--local",
-            help="quality.ray: count the shards as Ray tasks (on --address / RAY_ADDRESS, else an "
-            "embedded local Ray); --local (default): in this process",
-        ),
-    ] = None,
-    address: Annotated[
-        Optional[str], typer.Option(help="ray.address: count on this Ray cluster (implies --ray)")
-    ] = None,
+    ray: RayOpt = None,
+    address: AddressOpt = None,
     config: ConfigOpt = "sa1b",
     set_: SetOpt = None,
     out: Annotated[

@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, here_or_on_ray, open_store, set_option
+from engine.cli.common import (
+    address_option,
+    config_option,
+    fail,
+    here_or_on_ray,
+    open_store,
+    ray_option,
+    set_option,
+)
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
 StageOpt = Annotated[
@@ -21,6 +29,12 @@ IngestSetOpt = set_option("ingest.threads=16")
 ExportConfigOpt = config_option("export: and ray: blocks")
 ExportSetOpt = set_option("export.short_side=1500")
 TablesConfigOpt = config_option("export: block (stage, round; short_side for coco)")
+IngestRayOpt = ray_option(
+    "ingest", "read, hash, validate and write shards", "threads in this process"
+)
+IngestAddressOpt = address_option("ingest")
+ExportRayOpt = ray_option("export", "write the tars, a shard each,")
+ExportAddressOpt = address_option("export")
 
 
 def ingest(
@@ -59,18 +73,8 @@ def ingest(
             "goes on from its last commit (--set ingest.commit_shards=null: once, at the end)"
         ),
     ] = None,
-    ray: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--ray/--local",
-            help="ingest.ray: read, hash, validate and write shards as Ray tasks (on --address / "
-            "RAY_ADDRESS, else an embedded local Ray); --local (default): threads in this process",
-        ),
-    ] = None,
-    address: Annotated[
-        Optional[str],
-        typer.Option(help="ray.address: ingest on this Ray cluster (implies --ray)"),
-    ] = None,
+    ray: IngestRayOpt = None,
+    address: IngestAddressOpt = None,
 ) -> None:
     """Validate, deduplicate and cut SOURCE's new images into new shards of STORE (ids never change)."""
     from engine.cli.config import flag_overrides, load_config, section
@@ -180,17 +184,8 @@ def export_sa1b(
             help="export.allow_partial: skip shards without privacy output instead of refusing",
         ),
     ] = None,
-    ray: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--ray/--local",
-            help="export.ray: write the tars as Ray tasks, a shard each (on --address / RAY_ADDRESS, "
-            "else an embedded local Ray); --local (default): in this process",
-        ),
-    ] = None,
-    address: Annotated[
-        Optional[str], typer.Option(help="ray.address: export on this Ray cluster (implies --ray)")
-    ] = None,
+    ray: ExportRayOpt = None,
+    address: ExportAddressOpt = None,
 ) -> None:
     """SA-1B tars of blurred `sa_<id>.jpg` + `sa_<id>.json`, SHA256SUMS and MEMBERS.tsv.
 

@@ -49,7 +49,7 @@ def _sources(
     from engine.training.data import SYNTHETIC, coco_items, store_items, synthetic_items
 
     items, infos = [], []
-    names = [g.strip() for g in (gears or "").split(",") if g.strip()]
+    names = _from_names(gears)
     if SYNTHETIC in names:
         names.remove(SYNTHETIC)
         got, info = synthetic_items(synthetic_scenes, synthetic_seed, split, held_out_share)
@@ -73,11 +73,16 @@ def _sources(
     return items, infos
 
 
+def _from_names(from_: str | None) -> list[str]:
+    """The gears (and 'synthetic') a comma-separated --from names."""
+    return [g.strip() for g in (from_ or "").split(",") if g.strip()]
+
+
 def _source_kinds(from_: str | None, coco: Path | None) -> list[str]:
     """The kinds of image sources --from and --coco name (`training.data` info "source")."""
     from engine.training.data import SYNTHETIC
 
-    names = {g.strip() for g in (from_ or "").split(",") if g.strip()}
+    names = set(_from_names(from_))
     kinds = [SYNTHETIC] if SYNTHETIC in names else []
     kinds += ["store"] if names - {SYNTHETIC} else []
     return kinds + (["coco"] if coco is not None else [])
