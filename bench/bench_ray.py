@@ -5,6 +5,7 @@
     python bench/bench_ray.py --sizes 50 --ray block_images=10 --ray idle_workers=null  # ray: keys
     python bench/bench_ray.py --sizes 20 --cluster     # Ray runs join a running local cluster
     python bench/bench_ray.py --sizes 20 200 --photos 20  # the same 20 photos, cycled: memory vs N
+    python bench/bench_ray.py --sizes 20 --repeat 5  # five pairs: the median ratio and its spread
 
 For each image count N it builds a store of N real photos (demo/photos + ../shared/data/images/coco,
 downscaled to --short-side px and, where N exceeds the photos at hand, repeated with a one-pixel
@@ -26,6 +27,10 @@ only the number of processes a PSS sample catches; it also splits the peak by ki
 heap, mapped files, shmem such as Ray's object store) and sums every process's VmHWM (a total
 that no sampling moment decides, shared library pages counted once per process).
 
+One pair of runs at 20 images swings by +-0.1 in ratio on a shared 2-core machine (the plain
+run's own speed moves that much between minutes); `--repeat N` runs N pairs per size, the two
+modes' order alternating, and prints each pair and the median ratio with its range.
+
 With `--cluster` the Ray runs join a cluster started once beforehand (`ray start --head` on
 loopback, this machine's CPUs, `RAY_num_workers_soft_limit` = `idle_workers`), as
 `sa-engine run auto STORE --address ...` does on a cluster, instead of each starting an embedded
@@ -40,6 +45,8 @@ import argparse
 import io
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -358,6 +365,8 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=None,
                         help="cycle through only this many distinct photos (default: all): a "
                         "run's memory then depends on the image count, not on its largest photo")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="pairs of runs per size (order alternating); prints the median ratio")
     parser.add_argument("--cluster", action="store_true",
                         help="the Ray runs join a local cluster started once (ray start --head)")
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -426,38 +435,52 @@ def compare(args, tmp: str, run: Callable[[str, str, Path], tuple[TreeSample, in
     for n in args.sizes:
         folder = Path(tmp) / f"photos-{n}"
         make_folder(folder, n, args.short_side, args.photos)
-        results = {}
-        for mode in ("plain", "ray"):
-            results[mode] = run(mode, f"{tmp}/{mode}-{n}", folder)
-        (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
-        plain, ray = plain_run.result, ray_run.result
-        plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
-        ray_marks = hwm_roles(ray_run)
-        actor_mark = ray_marks["model actors"]
-        plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
-        assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
-        p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
-        r_init = n / (ray["seconds"] + ray["setup"])
-        print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
-              f"{r_init / p_rate:>8.2f} {plain_run.peak_gib:>9.2f} {ray_run.peak_gib:>8.2f} "
-              f"{plain_mark:>9.2f} {actor_mark:>9.2f} {sum(plain_cpu.values()):>9.1f} "
-              f"{sum(ray_cpu.values()):>7.1f}", flush=True)
-        if args.breakdown:
-            print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
-                  f"{breakdown(ray_run.peak_parts)}", flush=True)
-            print(f"       every process's high-water mark summed: plain {plain_run.hwm_sum_gib:.2f}, "
-                  f"ray {ray_run.hwm_sum_gib:.2f} GiB", flush=True)
-            print("       peak GiB by kind of page: " + "; ".join(
-                f"{mode} " + ", ".join(f"{kind} {kib / 2**20:.2f}" for kind, kib in sample.peak_kinds.items())
-                for mode, sample in (("plain", plain_run), ("ray", ray_run))
-            ), flush=True)
-            print("       ray CPU s: " + ", ".join(
-                f"{name} {seconds:.1f}" for name, seconds in ray_cpu.items()
-            ), flush=True)
-            print("       ray HWM GiB (largest process): " + ", ".join(
-                f"{name} {gib:.2f}" for name, gib in ray_marks.items()
-            ), flush=True)
+        ratios = []
+        for pair in range(args.repeat):
+            ratios.append(compare_pair(args, tmp, run, n, folder, pair))
+        if args.repeat > 1:
+            ratios.sort()
+            print(f"{n:>6} images, {args.repeat} pairs: median ratio {statistics.median(ratios):.2f} "
+                  f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
 
+
+def compare_pair(args, tmp: str, run, n: int, folder: Path, pair: int) -> float:
+    """One plain and one Ray run over `folder` (plain first on even pairs), a table row; the ratio."""
+    results = {}
+    for mode in ("plain", "ray") if pair % 2 == 0 else ("ray", "plain"):
+        store = f"{tmp}/{mode}-{n}-{pair}"
+        results[mode] = run(mode, store, folder)
+        shutil.rmtree(store, ignore_errors=True)
+    (plain_run, plain_pid), (ray_run, ray_pid) = results["plain"], results["ray"]
+    plain, ray = plain_run.result, ray_run.result
+    plain_mark = max(plain_run.hwm.values(), default=0) / 2**20  # the one process
+    ray_marks = hwm_roles(ray_run)
+    actor_mark = ray_marks["model actors"]
+    plain_cpu, ray_cpu = cpu_roles(plain_run, plain_pid), cpu_roles(ray_run, ray_pid)
+    assert plain["masks"] == ray["masks"], (plain, ray)  # the same work, the same output
+    p_rate, r_rate = n / plain["seconds"], n / ray["seconds"]
+    r_init = n / (ray["seconds"] + ray["setup"])
+    print(f"{n:>6} {p_rate:>11.2f} {r_rate:>9.2f} {r_rate / p_rate:>6.2f} "
+          f"{r_init / p_rate:>8.2f} {plain_run.peak_gib:>9.2f} {ray_run.peak_gib:>8.2f} "
+          f"{plain_mark:>9.2f} {actor_mark:>9.2f} {sum(plain_cpu.values()):>9.1f} "
+          f"{sum(ray_cpu.values()):>7.1f}", flush=True)
+    if args.breakdown:
+        print(f"       plain peak: {breakdown(plain_run.peak_parts)}\n       ray peak: "
+              f"{breakdown(ray_run.peak_parts)}", flush=True)
+        print(f"       every process's high-water mark summed: plain {plain_run.hwm_sum_gib:.2f}, "
+              f"ray {ray_run.hwm_sum_gib:.2f} GiB", flush=True)
+        print("       peak GiB by kind of page: " + "; ".join(
+            f"{mode} " + ", ".join(f"{kind} {kib / 2**20:.2f}" for kind, kib in sample.peak_kinds.items())
+            for mode, sample in (("plain", plain_run), ("ray", ray_run))
+        ), flush=True)
+        print("       ray CPU s: " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in ray_cpu.items()
+        ), flush=True)
+        print("       ray HWM GiB (largest process): " + ", ".join(
+            f"{name} {gib:.2f}" for name, gib in ray_marks.items()
+        ), flush=True)
+
+    return r_rate / p_rate
 
 if __name__ == "__main__":
     main()
