@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
+from engine.provenance import package_versions
 from engine.image_io import DEFAULT_MAX_PIXELS
 from engine.records import MaskRecord
 from sharding import tables
@@ -642,6 +643,8 @@ class Store:
         return None
 
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
+        """Write a run record under STORE/runs/<name>/, with the package versions it ran with."""
+        record = {**record, "versions": package_versions()}
         path = (
             path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
         )

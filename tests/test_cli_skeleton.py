@@ -11,6 +11,15 @@ def test_help_lists_every_stage_command():
         assert command in result.output
 
 
+def test_version_names_the_engine_and_what_decides_its_outputs():
+    from importlib import metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert f"sa-engine {metadata.version('sa-engine')}" in result.output
+    assert f"torch {metadata.version('torch')}" in result.output and "python 3." in result.output
+
+
 def test_every_command_has_a_one_line_summary():
     """The command lists show a help's first paragraph as written: wrapped lines break mid-phrase."""
     import typer.main

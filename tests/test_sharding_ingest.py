@@ -59,7 +59,10 @@ def test_ingest_takes_a_path_object_and_records_it_as_text(tmp_path, demo_photos
     report = ingest(demo_photos[0].parent, store, shard_size=3)  # a pathlib.Path, not a str
     assert report.added == 4 and len(store.manifest()) == 4
     (record,) = (tmp_path / "store" / "runs" / "ingest").glob("*.json")
-    assert json.loads(record.read_text())["source"] == str(demo_photos[0].parent)
+    written = json.loads(record.read_text())
+    assert written["source"] == str(demo_photos[0].parent)
+    # every run record names the versions it ran with (what made these files, for a bug report)
+    assert written["versions"]["sa-engine"] and written["versions"]["torch"] != "not installed"
 
 
 def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_photos):

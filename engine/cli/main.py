@@ -22,6 +22,24 @@ for module in (predict, amg, store, privacy, run, gears, quality, annotate, trai
     module.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from engine.provenance import package_versions
+
+        typer.echo(", ".join(f"{name} {version}" for name, version in package_versions().items()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print the engine's version and its main dependencies' versions, and exit.",
+    ),
+) -> None:
+    pass
+
+
 def reflow_help(text: str) -> str:
     """A docstring's paragraphs with their single line breaks joined: Rich help keeps them, and
     lines wrapped for the source break raggedly at any other width. Paragraphs whose lines are a
