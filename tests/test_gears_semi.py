@@ -5,7 +5,13 @@ added."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +140,52 @@ def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_d
     session.finish_image(info["image_id"])
     saved = store.read_annotations("semi", 1, shard).to_pylist()
     assert len(saved) == info["prefilled"] and all(r["prefilled"] for r in saved)
+
+    # and from the command line: `sa-engine serve --stage semi` opens images prefilled the same way
+    with _serving(store, [
+        "--stage", "semi", "--round", "2", "--detector", str(detector_path(store, 0)),
+        "--model", str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth"),
+    ]) as url:  # fmt: skip
+        served = _get(url + "api/next")
+        while served["image_id"] is not None and not served["prefilled"]:  # to one with prefills
+            served = _post(url + "api/finish", {"image_id": served["image_id"]})
+    assert served["image_id"] is not None
+    assert served["prefilled"] == served["accepted"] == expected[served["image_id"]] > 0
+
+
+def _get(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+@contextlib.contextmanager
+def _serving(store, args):
+    """`sa-engine serve STORE ARGS` on a free port for the block; yields its URL."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", str(store.root), "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        lines, match = [], None
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+            if match:
+                break
+        assert match, f"serve did not start: {''.join(lines)}"
+        yield match.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
