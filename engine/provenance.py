@@ -12,8 +12,8 @@ PACKAGES = ("sa-engine", "torch", "ray", "pycocotools", "numpy", "pyarrow", "ope
 
 @functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
-    """{package: version} for the engine and the packages that decide its masks and files
-    (None-free: a package that is not installed reads "not installed"), and Python's."""
+    """{package: version} for the engine, the packages that decide its masks and files, and
+    Python; a package that is not installed reads "not installed"."""
     versions = {}
     for package in PACKAGES:
         try:

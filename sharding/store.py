@@ -57,8 +57,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
-from engine.provenance import package_versions
 from engine.image_io import DEFAULT_MAX_PIXELS
+from engine.provenance import package_versions
 from engine.records import MaskRecord
 from sharding import tables
 
