@@ -9,7 +9,9 @@ Release folder:
                          deterministic tar headers (mtime 0, uid/gid 0)
     OUT/SHA256SUMS       `<sha256>  sa_NNNNNN.tar` lines (`sha256sum -c SHA256SUMS` works)
     OUT/MEMBERS.tsv      tar, member, bytes, sha256 of every member of every tar
-    OUT/release.json     annotation source (stage, round), privacy round, counts, frame
+    OUT/release.json     annotation source (stage, round), privacy round, counts, frame, and
+                         the runs that made its masks and blurred images (their run records'
+                         settings and package versions, and which shards each made)
     OUT/.export/         one record per tar: what it was made from, its sha256 and members; an
                          export stopped midway, run again, keeps the tars already written
                          (release.json is written last). Not part of the release.
@@ -28,6 +30,7 @@ from typing import Any, Callable, Iterator, Protocol
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.checks import invalid
 from engine.image_io import ImageLoadError, load_image_with_info
+from engine.provenance import package_versions
 from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record, resize_image
 from sharding.store import PRIVACY_STAGE, Store, sha256_file, utc_now
@@ -163,7 +166,7 @@ def export_sa1b(
         outcomes = cluster.export_shards(store, out_dir, todo, source, allow_partial)
     else:
         outcomes = (export_shard(store, out_dir, shard, source, allow_partial) for shard in todo)
-    sums_lines = []
+    sums_lines, released = [], []
     with atomic_path(out_dir / "MEMBERS.tsv") as tmp, open(tmp, "w", encoding="utf-8") as members:
         members.write("tar\tmember\tbytes\tsha256\n")
         for shard, (status, value) in zip(todo, outcomes):
@@ -176,6 +179,7 @@ def export_sa1b(
                 report.reused.append(value)
             done = json.loads((resume / f"{value}.json").read_text())  # one tar's members at a time
             report.tars.append(done["tar"])
+            released.append(shard)
             report.images += done["images"]
             report.annotations += done["annotations"]
             report.skipped_images.update({int(k): v for k, v in done["skipped_images"].items()})
@@ -205,6 +209,12 @@ def export_sa1b(
             "annotations": report.annotations,
             "skipped_shards": report.skipped_shards,
             "skipped_images": {str(k): v for k, v in report.skipped_images.items()},
+            # what made the released masks and blurred images: each run's settings and versions
+            "made_by": {
+                "annotations": store.runs_that_made(stage, round_, released),
+                "privacy": store.runs_that_made(PRIVACY_STAGE, privacy_round, released),
+            },
+            "exported_with": package_versions(),
         },
         indent=1,
     )

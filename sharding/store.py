@@ -642,6 +642,33 @@ class Store:
                 continue
         return None
 
+    def runs_that_made(self, stage: str, round_: int, shards: Iterable[str]) -> list[dict[str, Any]]:
+        """The runs that committed `shards` of a stage output, from their run records: for each,
+        its record's name, start, settings (`meta`, where the runner keeps them) and package
+        versions, and which of `shards` it committed (a shard committed again later, after its
+        output was redone, counts for the later run only). Shards no record names are left out."""
+        wanted, made_by = set(shards), {}
+        for path in sorted((self.root / "runs" / stage).glob(f"*-round-{round_}.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for shard in record.get("processed", []):
+                if shard in wanted:
+                    made_by[shard] = (path.name, record)  # records sort by start: later wins
+        runs: dict[str, dict[str, Any]] = {}
+        for shard in sorted(made_by):
+            name, record = made_by[shard]
+            run = runs.setdefault(name, {
+                "run_record": f"runs/{stage}/{name}",
+                "started_at": record.get("started_at"),
+                "meta": record.get("meta", {}),
+                "versions": record.get("versions", {}),
+                "shards": [],
+            })  # fmt: skip
+            run["shards"].append(shard)
+        return list(runs.values())
+
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         """Write a run record under STORE/runs/<name>/, with the package versions it ran with."""
         record = {**record, "versions": package_versions()}

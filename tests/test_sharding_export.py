@@ -77,12 +77,27 @@ def test_an_output_changed_after_its_commit_is_never_released_and_is_redone(anno
     assert run_stage(annotated, "classical", 0, classical_stage).processed == ["shard-000001"]
     assert path.read_bytes() == original
     assert export_sa1b(annotated, tmp_path / "rel2").tars == ["sa_000000.tar", "sa_000001.tar"]
+    # release.json names the run that made each released shard: the redo made shard-000001
+    made_by = [
+        json.loads((tmp_path / rel / "release.json").read_text())["made_by"]["annotations"]
+        for rel in ("rel", "rel2")
+    ]
+    assert [run["shards"] for run in made_by[0]] == [["shard-000000"]]
+    assert [run["shards"] for run in made_by[1]] == [["shard-000000"], ["shard-000001"]]
+    assert made_by[1][0]["run_record"] == made_by[0][0]["run_record"]
+    assert made_by[1][0]["started_at"] < made_by[1][1]["started_at"]
 
 
 def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
     run_stage(annotated, "privacy", 0, blur_stage)
     report = export_sa1b(annotated, tmp_path / "rel", short_side=200)
     assert report.tars == ["sa_000000.tar", "sa_000001.tar"] and report.images == 4
+    release = json.loads((tmp_path / "rel" / "release.json").read_text())
+    for made_by in release["made_by"].values():  # annotations and privacy: one run each here
+        (run,) = made_by
+        assert run["shards"] == ["shard-000000", "shard-000001"]
+        assert (annotated.root / run["run_record"]).is_file()
+        assert run["versions"]["sa-engine"] == release["exported_with"]["sa-engine"]
     members = _members(tmp_path / "rel" / "sa_000000.tar")
     record = json.loads(members["sa_1.json"])
     assert set(record) == {"image", "annotations"}
