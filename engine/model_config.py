@@ -173,3 +173,16 @@ class ModelConfig:
     device: str = "auto"
     bf16: bool = False
     tf32: bool = False
+
+
+def model_facts(cfg: ModelConfig) -> dict[str, Any]:
+    """The `model:` block as a run record keeps it, with the weights it loads: their path and
+    sha256 (the given checkpoint, or the packaged one a named model brings; None: random
+    weights), so every output names the exact weights that made it."""
+    from engine.provenance import sha256_file
+
+    path = cfg.checkpoint or PACKAGED_CHECKPOINTS.get(cfg.model)
+    weights = None
+    if path is not None and Path(path).expanduser().is_file():
+        weights = {"path": str(path), "sha256": sha256_file(Path(path).expanduser())}
+    return {**dataclasses.asdict(cfg), "weights": weights}

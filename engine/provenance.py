@@ -1,11 +1,14 @@
-"""The versions a run's outputs depend on, from the installed packages' metadata (no import of
-torch or Ray): stored with every run record and printed by `sa-engine --version`."""
+"""What a run's outputs depend on: the installed packages' versions, from their metadata (no
+import of torch or Ray; stored with every run record and printed by `sa-engine --version`), and
+files' sha256 (the store's outputs, the weights a stage ran with)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("sa-engine", "torch", "ray", "pycocotools", "numpy", "pyarrow", "opencv-python-headless")
 
@@ -22,3 +25,12 @@ def package_versions() -> dict[str, str]:
             versions[package] = "not installed"
     versions["python"] = platform.python_version()
     return versions
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read a MiB at a time (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

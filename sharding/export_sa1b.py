@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator, Protocol
 from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.checks import invalid
 from engine.image_io import ImageLoadError, load_image_with_info
-from engine.provenance import package_versions
+from engine.provenance import package_versions, sha256_file
 from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record, resize_image
-from sharding.store import PRIVACY_STAGE, Store, sha256_file, utc_now
+from sharding.store import PRIVACY_STAGE, Store, utc_now
 
 JPEG_QUALITY = 95
 RESUME_DIR = ".export"  # per-tar records: what each tar was made from (not part of the release)

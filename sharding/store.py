@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -58,7 +57,7 @@ import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
 from engine.image_io import DEFAULT_MAX_PIXELS
-from engine.provenance import package_versions
+from engine.provenance import package_versions, sha256_file
 from engine.records import MaskRecord
 from sharding import tables
 
@@ -103,14 +102,6 @@ class ShardOutput:
     image_info: dict[int, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def utc_now() -> str:

@@ -6,7 +6,7 @@ import hashlib
 import tarfile
 from pathlib import Path
 
-from sharding.store import sha256_file
+from engine.provenance import sha256_file
 
 
 def verify_release(out_dir: str | Path) -> list[str]:

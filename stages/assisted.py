@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.gears import ASSISTED_STAGE
+from engine.model_config import model_facts
 from sharding.runner import StageResult
 from sharding.store import ImageRow, ShardOutput, Store
 from stages.auto import check_checkpoint
@@ -94,7 +95,7 @@ def assisted_spec(
         commit=partial(commit_gear, meta=partial(shard_meta, annotate, references)),
     )
     meta = {
-        "model": dataclasses.asdict(model),
+        "model": model_facts(model),
         "annotate": dataclasses.asdict(annotate),
         "references": references,
     }
@@ -156,4 +157,4 @@ def embeddings_spec(model: Any, fingerprint: str, root: str) -> tuple[StageSpec,
         commit=commit_embeddings,
         pending=partial(unembedded, fingerprint=fingerprint),
     )
-    return spec, {"model": dataclasses.asdict(model), "encoder_fingerprint": fingerprint}
+    return spec, {"model": model_facts(model), "encoder_fingerprint": fingerprint}

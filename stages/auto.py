@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.model_config import model_facts
 from sharding.runner import StageResult
 from sharding.store import ImageRow
 from stages.steps import StageSpec
@@ -56,7 +57,7 @@ def auto_spec(model: Any, amg: Any) -> tuple[StageSpec, dict[str, Any]]:
     check_checkpoint(model)
     amg = dataclasses.replace(amg, output_mode="coco_rle")
     spec = StageSpec(STAGE, make_auto, {"model": model, "amg": amg}, finish=finish_auto)
-    meta = {"model": dataclasses.asdict(model), "amg": dataclasses.asdict(amg)}
+    meta = {"model": model_facts(model), "amg": dataclasses.asdict(amg)}
     return spec, meta
 
 

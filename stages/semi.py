@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from engine.gears import SEMI_STAGE
+from engine.model_config import model_facts
 from sharding.store import Store
 from stages.assisted import commit_gear
 from stages.auto import check_checkpoint
@@ -72,7 +73,7 @@ def semi_spec(
     meta = partial(semi_meta, annotate, references, detector=trained_on, semi=semi)
     spec = StageSpec(SEMI_STAGE, make_semi, kwargs, commit=partial(commit_gear, meta=meta))
     facts = {
-        "model": dataclasses.asdict(model),
+        "model": model_facts(model),
         "annotate": dataclasses.asdict(annotate),
         "semi": dataclasses.asdict(semi),
         "references": references,

@@ -11,7 +11,6 @@ passes in overlapping tiles, and the detections of every pass are merged by NMS.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from engine.privacy.config import PrivacyConfig
+from engine.provenance import sha256_file
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class PlatedetDetector:
             "model": f"YOLOv8s-seg ({meta.get('description', 'plates')})",
             "weights": "PyPI platedet==0.0.2 (github.com/pstwh/platedet), artifacts/platedet.onnx",
             "licence": meta.get("license", "AGPL-3.0"),
-            "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "weights_sha256": sha256_file(path),
         }
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
