@@ -214,7 +214,7 @@ def export_sa1b(
                 "annotations": store.runs_that_made(stage, round_, released),
                 "privacy": store.runs_that_made(PRIVACY_STAGE, privacy_round, released),
             },
-            "exported_with": package_versions(),
+            "exported_with": dict(package_versions()),
         },
         indent=1,
     )

@@ -662,7 +662,7 @@ class Store:
 
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         """Write a run record under STORE/runs/<name>/, with the package versions it ran with."""
-        record = {**record, "versions": package_versions()}
+        record = {**record, "versions": dict(package_versions())}
         path = (
             path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
         )
