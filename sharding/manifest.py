@@ -31,7 +31,7 @@ from engine.atomic import atomic_path
 from engine.checks import invalid
 from engine.image_io import ImageInfo, ImageLoadError, load_image_with_info
 from sharding import tables
-from sharding.sources import SourceListing, list_source, read_source, source_size
+from sharding.sources import SourceListing, current_sizes, list_source, read_source
 from sharding.store import Store, utc_now
 
 DEFAULT_SHARD_SIZE = 1000
@@ -533,7 +533,8 @@ def write_planned_shard(store: Store, plan: Path, shard: str) -> int:
 def _same_uri_and_size(listing: SourceListing, manifest: pa.Table) -> np.ndarray:
     """Which listed URIs (a bool per `listing.uris`) the manifest holds with the size they have
     now: matched in Arrow and numpy, no Python object per stored image; sizes the listing lacks
-    are asked of the filesystem, for the URIs the manifest holds only."""
+    (a list file's) are asked of the filesystem for the URIs the manifest holds only, a folder
+    listing at a time where a folder holds many (`sources.current_sizes`)."""
     unread = np.zeros(len(listing.uris), bool)
     if not manifest.num_rows or not listing.uris:
         return unread
@@ -545,7 +546,7 @@ def _same_uri_and_size(listing: SourceListing, manifest: pa.Table) -> np.ndarray
     if listing.sizes is not None:
         now = np.asarray(listing.sizes, np.int64)[where]
     else:
-        now = np.asarray([source_size(listing.uris[i]) or -1 for i in where], np.int64)
+        now = current_sizes(listing.uris, where)
     unread[where[now == recorded]] = True
     return unread
 

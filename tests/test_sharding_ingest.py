@@ -102,17 +102,28 @@ def test_reingest_changes_nothing_and_additions_never_renumber(tmp_path, demo_ph
     assert ingest(str(src), store, shard_size=2).added == 0 and _files(tmp_path / "store") == after
 
 
-@pytest.mark.parametrize("listing", ["folder", "list file"])
-def test_skip_known_reads_only_what_is_new_or_resized(tmp_path, demo_photos, listing):
+@pytest.mark.parametrize("listing", ["folder", "list file", "list file, folder listed"])
+def test_skip_known_reads_only_what_is_new_or_resized(tmp_path, demo_photos, listing, monkeypatch):
     """--skip-known: a file the store holds under the same URI and size is not read (so one
     rewritten in place at the same size is missed: the cost of not reading); a resized one is
-    read, and a new one added, as without it."""
+    read, and a new one added, as without it. A list file's known files get their sizes a file
+    at a time, or from one listing of a folder that holds many of them (never a file at a time
+    then)."""
+    import sharding.sources
+
+    if listing == "list file, folder listed":
+        monkeypatch.setattr(sharding.sources, "FOLDER_LISTING_MIN", 2)
+
+        def one_at_a_time(uri):
+            raise AssertionError(f"{uri}: asked a file at a time, not from its folder's listing")
+
+        monkeypatch.setattr(sharding.sources, "source_size", one_at_a_time)
     src = tmp_path / "src"
     src.mkdir()
     for p in demo_photos[:3]:
         shutil.copy(p, src / p.name)
     source = str(src)
-    if listing == "list file":
+    if listing.startswith("list file"):
         (tmp_path / "list.txt").write_text("\n".join(f"src/{p.name}" for p in demo_photos[:4]))
         source = str(tmp_path / "list.txt")
     store = Store.create(tmp_path / "store")
