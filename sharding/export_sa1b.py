@@ -245,7 +245,7 @@ def export_shard(
     path, record_path = out_dir / tar_name, out_dir / RESUME_DIR / f"{tar_name}.json"
     try:
         inputs = [
-            hashlib.sha256(store.done_path(s, r, shard).read_bytes()).hexdigest()
+            sha256_file(store.done_path(s, r, shard))
             for s, r in ((stage, round_), (PRIVACY_STAGE, privacy_round))
         ]
     except FileNotFoundError:  # a record set aside (or a shard redone) since the export began

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.provenance import sha256_file
+
 # sha256 of retinaface-1.1.1/retinaface/src/frozen_graph.pb: conversion refuses any other graph.
 GRAPH_SHA256 = "cf242e8627d0650d02bddbc8a8526944bc4dc69269bd2c1d1e43fb0930f95993"
 CONVERTED_NAME = "retinaface_mnv2_tf1.1.1.pt"
@@ -259,7 +261,7 @@ def convert_graph(graph_path: str | Path) -> dict[str, torch.Tensor]:
     from engine.privacy.graphdef import read_graph
 
     graph_path = Path(graph_path)
-    digest = hashlib.sha256(graph_path.read_bytes()).hexdigest() if graph_path.is_file() else None
+    digest = sha256_file(graph_path) if graph_path.is_file() else None
     if digest != GRAPH_SHA256:
         raise ValueError(
             f"{graph_path}: not the frozen graph of retinaface==1.1.1 (sha256 {digest}); "
@@ -331,7 +333,7 @@ def ensure_converted(graph_path: str | Path, cache_dir: str | Path) -> Converted
     sums = target.with_suffix(".json")
     if target.is_file() and sums.is_file():
         record = json.loads(sums.read_text())
-        actual = hashlib.sha256(target.read_bytes()).hexdigest()
+        actual = sha256_file(target)
         if (
             record.get("graph_sha256") == GRAPH_SHA256
             and record.get("converter") == CONVERTER_VERSION
