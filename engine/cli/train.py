@@ -90,7 +90,9 @@ def _source_kinds(from_: str | None, coco: Path | None) -> list[str]:
 
 def _synthetic_flags(from_: str | None, data: Any) -> dict[str, Any]:
     """The synthetic scenes' flags of a recorded command line, when it reads them."""
-    if not (from_ and "synthetic" in from_):
+    from engine.training.data import SYNTHETIC
+
+    if SYNTHETIC not in _from_names(from_):
         return {}
     return {"--synthetic-scenes": data.synthetic_scenes, "--synthetic-seed": data.synthetic_seed}
 
