@@ -2,8 +2,10 @@
 
 Each mask-decoder call over a few prompts makes and frees a few dozen tensors of 4-16 MiB (the
 4096 image tokens of every prompt). glibc serves blocks that large with a fresh `mmap` and hands
-them back on free, so every call paid the kernel for zeroing new pages (~3000 page faults a
-prompt, ~10% of the automatic generator's time on the parity fixture). `reuse_freed_memory`
+them back on free, or, once its sliding mmap threshold has risen past them, from the heap, which
+it trims on free as soon as 32 MiB lie free at its top: either way every call paid the kernel for
+zeroing new pages (~3000 page faults a prompt, ~10% of the automatic generator's time on the
+parity fixture). `reuse_freed_memory`
 raises the two thresholds behind that once per process; `release_freed_memory` gives what is left
 free back after each image. Where the C library is not glibc (macOS, musl) both do nothing, and
 values a user set through glibc's own environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)
