@@ -6,6 +6,7 @@ added."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -149,8 +150,15 @@ def test_semi_prefills_and_adds_only_missing(tmp_path, shared_data_dir, parity_d
         served = _get(url + "api/next")
         while served["image_id"] is not None and not served["prefilled"]:  # to one with prefills
             served = _post(url + "api/finish", {"image_id": served["image_id"]})
-    assert served["image_id"] is not None
+        assert served["image_id"] is not None
+        _post(url + "api/finish", {"image_id": served["image_id"]})  # keep its prefilled masks
     assert served["prefilled"] == served["accepted"] == expected[served["image_id"]] > 0
+    (path,) = (store.root / "runs" / "semi").glob("*-round-2.json")  # the session's run record
+    run = json.loads(path.read_text())
+    assert run["state"] == "stopped" and run["processed"] == [shard]
+    assert run["meta"]["detector"]["path"] == str(detector_path(store, 0).resolve())
+    assert run["meta"]["detector"]["trained_on"] == detector.trained_on
+    assert run["meta"]["semi"] == dataclasses.asdict(semi_cfg)
 
 
 def _get(url: str) -> dict:

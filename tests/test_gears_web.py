@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.provenance import sha256_file
 from sharding import Store, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def server(tmp_path, parity_dir, demo_photos):
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert match, f"serve did not start: {line}{proc.stdout.read() if proc.poll() else ''}"
-        yield store, match.group(0)
+        yield store, match.group(0), proc
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -63,7 +64,7 @@ def test_click_accept_saves_mask_in_store(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    store, url = server
+    store, url, _ = server
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -124,12 +125,13 @@ def _painted(browser) -> int:
 
 
 def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
-    """The JSON API names bad input; a restarted session finds the committed work."""
+    """The JSON API names bad input; the session keeps a run record naming the weights, which a
+    release's made_by finds; a restarted session finds the committed work."""
     from engine.gears.server import AnnotationSession
     from engine.model import build_sam
     from engine.predictor import SamPredictor
 
-    store, url = server
+    store, url, proc = server
 
     def post(path, body):
         req = urllib.request.Request(url + path.lstrip("/"), json.dumps(body).encode(), method="POST")
@@ -153,10 +155,30 @@ def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
     assert status == 400 and reply["error"] == "/api/click: the request body has no 'y'"
     status, reply = post("api/click", [image_id, 1, 1])
     assert status == 400 and "the request body must be a JSON object" in reply["error"]
+    assert not (store.root / "runs" / "assisted").exists()  # nothing committed yet: no record
+    status, reply = post("api/click", {"image_id": image_id, "x": 140, "y": 130, "positive": True})
+    assert status == 200 and reply["area"] > 0
+    status, reply = post("api/accept", {"image_id": image_id})
+    assert status == 200 and reply["saved_id"]
     status, reply = post("api/finish", {"image_id": image_id})
     assert status == 200 and reply["image_id"] is None  # the only image is done
-    record = store.done_record("assisted", 0, store.shards()[0])
-    assert record["images"] == [image_id] and record["counts"]["annotations"] == 0
+    (shard,) = store.shards()
+    record = store.done_record("assisted", 0, shard)
+    assert record["images"] == [image_id] and record["counts"]["annotations"] == 1
+
+    (path,) = (store.root / "runs" / "assisted").glob("*-round-0.json")
+    run = json.loads(path.read_text())
+    assert run["state"] == "serving" and run["annotator"] == "person"
+    assert (run["processed"], run["images"], run["accepted"]) == ([shard], 1, 1)
+    weights = run["meta"]["model"]["weights"]
+    assert weights["sha256"] == sha256_file(parity_dir / "sam_small.pth")
+    assert run["meta"]["annotate"]["time_limit_s"] == 120 and run["versions"]["sa-engine"]
+    (made_by,) = store.runs_that_made("assisted", 0, [shard])  # what a release's made_by lists
+    assert made_by["run_record"] == f"runs/assisted/{path.name}" and made_by["shards"] == [shard]
+    proc.terminate()  # SIGTERM stops the server as Ctrl-C does: the record says so
+    assert proc.wait(timeout=20) == 0
+    run = json.loads(path.read_text())
+    assert run["state"] == "stopped" and run["finished_at"] >= run["started_at"]
     sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
     restarted = AnnotationSession(Store(store.root), SamPredictor(sam))
     assert restarted.next_image()["image_id"] is None  # resumes: nothing left to do

@@ -65,16 +65,20 @@ def serve(
     s = open_store(store)
     if not s.shards():
         fail(f"{store} has no images: run `sa-engine ingest PHOTOS --store {store}` first")
+    import dataclasses
+
     from engine.gears.embeddings import load_predictor
     from engine.gears.server import AnnotationSession, make_server
+    from engine.model_config import model_facts
 
     try:
         predictor = load_predictor(model_cfg)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    meta = {"model": model_facts(model_cfg), "annotate": dataclasses.asdict(cfg)}
     prefill = None
     if stage == "semi":  # gear 2: images arrive prefilled by the round's detector
-        from engine.gears.semi import SemiConfig, load_or_train
+        from engine.gears.semi import SemiConfig, detector_path, load_or_train
         from engine.gears.semi import prefill as semi_prefill
 
         semi_cfg = block(settings, "semi", SemiConfig)
@@ -83,22 +87,34 @@ def serve(
         except ValueError as exc:
             fail(str(exc))
         prefill = lambda p: semi_prefill(trained, p, semi_cfg)  # noqa: E731
+        meta["semi"] = dataclasses.asdict(semi_cfg)
+        meta["detector"] = {
+            "path": str((detector or detector_path(s, round_)).resolve()),
+            "trained_on": trained.trained_on,
+        }
     try:
-        session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage, prefill)
+        session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage, prefill, meta)
         server = make_server(session, host, port)
     except (ValueError, OSError) as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")
     bound_host, bound_port = server.server_address[:2]
     typer.echo(f"serving {store} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)", err=False)
+    import signal
     import sys
 
     sys.stdout.flush()
+    signal.signal(signal.SIGTERM, _stop)  # `kill`, a service manager: stop as Ctrl-C does
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        session.close()
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,9 @@ when the image is opened. Every accept and every finished image commits the shar
 atomically (`Store.write_shard_output`) to `stages/<stage>/round-<k>/`, masks with their effort
 (clicks, real seconds from the first click to the accept, annotator "person"); the completion
 record's meta says how many of the shard's images are done, and a restarted server resumes there.
+A session that commits anything keeps a run record under `runs/<stage>/`, as the Ray gears do:
+the model and its weights, the settings, and the shards it committed (a release's `made_by`
+names it for them).
 
 The server is stdlib `http.server` (one page, a JSON API); one lock serialises the predictor.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +43,7 @@ from engine.image_io import ImageLoadError, load_image
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
 from sharding.runner import annotation_id, unreadable_entry
-from sharding.store import ShardOutput, Store
+from sharding.store import ShardOutput, Store, utc_now
 from sharding.tables import table_to_masks
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -104,6 +108,8 @@ class AnnotationSession:
       prefill: gear 2: called with the predictor set to a new image, returns its prefilled masks
         ((HxW bool, 1x256x256 logits, predicted IoU), e.g. `engine.gears.semi.prefill`); they are
         shown as accepted and saved as prefilled, and the person adds only what is missing.
+      meta (dict): what the session's run record keeps as its settings (the model with its
+        weights' sha256, the annotate: block; the CLI's `serve` fills it).
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class AnnotationSession:
         time_limit_s: float = 30.0,
         stage: str = ASSISTED_STAGE,
         prefill: Callable[[SamPredictor], list[tuple[np.ndarray, np.ndarray, float]]] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         if time_limit_s <= 0:
             raise ValueError(f"time limit {time_limit_s} s must be > 0")
@@ -128,6 +135,21 @@ class AnnotationSession:
         self.work = {shard: self._load_work(shard, ids) for shard, ids in shard_images.items()}
         self.current: Current | None = None
         self.prefill = prefill
+        started = utc_now()
+        self.run: dict[str, Any] = {
+            "started_at": started,
+            "state": "serving",
+            "stage": stage,
+            "round": round_,
+            "annotator": "person",
+            "processed": [],  # shards this session committed, in first-commit order
+            "images": 0,  # images this session finished (accepted, done, or quarantined)
+            "accepted": 0,  # masks the person accepted
+            "meta": meta or {},
+        }
+        self.run_path = (
+            store.root / "runs" / stage / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
+        )
 
     # ---- state ---------------------------------------------------------------------------
     def _load_work(self, shard: str, ids: list[int]) -> ShardWork:
@@ -172,6 +194,21 @@ class AnnotationSession:
             "time_limit_s": self.time_limit_s,
         }
         self.store.write_shard_output(self.stage, self.round, shard, out)
+        if shard not in self.run["processed"]:
+            self.run["processed"].append(shard)
+        self.store.write_run_record(self.stage, self.run, self.run_path)
+
+    def _finish(self, shard: str, image_id: int) -> None:
+        if image_id not in self.work[shard].done:
+            self.work[shard].done.add(image_id)
+            self.run["images"] += 1
+
+    def close(self) -> None:
+        """The server stops: mark the run record (if the session committed anything) stopped."""
+        with self.lock:
+            if self.run["processed"]:
+                self.run.update(state="stopped", finished_at=utc_now())
+                self.store.write_run_record(self.stage, self.run, self.run_path)
 
     def _image(self, image_id: int) -> Current:
         if self.current is not None and self.current.image_id == image_id:
@@ -211,7 +248,7 @@ class AnnotationSession:
             except ImageLoadError as err:  # unreadable: done without masks, quarantined with why
                 row = self.store.read_image(shard, image_id)
                 self.work[shard].quarantined[image_id] = unreadable_entry(row, err)
-                self.work[shard].done.add(image_id)
+                self._finish(shard, image_id)
                 self._commit(shard)
                 continue
             return self.describe(cur)
@@ -330,7 +367,8 @@ class AnnotationSession:
         shard = self.shard_of[image_id]
         work = self.work[shard]
         work.masks.setdefault(image_id, []).append(Accepted(record, effort))
-        work.done.add(image_id)  # an image with an accepted mask is in the output from now on
+        self._finish(shard, image_id)  # an image with an accepted mask is in the output from now on
+        self.run["accepted"] += 1
         self._commit(shard)
         cur.clicks, cur.results, cur.started = [], [], None
         reply = self.describe(cur)
@@ -342,7 +380,7 @@ class AnnotationSession:
         cur = self._image(image_id)
         self.skip(image_id)
         shard = self.shard_of[image_id]
-        self.work[shard].done.add(image_id)
+        self._finish(shard, image_id)
         self._commit(shard)
         return self.next_image(after=cur.image_id)
 
