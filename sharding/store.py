@@ -26,6 +26,8 @@ Layout (all tables are Parquet; every file is written atomically: temporary name
                                                       share them and a retrained encoder never reads
                                                       stale ones; a cache: deleting it costs re-encoding
     STORE/runs/<stage>/<utc-time>-<pid>[-round-<k>].json   one record per run (ingest or stage)
+    STORE/leases/<stage>/round-<k>/<shard>.lock       a shard held by an annotation session (an OS
+                                                      file lock, gone with its process)
 
 A shard output counts as done only when its `.done.json` exists AND every file it lists is there
 with its recorded size; anything else (output without record, a missing or truncated file) is
@@ -45,7 +47,6 @@ import datetime as _dt
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -59,7 +60,7 @@ from engine.atomic import atomic_path, atomic_write_json
 from engine.image_io import DEFAULT_MAX_PIXELS
 from engine.provenance import package_versions, sha256_file
 from engine.records import MaskRecord
-from sharding import tables
+from sharding import locks, tables
 
 # the manifest columns `Store.manifest_index` keeps
 INDEX_COLUMNS = ["image_id", "shard", "bytes", "width", "height"]
@@ -565,63 +566,43 @@ class Store:
 
     @contextlib.contextmanager
     def ingest_lock(self) -> Iterator[None]:
-        """Hold the store's ingest lock (`STORE/.ingest.lock`, an OS file lock) for the block.
+        """Hold the store's ingest lock (`STORE/.ingest.lock`, `sharding.locks`) for the block.
 
         An ingest numbers images and shards from what the store holds when it starts; two at once
-        would hand out the same ids and shard names and overwrite each other's shards. The lock
-        goes with its process (a killed ingest leaves nothing to clean up); its file names the
-        holder for the message the next one gets. Raises ValueError while another process holds
-        it. On a filesystem without file locks it warns and goes on unlocked."""
-        import fcntl
-        import socket
-        import warnings
-
+        would hand out the same ids and shard names and overwrite each other's shards. Raises
+        ValueError, naming the holder, while another process holds it."""
         path = self.root / ".ingest.lock"
-        with open(path, "a+") as handle:
-            try:
-                for attempt in range(10):  # (`ingest_holder` may hold it shared for a moment)
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if attempt == 9:
-                            raise
-                        time.sleep(0.05)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "a process that gave no details"
-                raise ValueError(
-                    f"another ingest is adding to {self.root} ({holder}): two at once would hand "
-                    "out the same ids and shards; wait for it to end, then run this one"
-                ) from None
-            except OSError as exc:
-                warnings.warn(f"{path}: no file locks here ({exc}); run one ingest at a time")
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_now()}")
-            handle.flush()
-            try:
-                yield
-            finally:
-                handle.truncate(0)
+        lock = locks.take(path, "run one ingest at a time")
+        if lock is None:
+            raise ValueError(
+                f"another ingest is adding to {self.root} ({locks.holder(path) or 'it has just ended'}): "
+                "two at once would hand out the same ids and shards; wait for it to end, then run this one"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
 
     def ingest_holder(self) -> str | None:
         """Who holds the ingest lock now (`ingest_lock`'s description of it), or None: no ingest
-        is running. Probes with a shared lock, released at once."""
-        import fcntl
+        is running."""
+        return locks.holder(self.root / ".ingest.lock")
 
-        path = self.root / ".ingest.lock"
-        if not path.is_file():
-            return None
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return handle.read().strip() or "a process that gave no details"
-            except OSError:  # no file locks here: nothing to tell
-                return None
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
+    def lease_path(self, stage: str, round_: int, shard: str) -> Path:
+        check_stage(stage, round_)
+        return self.root / "leases" / stage / f"round-{round_}" / f"{shard}.lock"
+
+    def lease_shard(self, stage: str, round_: int, shard: str) -> locks.HeldLock | None:
+        """Hold a shard of a stage output for one annotation session (`sharding.locks`), or None
+        while another session holds it: two people's sessions on one shard would each commit
+        their own view of it, and the later commit would drop the other's masks."""
+        path = self.lease_path(stage, round_, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return locks.take(path, "run one annotation session per store at a time")
+
+    def lease_holder(self, stage: str, round_: int, shard: str) -> str | None:
+        """Who holds a shard's lease now, or None."""
+        return locks.holder(self.lease_path(stage, round_, shard))
 
     def last_run_record(self, name: str) -> dict[str, Any] | None:
         """The newest run record of `name` (records are named by their start time), or None."""

@@ -238,3 +238,45 @@ def test_web_session_quarantines_an_unreadable_image_with_its_reason(tmp_path, p
     later.finish_image(later.next_image()["image_id"])
     record = store.done_record("assisted", 0, "shard-000000")
     assert record["images"] == [1, 2] and [q["image_id"] for q in record["quarantined"]] == [1]
+
+
+def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, demo_photos):
+    """Two people, one server each, on one store: each session holds the shards it opens, the
+    other passes over them and cannot click there, and a shard taken over after its holder
+    stopped keeps the holder's masks (a session reads the shard afresh when it takes it)."""
+    from engine.gears.server import AnnotationSession
+    from engine.model import build_sam
+    from engine.predictor import SamPredictor
+    from sharding import Store, ingest
+
+    store = Store.create(tmp_path / "store")
+    for photo in demo_photos[:3]:
+        ingest(str(photo), store, shard_size=2)  # one photo at a time: shards of 1, 1 and 1 image
+    assert store.shards() == ["shard-000000", "shard-000001", "shard-000002"]
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    first = AnnotationSession(store, SamPredictor(sam))
+    second = AnnotationSession(Store(store.root), SamPredictor(sam))
+
+    mine = first.next_image()
+    assert (mine["image_id"], mine["shard"]) == (1, "shard-000000")
+    theirs = second.next_image()
+    assert theirs["shard"] == "shard-000001"  # shard-000000 is the first session's
+    with pytest.raises(ValueError, match="shard-000000, which another annotation session holds"):
+        second.click(1, 100, 100, True)
+    first.click(1, 140, 130, True)
+    saved = first.accept(1)["saved_id"]
+    second.finish_image(theirs["image_id"])  # and goes on to shard-000002
+    assert second.next_image(after=theirs["image_id"])["shard"] == "shard-000002"
+    second.finish_image(3)
+    left = second.next_image()
+    assert left["image_id"] is None and left["elsewhere"] == 1  # image 1, in the first's shard
+
+    first.close()  # the first person stops; the second takes shard-000000 over
+    second.skip(1)
+    second.finish_image(1)
+    rows = store.read_annotations("assisted", 0, "shard-000000").to_pylist()
+    assert [r["id"] for r in rows] == [saved]  # the first person's mask is still there
+    assert store.done_record("assisted", 0, "shard-000000")["images"] == [1]
+    assert second.next_image() == {"image_id": None, "done": 3, "total": 3, "elsewhere": 0}
+    second.close()
+    assert store.lease_holder("assisted", 0, "shard-000000") is None

@@ -15,7 +15,10 @@ atomically (`Store.write_shard_output`) to `stages/<stage>/round-<k>/`, masks wi
 record's meta says how many of the shard's images are done, and a restarted server resumes there.
 A session that commits anything keeps a run record under `runs/<stage>/`, as the Ray gears do:
 the model and its weights, the settings, and the shards it committed (a release's `made_by`
-names it for them).
+names it for them). Several people annotate one store with one server each: a session holds
+each shard it opens an image of (`Store.lease_shard`, until it stops), reads that shard's
+committed work afresh when it takes it, and passes over the shards other sessions hold, so no
+session's commit drops another's masks.
 
 The server is stdlib `http.server` (one page, a JSON API); one lock serialises the predictor.
 """
@@ -42,6 +45,7 @@ from engine.gears.semi import prefilled_effort
 from engine.image_io import ImageLoadError, load_image
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
+from sharding.locks import HeldLock
 from sharding.runner import annotation_id, unreadable_entry
 from sharding.store import ShardOutput, Store, utc_now
 from sharding.tables import table_to_masks
@@ -135,6 +139,7 @@ class AnnotationSession:
         self.work = {shard: self._load_work(shard, ids) for shard, ids in shard_images.items()}
         self.current: Current | None = None
         self.prefill = prefill
+        self.leases: dict[str, HeldLock] = {}
         started = utc_now()
         self.run: dict[str, Any] = {
             "started_at": started,
@@ -203,17 +208,39 @@ class AnnotationSession:
             self.work[shard].done.add(image_id)
             self.run["images"] += 1
 
+    def _take(self, shard: str) -> bool:
+        """Hold `shard` for this session (True), or False: another session holds it. Its work is
+        read again on taking it: another session may have committed to it since this one began."""
+        if shard in self.leases:
+            return True
+        lease = self.store.lease_shard(self.stage, self.round, shard)
+        if lease is None:
+            return False
+        self.leases[shard] = lease
+        self.work[shard] = self._load_work(shard, self.work[shard].images)
+        return True
+
     def close(self) -> None:
-        """The server stops: mark the run record (if the session committed anything) stopped."""
+        """The server stops: mark the run record (if the session committed anything) stopped,
+        and give its shards back."""
         with self.lock:
             if self.run["processed"]:
                 self.run.update(state="stopped", finished_at=utc_now())
                 self.store.write_run_record(self.stage, self.run, self.run_path)
+            for lease in self.leases.values():
+                lease.release()
+            self.leases.clear()
 
     def _image(self, image_id: int) -> Current:
         if self.current is not None and self.current.image_id == image_id:
             return self.current
         shard = self._shard(image_id)
+        if not self._take(shard):
+            holder = self.store.lease_holder(self.stage, self.round, shard) or "it has just stopped"
+            raise ValueError(
+                f"image {image_id} is in {shard}, which another annotation session holds ({holder}): "
+                "open another image (n), or stop that session"
+            )
         row = self.store.read_image(shard, image_id)
         rgb = load_image(
             row.data, name=row.source, max_pixels=self.store.max_pixels, min_side=self.store.min_side
@@ -239,9 +266,13 @@ class AnnotationSession:
         every image is done."""
         ids = [i for _, i in self.order]
         start = ids.index(after) + 1 if after in ids else 0
+        elsewhere: set[str] = set()  # shards other sessions hold
         for image_id in ids[start:] + ids[:start]:
             shard = self.shard_of[image_id]
-            if image_id in self.work[shard].done:
+            if shard in elsewhere or image_id in self.work[shard].done:
+                continue
+            if not self._take(shard):
+                elsewhere.add(shard)
                 continue
             try:
                 cur = self._image(image_id)
@@ -252,7 +283,9 @@ class AnnotationSession:
                 self._commit(shard)
                 continue
             return self.describe(cur)
-        return {"image_id": None, "done": len(ids), "total": len(ids)}
+        done = sum(len(work.done) for work in self.work.values())
+        # images left in shards other sessions hold (as far as this session has seen them)
+        return {"image_id": None, "done": done, "total": len(ids), "elsewhere": len(ids) - done}
 
     def describe(self, cur: Current) -> dict[str, Any]:
         shard = self.shard_of[cur.image_id]
