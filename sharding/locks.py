@@ -30,12 +30,18 @@ class HeldLock:
             self._handle = None
 
 
-def take(path: Path, what: str) -> HeldLock | None:
-    """Take the lock at `path` (created if missing), or None when another holder has it.
-    `what` names the work in the warning given where the filesystem has no file locks."""
-    import fcntl
-
+def describe_this_process() -> str:
+    """How a lock file names its holder: this process, its machine, and since when."""
     from sharding.store import utc_now
+
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {utc_now()}"
+
+
+def take(path: Path, what: str, holder: str | None = None) -> HeldLock | None:
+    """Take the lock at `path` (created if missing), or None when another holder has it.
+    `what` names the work in the warning given where the filesystem has no file locks; `holder`
+    is what the file says of the holder (default: `describe_this_process()`)."""
+    import fcntl
 
     handle = open(path, "a+")
     try:
@@ -52,7 +58,7 @@ def take(path: Path, what: str) -> HeldLock | None:
         warnings.warn(f"{path}: no file locks here ({exc}); {what}")
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {utc_now()}")
+    handle.write(holder or describe_this_process())
     handle.flush()
     return HeldLock(handle)
 

@@ -69,7 +69,8 @@ def ingest_state(store: Store) -> dict[str, Any]:
 
 def store_status(store: Store, check: str = "size") -> dict[str, Any]:
     """The store's progress as data (`sa-engine status --json`): what was ingested, the ingest
-    running or stopped, and per stage and round the shards done (`complete` when all are)."""
+    running or stopped, per stage and round the shards done (`complete` when all are), and the
+    shards the annotation tool's sessions hold now."""
     manifest = store.manifest_index()
     reasons = store.quarantine().column("reason").to_pylist()
     stages = []
@@ -83,6 +84,7 @@ def store_status(store: Store, check: str = "size") -> dict[str, Any]:
         "quarantined_at_ingest": store.ingest_quarantine().num_rows,
         "ingest": ingest_state(store),
         "stages": stages,
+        "sessions": store.leases(),
         "quarantine_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
     }
 
@@ -114,6 +116,14 @@ def status_lines(store: Store, check: str = "size") -> list[str]:
         if p["set_aside"]:
             line += f", {p['set_aside']} set aside (an output failed its sha256 check: `run` redoes them)"
         lines.append(line)
+    held: dict[tuple[str, int, str], list[str]] = {}
+    for lease in status["sessions"]:
+        held.setdefault((lease["stage"], lease["round"], lease["holder"]), []).append(lease["shard"])
+    for (stage, round_, holder), shards in held.items():
+        lines.append(
+            f"{stage} round {round_}: an annotation session ({holder}) holds {len(shards)} shard(s): "
+            + ", ".join(shards)
+        )
     if status["quarantine_reasons"]:
         counts = status["quarantine_reasons"]
         lines.append("quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -592,17 +592,32 @@ class Store:
         check_stage(stage, round_)
         return self.root / "leases" / stage / f"round-{round_}" / f"{shard}.lock"
 
-    def lease_shard(self, stage: str, round_: int, shard: str) -> locks.HeldLock | None:
-        """Hold a shard of a stage output for one annotation session (`sharding.locks`), or None
-        while another session holds it: two people's sessions on one shard would each commit
-        their own view of it, and the later commit would drop the other's masks."""
+    def lease_shard(
+        self, stage: str, round_: int, shard: str, holder: str | None = None
+    ) -> locks.HeldLock | None:
+        """Hold a shard of a stage output for one annotation session (`sharding.locks`; `holder`
+        names the session), or None while another session holds it: two people's sessions on one
+        shard would each commit their own view of it, and the later commit would drop the
+        other's masks."""
         path = self.lease_path(stage, round_, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return locks.take(path, "run one annotation session per store at a time")
+        return locks.take(path, "run one annotation session per store at a time", holder)
 
     def lease_holder(self, stage: str, round_: int, shard: str) -> str | None:
         """Who holds a shard's lease now, or None."""
         return locks.holder(self.lease_path(stage, round_, shard))
+
+    def leases(self) -> list[dict[str, Any]]:
+        """The shards annotation sessions hold now: stage, round, shard and holder each, sorted
+        (a lease file whose session has stopped is passed over)."""
+        held = []
+        for path in sorted((self.root / "leases").glob("*/round-*/*.lock")):
+            suffix = path.parent.name.removeprefix("round-")
+            holder = locks.holder(path) if suffix.isdigit() else None
+            if holder is not None:
+                stage = path.parent.parent.name
+                held.append({"stage": stage, "round": int(suffix), "shard": path.stem, "holder": holder})
+        return sorted(held, key=lambda h: (h["stage"], h["round"], h["shard"]))
 
     def last_run_record(self, name: str) -> dict[str, Any] | None:
         """The newest run record of `name` (records are named by their start time), or None."""

@@ -5,6 +5,7 @@ reference masks, effort kept per mask, re-runs, the effort report."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -270,6 +271,10 @@ def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, dem
     second.finish_image(3)
     left = second.next_image()
     assert left["image_id"] is None and left["elsewhere"] == 1  # image 1, in the first's shard
+    status = CliRunner().invoke(app, ["status", str(store.root)]).output  # who holds what
+    first_holds = r"assisted round 0: an annotation session \(pid \d+ on .*\) holds 1 shard\(s\): shard-000000\n"
+    assert re.search(first_holds, status), status
+    assert "holds 2 shard(s): shard-000001, shard-000002" in status
 
     first.close()  # the first person stops; the second takes shard-000000 over
     second.skip(1)
@@ -279,4 +284,4 @@ def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, dem
     assert store.done_record("assisted", 0, "shard-000000")["images"] == [1]
     assert second.next_image() == {"image_id": None, "done": 3, "total": 3, "elsewhere": 0}
     second.close()
-    assert store.lease_holder("assisted", 0, "shard-000000") is None
+    assert store.lease_holder("assisted", 0, "shard-000000") is None and store.leases() == []

@@ -45,7 +45,7 @@ from engine.gears.semi import prefilled_effort
 from engine.image_io import ImageLoadError, load_image
 from engine.predictor import SamPredictor
 from engine.records import MaskRecord
-from sharding.locks import HeldLock
+from sharding.locks import HeldLock, describe_this_process
 from sharding.runner import annotation_id, unreadable_entry
 from sharding.store import ShardOutput, Store, utc_now
 from sharding.tables import table_to_masks
@@ -140,6 +140,7 @@ class AnnotationSession:
         self.current: Current | None = None
         self.prefill = prefill
         self.leases: dict[str, HeldLock] = {}
+        self.holder = describe_this_process()  # what its shards' lease files say of it
         started = utc_now()
         self.run: dict[str, Any] = {
             "started_at": started,
@@ -213,7 +214,7 @@ class AnnotationSession:
         read again on taking it: another session may have committed to it since this one began."""
         if shard in self.leases:
             return True
-        lease = self.store.lease_shard(self.stage, self.round, shard)
+        lease = self.store.lease_shard(self.stage, self.round, shard, self.holder)
         if lease is None:
             return False
         self.leases[shard] = lease
