@@ -27,7 +27,8 @@ Layout (all tables are Parquet; every file is written atomically: temporary name
                                                       stale ones; a cache: deleting it costs re-encoding
     STORE/runs/<stage>/<utc-time>-<pid>[-round-<k>].json   one record per run (ingest or stage)
     STORE/leases/<stage>/round-<k>/<shard>.lock       a shard held by an annotation session (an OS
-                                                      file lock, gone with its process)
+                                                      file lock, gone with its process); batch.lock:
+                                                      a batch run of that gear round
 
 A shard output counts as done only when its `.done.json` exists AND every file it lists is there
 with its recorded size; anything else (output without record, a missing or truncated file) is
@@ -103,6 +104,9 @@ class ShardOutput:
     image_info: dict[int, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+BATCH_LEASE = "batch"  # leases/<stage>/round-<k>/batch.lock: a batch run of a gear round (no shard's name)
 
 
 def utc_now() -> str:
@@ -607,13 +611,32 @@ class Store:
         """Who holds a shard's lease now, or None."""
         return locks.holder(self.lease_path(stage, round_, shard))
 
+    def hold_batch_run(self, stage: str, round_: int) -> locks.HeldLock:
+        """Hold a stage round for a batch run that people's sessions also write to (gears 1 and
+        2): while it is held no session takes a shard of it (`serve` says why). The run then
+        leaves alone the shards sessions already hold (`leases`), so a run and a person never
+        commit over each other's work. Raises ValueError while another batch run holds it."""
+        path = self.lease_path(stage, round_, BATCH_LEASE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = locks.take(path, "run one batch run of a gear round at a time")
+        if lock is None:
+            raise ValueError(
+                f"another batch run of {stage} round {round_} is running "
+                f"({locks.holder(path) or 'it has just ended'}): wait for it to end, then run this one"
+            )
+        return lock
+
+    def batch_holder(self, stage: str, round_: int) -> str | None:
+        """Who holds a stage round's batch lock now (`hold_batch_run`), or None."""
+        return locks.holder(self.lease_path(stage, round_, BATCH_LEASE))
+
     def leases(self) -> list[dict[str, Any]]:
         """The shards annotation sessions hold now: stage, round, shard and holder each, sorted
         (a lease file whose session has stopped is passed over)."""
         held = []
         for path in sorted((self.root / "leases").glob("*/round-*/*.lock")):
             suffix = path.parent.name.removeprefix("round-")
-            holder = locks.holder(path) if suffix.isdigit() else None
+            holder = locks.holder(path) if suffix.isdigit() and path.stem != BATCH_LEASE else None
             if holder is not None:
                 stage = path.parent.parent.name
                 held.append({"stage": stage, "round": int(suffix), "shard": path.stem, "holder": holder})

@@ -93,6 +93,7 @@ def assisted_spec(
         make_assisted,
         {"model": model, "annotate": annotate, "references": references, "root": root},
         commit=partial(commit_gear, meta=partial(shard_meta, annotate, references)),
+        shared_with_people=True,
     )
     meta = {
         "model": model_facts(model),

@@ -92,18 +92,41 @@ def run_pipeline(
     Raises:
       RuntimeError: shards are still unfinished after `config.max_attempts` attempts (the
         committed ones stay; a re-run does the rest).
+      ValueError: another batch run of a stage people share holds its round.
     """
-    import ray
-
     check_stage(spec.name, round_)
-    started, t0 = utc_now(), time.perf_counter()
     if shards is not None:
         store.check_shards(shards)
+    if not spec.shared_with_people:
+        return _run_pipeline(store, spec, round_, config, shards, where, meta, on_shard, set())
+    batch = store.hold_batch_run(spec.name, round_)  # first, then the sessions' leases: see there
+    try:
+        held = {h["shard"] for h in store.leases() if (h["stage"], h["round"]) == (spec.name, round_)}
+        return _run_pipeline(store, spec, round_, config, shards, where, meta, on_shard, held)
+    finally:
+        batch.release()
+
+
+def _run_pipeline(
+    store: Store,
+    spec: StageSpec,
+    round_: int,
+    config: RayConfig,
+    shards: list[str] | None,
+    where: str,
+    meta: dict[str, Any] | None,
+    on_shard: Callable[[str, dict[str, Any]], None] | None,
+    held: set[str],
+) -> dict[str, Any]:
+    """`run_pipeline`'s work; `held`: shards people's annotation sessions hold (left alone)."""
+    import ray
+
+    started, t0 = utc_now(), time.perf_counter()
     wanted = store.shards() if shards is None else list(shards)
     pending = set(
         spec.pending(store, round_) if spec.pending else pending_shards(store, spec.name, round_)
     )
-    todo = [s for s in wanted if s in pending]
+    todo = [s for s in wanted if s in pending and s not in held]
     sizes = store.shard_sizes()
     run = _Run(expected={s: sizes[s] for s in todo})
     plan = _plan(config, spec)
@@ -125,6 +148,7 @@ def run_pipeline(
         "plan": dataclasses.asdict(plan),
         "config": dataclasses.asdict(config),
         "skipped": [s for s in wanted if s not in pending],
+        "held_by_sessions": [s for s in wanted if s in pending and s in held],
         "record_path": str(record_path),
         "meta": meta or {},
     }

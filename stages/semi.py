@@ -71,7 +71,9 @@ def semi_spec(
         "root": root,
     }
     meta = partial(semi_meta, annotate, references, detector=trained_on, semi=semi)
-    spec = StageSpec(SEMI_STAGE, make_semi, kwargs, commit=partial(commit_gear, meta=meta))
+    spec = StageSpec(
+        SEMI_STAGE, make_semi, kwargs, commit=partial(commit_gear, meta=meta), shared_with_people=True
+    )
     facts = {
         "model": model_facts(model),
         "annotate": dataclasses.asdict(annotate),

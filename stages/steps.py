@@ -53,6 +53,9 @@ class StageSpec:
     pending: optional `pending(store, round_) -> shards still to do` (default: the shards without
       a valid completion record of this stage and round), for stages whose `commit` writes no
       stage output.
+    shared_with_people: the annotation tool (`serve`) writes this stage's output too (gears 1
+      and 2): a run holds the stage round's batch lock, which people's sessions wait for, and
+      leaves alone the shards their sessions hold (`Store.hold_batch_run`).
     """
 
     name: str
@@ -62,6 +65,7 @@ class StageSpec:
     uses_model: bool = True
     commit: Callable[..., dict[str, Any]] | None = None
     pending: Callable[[Store, int], list[str]] | None = None
+    shared_with_people: bool = False
 
 
 def read_shard(item: dict[str, Any], root: str) -> Iterator[dict[str, Any]]:

@@ -94,10 +94,32 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
     # 0.5; few clicks keep the test fast
     args = ["run", "assisted", str(store.root), "--references", str(path), *model, *quiet,
             "--set", "annotate.target_iou=0.5", "--set", "annotate.max_clicks=4"]  # fmt: skip
+    # a person's session holds the second shard: the batch run leaves it to them
+    from engine.gears.server import AnnotationSession
+    from engine.model import build_sam
+    from engine.predictor import SamPredictor
+    from sharding import Store
+
+    sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
+    person = AnnotationSession(Store(store.root), SamPredictor(sam))
+    assert person.next_image(after=store.shard_images()[first][-1])["shard"] == second
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "assisted round 0: 2 shard(s) committed, 0 already done, 0 unfinished" in result.output
+    assert "assisted round 0: 1 shard(s) committed, 0 already done, 0 unfinished" in result.output
+    assert f"1 shard(s) left to the annotation sessions holding them (`sa-engine status` says whose): {second}" in result.output
     assert f"{first}: 2 images" in result.output and "2 encoded / 0 reused" in result.output
+    assert store.done_record("assisted", 0, second) is None
+    person.close()  # the person stops without annotating the shard
+    # while a batch run holds the round, no session takes a shard of it, nor does a second run
+    batch = store.hold_batch_run("assisted", 0)
+    with pytest.raises(ValueError, match="a batch run of assisted round 0 is writing this round"):
+        AnnotationSession(Store(store.root), SamPredictor(sam)).next_image()
+    with pytest.raises(ValueError, match="another batch run of assisted round 0 is running"):
+        store.hold_batch_run("assisted", 0)
+    batch.release()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "assisted round 0: 1 shard(s) committed, 1 already done, 0 unfinished" in result.output
     assert f"{second}: 1 images" in result.output and "0 encoded / 1 reused" in result.output
 
     rows, given_up = [], 0
@@ -136,8 +158,10 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
         stored = rle.decode([segmentation])[0].astype(bool)
         image = references.match(str(sources[row["image_id"]]))
         assert any(np.array_equal(stored, r.mask()) for r in image.references)
-    (run_path,) = (store.root / "runs" / "assisted").glob("*-round-0.json")
-    run = json.loads(run_path.read_text())
+    paths = sorted((store.root / "runs" / "assisted").glob("*-round-0.json"))  # the two runs
+    runs = [json.loads(p.read_text()) for p in paths]
+    assert [r["held_by_sessions"] for r in runs] == [[second], []]
+    run = runs[0]
     assert run["runner"] == "ray" and run["state"] == "finished" and run["plan"]["actors"] == 2
     assert run["nodes"] == ["127.0.0.1"] and run["meta"]["references"] == str(path.resolve())
 

@@ -101,6 +101,12 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
         )
         + f", {record['plan']['threads']} thread(s); failures recovered: {len(record['failures'])}",
     ]
+    if record.get("held_by_sessions"):
+        held = record["held_by_sessions"]
+        lines.append(
+            f"{len(held)} shard(s) left to the annotation sessions holding them (`sa-engine status` "
+            f"says whose): {', '.join(held[:20])}{' ...' if len(held) > 20 else ''}"
+        )
     for q in record["quarantined_inputs"][:20]:
         lines.append(f"  quarantined {q['source']}: {q['reason']} ({q['detail']})")
     lines.append(f"run record: {record['record_path']}")

@@ -217,6 +217,15 @@ class AnnotationSession:
         lease = self.store.lease_shard(self.stage, self.round, shard, self.holder)
         if lease is None:
             return False
+        # The lease first, then the batch lock (a batch run takes its lock, then reads the
+        # leases): whichever comes second sees the other.
+        batch = self.store.batch_holder(self.stage, self.round)
+        if batch is not None:
+            lease.release()
+            raise ValueError(
+                f"a batch run of {self.stage} round {self.round} is writing this round ({batch}): "
+                "wait for it to end, or annotate another round (--round)"
+            )
         self.leases[shard] = lease
         self.work[shard] = self._load_work(shard, self.work[shard].images)
         return True
