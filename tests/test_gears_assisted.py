@@ -228,6 +228,8 @@ def test_assisted_cli_errors(tmp_path, coco):
     assert result.exit_code == 1 and "ray.batch_size=0 is invalid" in result.output
     result = CliRunner().invoke(app, ["serve", str(store.root), "--model", "vit_b"])
     assert result.exit_code == 1 and "--checkpoint is required" in result.output
+    result = CliRunner().invoke(app, ["serve", str(store.root), "--token", "a;b"])
+    assert result.exit_code == 1 and "--token may hold only letters, digits" in result.output
     result = CliRunner().invoke(app, ["report", str(store.root)])
     assert result.exit_code == 1 and "no finished gear" in result.output
 

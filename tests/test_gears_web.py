@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,18 @@ def _browser() -> tuple[str, str]:
     return chromium, driver
 
 
+@dataclass
+class Served:
+    store: Store
+    url: str  # http://127.0.0.1:PORT/
+    proc: subprocess.Popen
+    token: str | None  # what the printed address carries
+
+
 @pytest.fixture
-def server(tmp_path, parity_dir, demo_photos):
-    """`sa-engine serve` on 127.0.0.1 with a free port, over a one-photo store."""
+def server(request, tmp_path, parity_dir, demo_photos):
+    """`sa-engine serve` with a free port over a one-photo store: on 127.0.0.1, or with the
+    extra arguments a test gives (`indirect` parametrisation); reached through 127.0.0.1."""
     store = Store.create(tmp_path / "store")
     photo = next(p for p in demo_photos if p.name == "chelsea.jpg")
     ingest(str(photo), store)
@@ -43,14 +53,15 @@ def server(tmp_path, parity_dir, demo_photos):
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", str(store.root), "--port", "0",
          "--model", str(parity_dir / "config.json"),
-         "--checkpoint", str(parity_dir / "sam_small.pth"), "--set", "annotate.time_limit_s=120"],
+         "--checkpoint", str(parity_dir / "sam_small.pth"), "--set", "annotate.time_limit_s=120",
+         *getattr(request, "param", [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        match = re.search(r"http://[\d.]+:(\d+)/(\?token=([\w-]+))?", line)
         assert match, f"serve did not start: {line}{proc.stdout.read() if proc.poll() else ''}"
-        yield store, match.group(0), proc
+        yield Served(store, f"http://127.0.0.1:{match.group(1)}/", proc, match.group(3))
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -64,7 +75,7 @@ def test_click_accept_saves_mask_in_store(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    store, url, _ = server
+    store, url = server.store, server.url
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -115,6 +126,35 @@ def test_click_accept_saves_mask_in_store(server):
     assert row["point_coords"] == [[pytest.approx(140, abs=2), pytest.approx(130, abs=2)]]
 
 
+@pytest.mark.parametrize("server", [["--host", "0.0.0.0"]], indirect=True)
+def test_served_beyond_loopback_asks_every_request_for_its_token(server):
+    """Bound beyond this machine the tool writes to the store only for who holds the printed
+    address: without the token every request is refused; the page sets it as a cookie."""
+    assert server.token and len(server.token) >= 32  # a random one, printed in the address
+
+    def get(path, headers=None):
+        req = urllib.request.Request(server.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as reply:
+                return reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read()
+
+    for path in ("", "api/next", f"api/next?token={server.token[:-1]}x"):
+        status, _, body = get(path)
+        assert status == 403 and b"asks for its token" in body
+    req = urllib.request.Request(server.url + "api/finish", b'{"image_id": 1}', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=120)
+    assert refused.value.code == 403 and server.store.done_record("assisted", 0, "shard-000000") is None
+    status, headers, _ = get(f"?token={server.token}")  # the printed address: the page
+    assert status == 200
+    cookie = headers["Set-Cookie"]
+    assert f"sa_engine_token={server.token}" in cookie and "HttpOnly" in cookie
+    status, _, body = get("api/next", {"Cookie": cookie.split(";")[0]})  # what the page sends
+    assert status == 200 and json.loads(body)["image_id"] == 1
+
+
 def _painted(browser) -> int:
     """Pixels of the overlay canvas that something was drawn on (alpha > 0)."""
     return browser.execute_script(
@@ -131,7 +171,7 @@ def test_api_refuses_bad_clicks_and_resumes(server, parity_dir):
     from engine.model import build_sam
     from engine.predictor import SamPredictor
 
-    store, url, proc = server
+    store, url, proc = server.store, server.url, server.proc
 
     def post(path, body):
         req = urllib.request.Request(url + path.lstrip("/"), json.dumps(body).encode(), method="POST")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +20,7 @@ from engine.cli.gears import (
     block,
 )
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ConfigOpt = config_option("model: and annotate: blocks (and semi: with --stage semi)")
 
 
@@ -28,6 +30,13 @@ def serve(
     host: Annotated[
         str, typer.Option(help="address to bind; the default keeps it on this machine")
     ] = "127.0.0.1",
+    token: Annotated[
+        Optional[str],
+        typer.Option(
+            help="a secret every request must carry (the printed address has it); default: a "
+            "random one when --host is not loopback, none on loopback"
+        ),
+    ] = None,
     round_: RoundOpt = 0,
     stage: Annotated[str, typer.Option(help="assisted (gear 1) or semi (gear 2)")] = "assisted",
     config: ConfigOpt = "sa1b",
@@ -49,10 +58,13 @@ def serve(
     `model:` block (default: the bundled model), or for --round N >= 1 the store's model round N;
     --model / --checkpoint / --device override it.
     With --stage semi (gear 2) each image arrives prefilled with the round's detector masks; the
-    person adds what is missing.
+    person adds what is missing. Bound beyond loopback (--host), the server asks every request
+    for a token (--token, else a random one): open the address it prints, which carries it.
     """
     if stage not in ("assisted", "semi"):
         fail(f"--stage '{stage}' is invalid: use assisted or semi")
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+        fail("--token may hold only letters, digits and . _ ~ - (it travels in an address and a cookie)")
     from engine.annotator import AnnotatorConfig
     from engine.cli.config import load_config
 
@@ -92,13 +104,18 @@ def serve(
             "path": str((detector or detector_path(s, round_)).resolve()),
             "trained_on": trained.trained_on,
         }
+    if token is None and host not in LOOPBACK:
+        import secrets
+
+        token = secrets.token_urlsafe(24)
     try:
         session = AnnotationSession(s, predictor, round_, cfg.time_limit_s, stage, prefill, meta)
-        server = make_server(session, host, port)
+        server = make_server(session, host, port, token or None)
     except (ValueError, OSError) as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")
     bound_host, bound_port = server.server_address[:2]
-    typer.echo(f"serving {store} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)", err=False)
+    address = f"http://{bound_host}:{bound_port}/" + (f"?token={token}" if token else "")
+    typer.echo(f"serving {store} on {address} (Ctrl-C stops)", err=False)
     import signal
     import sys
 

@@ -21,6 +21,8 @@ committed work afresh when it takes it, and passes over the shards other session
 session's commit drops another's masks.
 
 The server is stdlib `http.server` (one page, a JSON API); one lock serialises the predictor.
+Served beyond this machine (`--host`), it asks every request for a token (`make_server`): the
+address `serve` prints carries it once, and the page's cookie after that.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, Callable
@@ -432,19 +436,44 @@ def page() -> bytes:
     return resources.files("engine.gears").joinpath("web/annotate.html").read_bytes()
 
 
+TOKEN_COOKIE = "sa_engine_token"
+
+
 class Handler(BaseHTTPRequestHandler):
     session: AnnotationSession  # set on the subclass made by `make_server`
+    token: str | None = None  # every request must carry it (?token= or the cookie), if set
+
+    def _token_ok(self, query: str) -> bool:
+        if self.token is None:
+            return True
+        given = _params(query).get("token")
+        if given is None:
+            try:
+                cookie = SimpleCookie(self.headers.get("Cookie") or "").get(TOKEN_COOKIE)
+            except CookieError:
+                cookie = None
+            given = cookie.value if cookie is not None else None
+        return given is not None and secrets.compare_digest(given.encode(), self.token.encode())
+
+    def _refuse(self) -> None:
+        message = "this server asks for its token: open the address `sa-engine serve` printed (/?token=...)"
+        self._json({"error": message}, HTTPStatus.FORBIDDEN)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the CLI prints the URL
         pass
 
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
+        if not self._token_ok(query):
+            return self._refuse()
         try:
             if path in ("/", "/index.html"):
-                return self._send(page(), "text/html; charset=utf-8")
+                cookie = None
+                if self.token is not None:  # the page's own requests carry it from here on
+                    cookie = f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                return self._send(page(), "text/html; charset=utf-8", cookie=cookie)
             if path == "/api/next":
-                after = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("after")
+                after = _params(query).get("after")
                 with self.session.lock:
                     reply = self.session.next_image(int(after) if after else None)
                 return self._json(reply)
@@ -467,9 +496,12 @@ class Handler(BaseHTTPRequestHandler):
             "/api/accept": lambda s, b: s.accept(int(b["image_id"])),
             "/api/finish": lambda s, b: s.finish_image(int(b["image_id"])),
         }
-        action = actions.get(self.path)
+        path, _, query = self.path.partition("?")
+        if not self._token_ok(query):
+            return self._refuse()
+        action = actions.get(path)
         if action is None:
-            return self._json({"error": f"no such action {self.path}"}, HTTPStatus.NOT_FOUND)
+            return self._json({"error": f"no such action {path}"}, HTTPStatus.NOT_FOUND)
         try:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
@@ -491,8 +523,12 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
         self._send(json.dumps(obj).encode(), "application/json", status)
 
-    def _send(self, data: bytes, kind: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+    def _send(
+        self, data: bytes, kind: str, status: HTTPStatus = HTTPStatus.OK, cookie: str | None = None
+    ) -> None:
         self.send_response(status)
+        if cookie is not None:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -500,7 +536,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def make_server(session: AnnotationSession, host: str = "127.0.0.1", port: int = 0):
-    """A ThreadingHTTPServer for `session` (port 0: a free port; see `server.server_address`)."""
-    handler = type("SessionHandler", (Handler,), {"session": session})
+def _params(query: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+
+
+def make_server(
+    session: AnnotationSession, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+):
+    """A ThreadingHTTPServer for `session` (port 0: a free port; see `server.server_address`).
+    With `token`, a request without it (`?token=`, or the cookie the page gets) is refused: the
+    tool writes to the store, and anyone who can reach a server bound beyond this machine could
+    otherwise commit masks in the annotator's name."""
+    handler = type("SessionHandler", (Handler,), {"session": session, "token": token})
     return ThreadingHTTPServer((host, port), handler)
