@@ -283,6 +283,7 @@ def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, dem
     sam = build_sam(parity_dir / "config.json", checkpoint=parity_dir / "sam_small.pth")
     first = AnnotationSession(store, SamPredictor(sam))
     second = AnnotationSession(Store(store.root), SamPredictor(sam))
+    third = AnnotationSession(Store(store.root), SamPredictor(sam))  # opened now, used last
 
     mine = first.next_image()
     assert (mine["image_id"], mine["shard"]) == (1, "shard-000000")
@@ -311,3 +312,7 @@ def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, dem
     assert second.next_image() == {"image_id": None, "done": 3, "total": 3, "elsewhere": 0}
     second.close()
     assert store.lease_holder("assisted", 0, "shard-000000") is None and store.leases() == []
+    # a session that read the store before the others finished it takes each shard, finds it
+    # finished, and lets go of it again
+    assert third.next_image() == {"image_id": None, "done": 3, "total": 3, "elsewhere": 0}
+    assert store.leases() == [] and third.leases == {}

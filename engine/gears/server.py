@@ -234,6 +234,15 @@ class AnnotationSession:
         self.work[shard] = self._load_work(shard, self.work[shard].images)
         return True
 
+    def _give_back_if_finished(self, shard: str) -> None:
+        """Let go of a shard this session took only to find it finished by others: holding it
+        would keep other people from adding to it until this session stops."""
+        work = self.work[shard]
+        untouched = shard not in self.run["processed"]
+        current = self.current is not None and self.shard_of[self.current.image_id] == shard
+        if untouched and not current and len(work.done) == len(work.images):
+            self.leases.pop(shard).release()
+
     def close(self) -> None:
         """The server stops: mark the run record (if the session committed anything) stopped,
         and give its shards back."""
@@ -287,6 +296,9 @@ class AnnotationSession:
                 continue
             if not self._take(shard):
                 elsewhere.add(shard)
+                continue
+            if image_id in self.work[shard].done:  # finished by another session since
+                self._give_back_if_finished(shard)
                 continue
             try:
                 cur = self._image(image_id)
