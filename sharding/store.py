@@ -655,8 +655,10 @@ class Store:
     def runs_that_made(self, stage: str, round_: int, shards: Iterable[str]) -> list[dict[str, Any]]:
         """The runs that committed `shards` of a stage output, from their run records: for each,
         its record's name, start, settings (`meta`, where the runner keeps them) and package
-        versions, and which of `shards` it committed (a shard committed again later, after its
-        output was redone, counts for the later run only). Shards no record names are left out."""
+        versions, and which of `shards` it committed. A batch run writes a shard's output anew,
+        so a shard a batch run committed again later (after its output was redone) counts for
+        that run only; people's sessions (`serve`) add to what is committed, so each one that
+        committed a shard since counts for it too. Shards no record names are left out."""
         wanted, made_by = set(shards), {}
         for path in sorted((self.root / "runs" / stage).glob(f"*-round-{round_}.json")):
             try:
@@ -664,11 +666,14 @@ class Store:
             except (OSError, ValueError):
                 continue
             for shard in record.get("processed", []):
-                if shard in wanted:
-                    made_by[shard] = (path.name, record)  # records sort by start: later wins
+                if shard in wanted:  # records sort by start
+                    if record.get("annotator") == "person":
+                        made_by.setdefault(shard, []).append((path.name, record))
+                    else:
+                        made_by[shard] = [(path.name, record)]
         runs: dict[str, dict[str, Any]] = {}
-        for shard in sorted(made_by):
-            name, record = made_by[shard]
+        entries = [(shard, name, record) for shard in made_by for name, record in made_by[shard]]
+        for shard, name, record in sorted(entries, key=lambda e: e[:2]):
             run = runs.setdefault(name, {
                 "run_record": f"runs/{stage}/{name}",
                 "started_at": record.get("started_at"),

@@ -308,6 +308,10 @@ def test_two_web_sessions_share_a_store_shard_by_shard(tmp_path, parity_dir, dem
     second.finish_image(1)
     rows = store.read_annotations("assisted", 0, "shard-000000").to_pylist()
     assert [r["id"] for r in rows] == [saved]  # the first person's mask is still there
+    made_by = store.runs_that_made("assisted", 0, ["shard-000000"])  # a release names both people
+    assert [run["run_record"] for run in made_by] == [
+        f"runs/assisted/{session.run_path.name}" for session in (first, second)
+    ]
     assert store.done_record("assisted", 0, "shard-000000")["images"] == [1]
     assert second.next_image() == {"image_id": None, "done": 3, "total": 3, "elsewhere": 0}
     second.close()
