@@ -140,7 +140,10 @@ class AnnotationSession:
             (shard, i) for shard, ids in shard_images.items() for i in ids
         ]
         self.shard_of = {i: s for s, i in self.order}
-        self.work = {shard: self._load_work(shard, ids) for shard, ids in shard_images.items()}
+        # what is done per shard; a shard's masks are read when the session takes it (`_take`)
+        self.work = {
+            shard: self._load_work(shard, ids, masks=False) for shard, ids in shard_images.items()
+        }
         self.current: Current | None = None
         self.prefill = prefill
         self.leases: dict[str, HeldLock] = {}
@@ -162,25 +165,28 @@ class AnnotationSession:
         )
 
     # ---- state ---------------------------------------------------------------------------
-    def _load_work(self, shard: str, ids: list[int]) -> ShardWork:
+    def _load_work(self, shard: str, ids: list[int], masks: bool = True) -> ShardWork:
+        """A shard's committed work by people; without its masks (`masks=False`): the images done
+        only, from the completion record (a store of thousands of shards opens at once)."""
         work = ShardWork(ids)
         record = self.store.done_record(self.stage, self.round, shard)
         if record is None:
             return work
         work.done = set(record["images"])
         work.quarantined = {q["image_id"]: q for q in record.get("quarantined", [])}
+        meta = record.get("meta", {})
+        work.skipped, work.timed_out = meta.get("skipped", 0), meta.get("timed_out", 0)
+        if not masks:
+            return work
         table = self.store.read_annotations(self.stage, self.round, shard)
-        masks = table_to_masks(table)
         efforts = {
             row["id"]: {k: row[k] for k in ("clicks", "iou", "seconds", "prefilled", "annotator")}
             for row in table.select(
                 ["id", "clicks", "iou", "seconds", "prefilled", "annotator"]
             ).to_pylist()
         }
-        for image_id, records in masks.items():
+        for image_id, records in table_to_masks(table).items():
             work.masks[image_id] = [Accepted(m, efforts.get(m.id, {})) for m in records]
-        meta = record.get("meta", {})
-        work.skipped, work.timed_out = meta.get("skipped", 0), meta.get("timed_out", 0)
         return work
 
     def _commit(self, shard: str) -> None:
