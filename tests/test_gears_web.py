@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -40,6 +41,7 @@ class Served:
     url: str  # http://127.0.0.1:PORT/
     proc: subprocess.Popen
     token: str | None  # what the printed address carries
+    host: str  # the host the printed address names
 
 
 @pytest.fixture
@@ -59,9 +61,9 @@ def server(request, tmp_path, parity_dir, demo_photos):
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
-        match = re.search(r"http://[\d.]+:(\d+)/(\?token=([\w-]+))?", line)
+        match = re.search(r"http://([^:/]+):(\d+)/(\?token=([\w-]+))?", line)
         assert match, f"serve did not start: {line}{proc.stdout.read() if proc.poll() else ''}"
-        yield Served(store, f"http://127.0.0.1:{match.group(1)}/", proc, match.group(3))
+        yield Served(store, f"http://127.0.0.1:{match.group(2)}/", proc, match.group(4), match.group(1))
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -131,6 +133,7 @@ def test_served_beyond_loopback_asks_every_request_for_its_token(server):
     """Bound beyond this machine the tool writes to the store only for who holds the printed
     address: without the token every request is refused; the page sets it as a cookie."""
     assert server.token and len(server.token) >= 32  # a random one, printed in the address
+    assert server.host == socket.gethostname()  # bound to every interface: the machine's name
 
     def get(path, headers=None):
         req = urllib.request.Request(server.url + path, headers=headers or {})

@@ -114,6 +114,10 @@ def serve(
     except (ValueError, OSError) as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")
     bound_host, bound_port = server.server_address[:2]
+    if bound_host in ("0.0.0.0", "::"):  # every interface: the name other machines reach it by
+        import socket
+
+        bound_host = socket.gethostname()
     address = f"http://{bound_host}:{bound_port}/" + (f"?token={token}" if token else "")
     typer.echo(f"serving {store} on {address} (Ctrl-C stops)", err=False)
     import signal
