@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from engine.amg_config import AmgConfig
@@ -46,10 +47,19 @@ def test_run_auto_on_ray_equals_the_plain_generator(tmp_path, parity_dir, demo_p
     assert result.exit_code == 0, result.output
     assert "auto round 0: 2 shard(s) committed, 0 already done" in result.output
 
+    (path,) = (stores["ray"].root / "runs" / "auto").glob("*-round-0.json")
+    record = json.loads(path.read_text())
     model = ModelConfig(model=str(config), checkpoint=str(checkpoint))
     spec, _ = auto_spec(model, section(load_config("sa1b", sets), "amg", AmgConfig))
     generate = make_auto(**spec.make_kwargs)
-    run_stage(stores["plain"], "auto", 0, lambda row, rgb: finish_auto(row, generate(row, rgb)))
+    # with the actors' torch threads: the float sums, so the last bits of the scores, follow the
+    # thread count (this process's default differs, and earlier tests may have changed it)
+    before = torch.get_num_threads()
+    torch.set_num_threads(record["plan"]["threads"])
+    try:
+        run_stage(stores["plain"], "auto", 0, lambda row, rgb: finish_auto(row, generate(row, rgb)))
+    finally:
+        torch.set_num_threads(before)
     masks = 0
     for shard in stores["plain"].shards():
         on_ray = stores["ray"].read_annotations("auto", 0, shard).to_pylist()
@@ -58,8 +68,6 @@ def test_run_auto_on_ray_equals_the_plain_generator(tmp_path, parity_dir, demo_p
         masks += len(plain)
     assert masks > 0
 
-    (path,) = (stores["ray"].root / "runs" / "auto").glob("*-round-0.json")
-    record = json.loads(path.read_text())
     assert record["state"] == "finished" and record["annotations"] == masks
     weights = record["meta"]["model"]["weights"]
     assert weights == {"path": str(checkpoint), "sha256": sha256_file(checkpoint)}
