@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.gears import ASSISTED_STAGE
+from engine.gears import ASSISTED_STAGE, gear_facts
 from engine.model_config import model_facts
 from sharding.runner import StageResult
 from sharding.store import ImageRow, ShardOutput, Store
@@ -95,12 +95,7 @@ def assisted_spec(
         commit=partial(commit_gear, meta=partial(shard_meta, annotate, references)),
         shared_with_people=True,
     )
-    meta = {
-        "model": model_facts(model),
-        "annotate": dataclasses.asdict(annotate),
-        "references": references,
-    }
-    return spec, meta
+    return spec, gear_facts(model, annotate, references)
 
 
 # ---- --annotator none: embeddings only ------------------------------------------------------

@@ -9,12 +9,10 @@ embeddings are stored with the shard by the driver, as in gear 1 (`stages.assist
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Any
 
-from engine.gears import SEMI_STAGE
-from engine.model_config import model_facts
+from engine.gears import SEMI_STAGE, gear_facts
 from sharding.store import Store
 from stages.assisted import commit_gear
 from stages.auto import check_checkpoint
@@ -74,11 +72,5 @@ def semi_spec(
     spec = StageSpec(
         SEMI_STAGE, make_semi, kwargs, commit=partial(commit_gear, meta=meta), shared_with_people=True
     )
-    facts = {
-        "model": model_facts(model),
-        "annotate": dataclasses.asdict(annotate),
-        "semi": dataclasses.asdict(semi),
-        "references": references,
-        "detector": {"path": detector, "trained_on": trained_on},
-    }
-    return spec, facts
+    used = {"path": detector, "trained_on": trained_on}
+    return spec, gear_facts(model, annotate, references, semi=semi, detector=used)

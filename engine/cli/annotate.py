@@ -77,20 +77,18 @@ def serve(
     s = open_store(store)
     if not s.shards():
         fail(f"{store} has no images: run `sa-engine ingest PHOTOS --store {store}` first")
-    import dataclasses
-
+    from engine.gears import gear_facts
     from engine.gears.embeddings import load_predictor
     from engine.gears.server import AnnotationSession, make_server
-    from engine.model_config import model_facts
 
     try:
         predictor = load_predictor(model_cfg)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    meta = {"model": model_facts(model_cfg), "annotate": dataclasses.asdict(cfg)}
+    meta = gear_facts(model_cfg, cfg)
     prefill = None
     if stage == "semi":  # gear 2: images arrive prefilled by the round's detector
-        from engine.gears.semi import SemiConfig, detector_path, load_or_train
+        from engine.gears.semi import SemiConfig, load_or_train, round_detector
         from engine.gears.semi import prefill as semi_prefill
 
         semi_cfg = block(settings, "semi", SemiConfig)
@@ -99,11 +97,8 @@ def serve(
         except ValueError as exc:
             fail(str(exc))
         prefill = lambda p: semi_prefill(trained, p, semi_cfg)  # noqa: E731
-        meta["semi"] = dataclasses.asdict(semi_cfg)
-        meta["detector"] = {
-            "path": str((detector or detector_path(s, round_)).resolve()),
-            "trained_on": trained.trained_on,
-        }
+        used = {"path": str(round_detector(s, round_, detector)), "trained_on": trained.trained_on}
+        meta = gear_facts(model_cfg, cfg, semi=semi_cfg, detector=used)
     if token is None and host not in LOOPBACK:
         import secrets
 

@@ -204,13 +204,13 @@ def semi(
     model_cfg = model_config(cfg, random_weights)
     refs = load_references(references, Annotator.simulated)
     from engine.gears.embeddings import load_predictor
-    from engine.gears.semi import detector_path, load_or_train
+    from engine.gears.semi import load_or_train, round_detector
     from stages.semi import semi_spec
 
     try:
         predictor = load_predictor(model_cfg)
         trained = load_or_train(st, predictor, semi_cfg, round_, detector, log=typer.echo)
-        path = str((detector or detector_path(st, round_)).resolve())
+        path = str(round_detector(st, round_, detector))
         del predictor  # the actors load their own
         spec, meta = semi_spec(
             model_cfg, annotate_cfg, semi_cfg, refs.path, path, trained.trained_on, round_,

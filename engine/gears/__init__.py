@@ -10,5 +10,32 @@
 - `effort`: the per-gear, per-round effort report (table and plot).
 """
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
 ASSISTED_STAGE = "assisted"
 SEMI_STAGE = "semi"
+
+
+def gear_facts(
+    model: Any,
+    annotate: Any,
+    references: str | None = None,
+    semi: Any = None,
+    detector: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a gear-1 or gear-2 run record keeps as its settings, the same for a Ray run and a
+    people's session (`serve`): the model with its weights' sha256, the `annotate:` block, the
+    references (batch runs), and for gear 2 the `semi:` block and the detector (its file and
+    what it was trained on)."""
+    from engine.model_config import model_facts
+
+    facts = {"model": model_facts(model), "annotate": dataclasses.asdict(annotate)}
+    if references is not None:
+        facts["references"] = references
+    if semi is not None:
+        facts["semi"] = dataclasses.asdict(semi)
+        facts["detector"] = detector
+    return facts

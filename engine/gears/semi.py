@@ -53,6 +53,12 @@ def detector_path(store: Store, round_: int) -> Path:
     return store.root / "detectors" / f"semi-round-{round_}.pt"
 
 
+def round_detector(store: Store, round_: int, path: Path | None = None) -> Path:
+    """The detector file a gear-2 command uses (`load_or_train` loads, or trains and saves, it):
+    `path` if given, else the store's for the round; absolute, as run records keep it."""
+    return (path or detector_path(store, round_)).resolve()
+
+
 def training_samples(
     store: Store, predictor: SamPredictor, min_box: float, stage: str = ASSISTED_STAGE
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
@@ -100,7 +106,7 @@ def load_or_train(
     """The round's detector: `path` if given, else the stored one for this round and encoder,
     else trained now on the gear-1 masks and saved to `detector_path(store, round_)`."""
     fingerprint = encoder_fingerprint(predictor.model)
-    stored = path or detector_path(store, round_)
+    stored = round_detector(store, round_, path)
     if stored.is_file():
         detector = TrainedDetector.load(stored)
         if detector.encoder_fingerprint != fingerprint:
