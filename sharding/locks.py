@@ -38,11 +38,12 @@ def describe_this_process() -> str:
 
 
 def take(path: Path, what: str, holder: str | None = None) -> HeldLock | None:
-    """Take the lock at `path` (created if missing), or None when another holder has it.
-    `what` names the work in the warning given where the filesystem has no file locks; `holder`
-    is what the file says of the holder (default: `describe_this_process()`)."""
+    """Take the lock at `path` (created if missing, with its folder), or None when another
+    holder has it. `what` names the work in the warning given where the filesystem has no file
+    locks; `holder` is what the file says of the holder (default: `describe_this_process()`)."""
     import fcntl
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
         for attempt in range(10):  # (`holder` may hold it shared for a moment)

@@ -346,7 +346,7 @@ def _ingest(
             on_file(done, len(to_read), report)
 
     started = utc_now()
-    record_path = store.root / "runs" / "ingest" / f"{started.replace(':', '')}-{os.getpid()}.json"
+    record_path = store.run_record_path("ingest", started)
 
     def write_record(finished: bool) -> None:
         """The run record, rewritten at each commit (what a stopped ingest committed) and last."""

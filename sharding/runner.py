@@ -15,7 +15,6 @@ exact. The (stage, round) columns of the annotation tables tell outputs of diffe
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -251,12 +250,7 @@ def run_stage(
     if shards is not None:
         store.check_shards(shards)
     wanted = store.shards() if shards is None else shards
-    record_path = (
-        store.root
-        / "runs"
-        / stage
-        / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
-    )
+    record_path = store.run_record_path(stage, started, round_)
     for shard in wanted:
         if shard not in todo:
             report.skipped.append(shard)

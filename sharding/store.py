@@ -604,7 +604,6 @@ class Store:
         shard would each commit their own view of it, and the later commit would drop the
         other's masks."""
         path = self.lease_path(stage, round_, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
         return locks.take(path, "run one annotation session per store at a time", holder)
 
     def lease_holder(self, stage: str, round_: int, shard: str) -> str | None:
@@ -617,7 +616,6 @@ class Store:
         leaves alone the shards sessions already hold (`leases`), so a run and a person never
         commit over each other's work. Raises ValueError while another batch run holds it."""
         path = self.lease_path(stage, round_, BATCH_LEASE)
-        path.parent.mkdir(parents=True, exist_ok=True)
         lock = locks.take(path, "run one batch run of a gear round at a time")
         if lock is None:
             raise ValueError(
@@ -684,11 +682,16 @@ class Store:
             run["shards"].append(shard)
         return list(runs.values())
 
+    def run_record_path(self, name: str, started: str, round_: int | None = None) -> Path:
+        """Where the record of a run of `name` started at `started` (`utc_now`) goes:
+        STORE/runs/<name>/<start>-<pid>[-round-<k>].json, so records sort by start and a stage
+        round's are found by their suffix (`runs_that_made`)."""
+        suffix = "" if round_ is None else f"-round-{round_}"
+        return self.root / "runs" / name / f"{started.replace(':', '')}-{os.getpid()}{suffix}.json"
+
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         """Write a run record under STORE/runs/<name>/, with the package versions it ran with."""
         record = {**record, "versions": dict(package_versions())}
-        path = (
-            path or self.root / "runs" / name / f"{utc_now().replace(':', '')}-{os.getpid()}.json"
-        )
+        path = path or self.run_record_path(name, utc_now())
         atomic_write_json(path, record, indent=1)
         return path

@@ -20,7 +20,6 @@ complete, then given to the stage's `commit` step together with the shard's outp
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -130,9 +129,7 @@ def _run_pipeline(
     sizes = store.shard_sizes()
     run = _Run(expected={s: sizes[s] for s in todo})
     plan = _plan(config, spec)
-    record_path = store.root / "runs" / spec.name / (
-        f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
-    )
+    record_path = store.run_record_path(spec.name, started, round_)
     base = {
         "stage": spec.name,
         "round": round_,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import threading
 import time
@@ -116,8 +115,8 @@ class AnnotationSession:
       prefill: gear 2: called with the predictor set to a new image, returns its prefilled masks
         ((HxW bool, 1x256x256 logits, predicted IoU), e.g. `engine.gears.semi.prefill`); they are
         shown as accepted and saved as prefilled, and the person adds only what is missing.
-      meta (dict): what the session's run record keeps as its settings (the model with its
-        weights' sha256, the annotate: block; the CLI's `serve` fills it).
+      meta (dict): what the session's run record keeps as its settings
+        (`engine.gears.gear_facts`; the CLI's `serve` fills it).
     """
 
     def __init__(
@@ -160,9 +159,7 @@ class AnnotationSession:
             "accepted": 0,  # masks the person accepted
             "meta": meta or {},
         }
-        self.run_path = (
-            store.root / "runs" / stage / f"{started.replace(':', '')}-{os.getpid()}-round-{round_}.json"
-        )
+        self.run_path = store.run_record_path(stage, started, round_)
 
     # ---- state ---------------------------------------------------------------------------
     def _load_work(self, shard: str, ids: list[int], masks: bool = True) -> ShardWork:
