@@ -170,14 +170,27 @@ def _run_pipeline(
             if missing:
                 raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
         except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
+            start_error = construction_error(exc)
+            error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
+            # an actor that cannot start twice alike (a checkpoint that does not fit, a device
+            # that is absent) would fail every later attempt the same way
+            again = start_error is not None and bool(run.failures) and run.failures[-1]["error"] == error
             run.failures.append(
-                {"attempt": attempts, "at": utc_now(), "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                {"attempt": attempts, "at": utc_now(), "error": error, "start_failed_again": again}
             )
+            if again:
+                break
     progress.close()
     run.spool.close()
     state = "finished" if len(run.committed) == len(todo) else "failed"
     record = _record(base, run, todo, t0, state, attempts)
     store.write_run_record(spec.name, record, record_path)
+    if state == "failed" and run.failures[-1]["start_failed_again"]:
+        raise RuntimeError(
+            f"{spec.name} round {round_}: the model actors could not start, twice alike: "
+            f"{run.failures[-1]['error']}. Not tried again; {len(run.committed)} shard(s) "
+            f"committed. Fix what it names and re-run (run record: {record_path})"
+        )
     if state == "failed":
         raise RuntimeError(
             f"{spec.name} round {round_}: {len(todo) - len(run.committed)} shard(s) unfinished after "
@@ -185,6 +198,36 @@ def _run_pipeline(
             f"stay; re-run the same command to do the rest (run record: {record_path})"
         )
     return record
+
+
+def construction_error(exc: BaseException) -> str | None:
+    """The error a stage's actor raised while starting (its model did not load: a checkpoint
+    that does not fit, a device that is absent), as its one line, e.g.
+    "CheckpointMismatchError: checkpoint ... does not fit vit_b ..."; None for anything else
+    (a lost node, an actor that died while working), which a new attempt may get past."""
+    from ray.exceptions import RayActorError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
+            return _last_exception_line(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _last_exception_line(traceback_text: str) -> str:
+    """"pkg.module.SomeError: message" -> "SomeError: message": the last line of a traceback that
+    names an exception (Ray's colour codes removed)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in traceback_text.splitlines()]
+    pattern = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit)): (.*)$")
+    for line in reversed(lines):
+        found = pattern.match(line)
+        if found:
+            return f"{found.group(1)}: {found.group(2)}"
+    return next((line for line in reversed(lines) if line), traceback_text)
 
 
 def _collect(

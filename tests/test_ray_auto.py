@@ -76,3 +76,30 @@ def test_run_auto_on_ray_equals_the_plain_generator(tmp_path, parity_dir, demo_p
 
     again = CliRunner().invoke(app, args)  # every shard is done: nothing is redone
     assert again.exit_code == 0 and "0 shard(s) committed, 2 already done" in again.output
+
+
+def test_a_model_that_cannot_load_fails_once_with_its_own_error(
+    tmp_path, parity_dir, demo_photos, local_ray
+):
+    """The checkpoint does not fit the named model: the actors fail as they start, and when the
+    second attempt fails alike the command stops there and names the cause in one line (it was
+    three attempts and a cut-off ActorDiedError)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / demo_photos[0].name).write_bytes(demo_photos[0].read_bytes())
+    store = Store.create(tmp_path / "store")
+    ingest(str(photos), store, shard_size=2)
+    args = ["run", "auto", str(store.root), "--model", "vit_b", "--checkpoint",
+            str(parity_dir / "sam_small.pth"), "--set", "ray.progress=false"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    (last,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert last.startswith("error: auto round 0: the model actors could not start, twice alike: "
+                           "CheckpointMismatchError: checkpoint ")  # fmt: skip
+    assert "does not fit vit_b" in last and "Not tried again" in last
+    (path,) = (store.root / "runs" / "auto").glob("*-round-0.json")
+    record = json.loads(path.read_text())
+    assert record["state"] == "failed" and record["attempts"] == 2  # not ray.max_attempts (3)
+    first, second = record["failures"]
+    assert first["error"] == second["error"] and first["error"].startswith("CheckpointMismatchError: ")
+    assert (first["start_failed_again"], second["start_failed_again"]) == (False, True)
