@@ -28,7 +28,7 @@ import math
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from engine.amg_regions import clean_mask, clean_window
 from engine.mask_ops import MaskUpsampler
 from engine.modeling import batch_rows, iou_only
 from engine.predictor import SamPredictor
+
+if TYPE_CHECKING:
+    from engine.records import ImageRecord, MaskRecord
 
 # How far under pred_iou_thresh a prompt's re-associated IoU may be and still get Meta's
 # arithmetic: the two differ by ~5e-6 (fixture sets A and B), so this is ~2000x that.

@@ -34,6 +34,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(folder: str | Path) -> int:
+    """Remove the temporary files `atomic_path` leaves in `folder` when its process is killed
+    mid-write (`.NAME.XXXXXXXX.tmp`; a partial shard can be gigabytes); returns how many. Only
+    for a caller holding the lock every writer of `folder` holds: a live writer's file would go."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

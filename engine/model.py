@@ -11,6 +11,7 @@ loading is strict and a mismatch names the missing and unexpected keys.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -188,20 +189,32 @@ def _build(config: SamConfig, name: str = "the model") -> Sam:
     return sam
 
 
-def load_checkpoint(sam: nn.Module, checkpoint: str | Path, expected: str = "the model") -> None:
-    """Load a plain state dict strictly (CPU first, tensors only), naming every mismatch."""
+def read_state_dict(checkpoint: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's plain state dict (CPU, tensors only: `weights_only`), or a one-line error
+    that says what the file is instead. mmap: map the tensors' bytes instead of reading them
+    (for looking at names and shapes only; a file saved by torch < 1.6 is read in full)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist: pass the path of a .pth state dict"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as exc:  # pickle, zip and weights_only errors all mean "not a state dict we can read"
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # a pickle's first byte (torch.save before 1.6)
+    archive = zipfile.is_zipfile(path)  # torch.save since 1.6
+    if not (archive or pickled):
         raise CheckpointMismatchError(
-            f"checkpoint {path} cannot be read as a torch state dict ({exc})"
+            f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive or "
+            "a pickle; this is neither): pass a SAM state dict such as sam_vit_b_01ec64.pth"
+        )
+    try:
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and archive
+        )
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and weights_only errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read as a torch state dict of tensors ({first[:300]}); "
+            "save model.state_dict() with torch.save"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         hint = (
@@ -212,6 +225,13 @@ def load_checkpoint(sam: nn.Module, checkpoint: str | Path, expected: str = "the
         raise CheckpointMismatchError(
             f"checkpoint {path} is not a plain state dict (name -> tensor){hint}; save model.state_dict()"
         )
+    return state
+
+
+def load_checkpoint(sam: nn.Module, checkpoint: str | Path, expected: str = "the model") -> None:
+    """Load a plain state dict strictly (CPU first, tensors only), naming every mismatch."""
+    path = Path(checkpoint)
+    state = read_state_dict(path)
     own = sam.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -245,6 +265,20 @@ def _guess_variant(state: dict[str, torch.Tensor]) -> str | None:
         if config.encoder_embed_dim == pos.shape[-1] and config.encoder_depth == depth:
             return name
     return f"a ViT encoder of width {pos.shape[-1]} and depth {depth}"
+
+
+def fitting_variant(checkpoint: str | Path) -> str | None:
+    """The `MODEL_REGISTRY` name whose architecture a checkpoint fits exactly (every key, every
+    shape), or None: what a bare `--checkpoint sam_vit_h_4b8939.pth` means. The bundled
+    model's architecture is named "default"."""
+    state = read_state_dict(checkpoint, mmap=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name in ("default", "vit_b", "vit_l", "vit_h"):
+        with torch.device("meta"):
+            own = _build(MODEL_REGISTRY[name], name).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in own.items()}:
+            return name
+    return None
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -155,7 +155,8 @@ class ModelConfig:
     """The `model:` config block: which SAM to run and where.
 
     Attributes:
-      model (str): a `MODEL_REGISTRY` key (vit_b, vit_l, vit_h, ...) or a JSON model config path.
+      model (str): a `MODEL_REGISTRY` key (default: the bundled model; vit_b, vit_l, vit_h, ...)
+        or a JSON model config path.
       checkpoint (str | None): the state dict; None keeps random weights unless the registry entry
         brings its own packaged checkpoint.
       device (str): "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
@@ -168,7 +169,7 @@ class ModelConfig:
         Process-wide (PyTorch's own switches).
     """
 
-    model: str = "vit_b"
+    model: str = "default"
     checkpoint: str | None = None
     device: str = "auto"
     bf16: bool = False

@@ -78,8 +78,11 @@ class ImageEmbedding:
                     str(data["encoder_fingerprint"]) if "encoder_fingerprint" in data else ""
                 )
         except (OSError, KeyError, ValueError) as exc:
+            # numpy takes any file that is not an archive for a pickle, and says so
+            detail = "it is not a .npz archive" if "allow_pickle" in str(exc) else str(exc)
             raise ValueError(
-                f"{path}: not an image-embedding file written by ImageEmbedding.save ({exc})"
+                f"{path}: not an image-embedding file written by ImageEmbedding.save or "
+                f"`predict --save-embedding` ({detail})"
             ) from None
         if (
             features.ndim != 4

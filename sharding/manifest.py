@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.atomic import atomic_path
+from engine.atomic import atomic_path, remove_temporaries
 from engine.checks import invalid
 from engine.image_io import ImageInfo, ImageLoadError, load_image_with_info
 from sharding import tables
@@ -40,6 +40,8 @@ DEFAULT_SHARD_SIZE = 1000
 DEFAULT_COMMIT_SHARDS = 64
 _ROW_GROUP = 16  # images per Parquet row group: readers stream a shard 16 images at a time
 _MANIFEST_GROUP = 65536  # manifest rows an ingest holds before writing them out
+# the store's folders only an ingest writes (under the store's ingest lock)
+INGEST_FOLDERS = ("shards", "manifest", "duplicates", "quarantine", "runs/ingest")
 
 
 @dataclass
@@ -294,6 +296,8 @@ def ingest(
             f"commit_shards {commit_shards} is invalid: use a positive number of shards or None"
         )
     with store.ingest_lock():
+        for folder in INGEST_FOLDERS:  # what a killed ingest was writing: only ingests write here
+            remove_temporaries(store.root / folder)
         return _ingest(
             os.fspath(source), store, shard_size, skip_known, threads, commit_shards, cluster, on_file
         )

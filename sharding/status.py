@@ -67,12 +67,18 @@ def ingest_state(store: Store) -> dict[str, Any]:
     }
 
 
+# quarantined inputs `sa-engine status` prints one by one (`--quarantine`: all of them)
+LISTED_QUARANTINE = 10
+
+
 def store_status(store: Store, check: str = "size") -> dict[str, Any]:
     """The store's progress as data (`sa-engine status --json`): what was ingested, the ingest
-    running or stopped, per stage and round the shards done (`complete` when all are), and the
-    shards the annotation tool's sessions hold now."""
+    running or stopped, per stage and round the shards done (`complete` when all are), the
+    shards the annotation tool's sessions hold now, and every quarantined input (where it was
+    skipped, its source, sha256, reason and detail)."""
     manifest = store.manifest_index()
-    reasons = store.quarantine().column("reason").to_pylist()
+    quarantine = store.quarantine().to_pylist()
+    reasons = [q["reason"] for q in quarantine]
     stages = []
     for p in stage_progress(store, check):
         stages.append({**asdict(p), "complete": p.shards_done == p.shards_total})
@@ -86,11 +92,17 @@ def store_status(store: Store, check: str = "size") -> dict[str, Any]:
         "stages": stages,
         "sessions": store.leases(),
         "quarantine_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "quarantine": quarantine,
     }
 
 
-def status_lines(store: Store, check: str = "size") -> list[str]:
-    status = store_status(store, check)
+def status_lines(store: Store, check: str = "size", listed: int | None = LISTED_QUARANTINE) -> list[str]:
+    """`sa-engine status`'s lines; listed: quarantined inputs shown one by one (None: all)."""
+    return format_status(store_status(store, check), listed)
+
+
+def format_status(status: dict[str, Any], listed: int | None = LISTED_QUARANTINE) -> list[str]:
+    """`store_status`'s data as `sa-engine status` prints it."""
     lines = [
         f"store {status['store']}: {status['images']} images in {status['shards']} shards, "
         f"{status['duplicates']} duplicates recorded, "
@@ -127,4 +139,17 @@ def status_lines(store: Store, check: str = "size") -> list[str]:
     if status["quarantine_reasons"]:
         counts = status["quarantine_reasons"]
         lines.append("quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    shown = status["quarantine"] if listed is None else status["quarantine"][:listed]
+    for q in shown:
+        where = "ingest" if q["stage"] == "ingest" else f"{q['stage']} round {q['round']}"
+        shard = f", shard {q['shard']}" if q["shard"] else ""
+        lines.append(
+            f"  quarantined ({where}{shard}) {q['source']}: {q['reason']} ({q['detail']})"
+            + (f" sha256 {q['sha256']}" if q["sha256"] else "")
+        )
+    if len(shown) < len(status["quarantine"]):
+        lines.append(
+            f"  ... and {len(status['quarantine']) - len(shown)} more: "
+            f"`sa-engine status {status['store']} --quarantine` lists every one"
+        )
     return lines

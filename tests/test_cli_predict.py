@@ -215,3 +215,26 @@ def test_predict_defaults_to_the_bundled_model(parity_dir, tmp_path):
          "--out", str(tmp_path)],
     )  # fmt: skip
     assert result.exit_code == 1 and "unknown keys ['bogus']" in result.output
+
+
+def test_a_checkpoint_alone_runs_the_architecture_it_fits(parity_dir, demo_photos, tmp_path):
+    """`--checkpoint sam_vit_b_01ec64.pth` without --model: the config's model is the bundled
+    one, which the checkpoint does not fit, so the command runs vit_b (it refused before)."""
+    from tests.test_model_build import shaped_like
+
+    checkpoint = shaped_like("vit_b", tmp_path / "sam_vit_b_01ec64.pth")
+    result = runner.invoke(
+        app,
+        ["predict", str(demo_photos[0]), "--checkpoint", str(checkpoint), "--point", "20,20",
+         "--device", "cpu", "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"model: vit_b, the architecture {checkpoint.resolve()} fits" in result.output
+    assert (tmp_path / "out" / f"{demo_photos[0].stem}.json").is_file()
+    # a checkpoint of dims no named model has still needs its config
+    result = runner.invoke(
+        app,
+        ["predict", str(demo_photos[0]), "--checkpoint", str(parity_dir / "sam_small.pth"),
+         "--point", "20,20", "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "does not fit default" in result.output

@@ -87,3 +87,42 @@ def test_help_paragraphs_reflow_to_the_terminal():
     assert reflow_help(text) == "First line.\n\nA paragraph wrapped for the source.\n\nSteps:\n- one\n- two"
     result = CliRunner().invoke(app, ["run", "auto", "--help"], env={"COLUMNS": "200"})
     assert "unless a model is named. A model without weights" in result.output
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, demo_photos):
+    """Every command that writes a folder names the mistake in one line (they ended in a
+    FileExistsError or NotADirectoryError traceback, `amg` after loading its model)."""
+    taken = tmp_path / "taken.jpg"
+    taken.write_bytes(demo_photos[0].read_bytes())
+    store = tmp_path / "store"
+    photo = str(demo_photos[0])
+    commands = {
+        "amg": ["amg", photo], "predict": ["predict", photo, "--point", "5,5"],
+        "blur": ["blur", photo], "export sa1b": ["export", "sa1b", str(store)],
+        "export parquet": ["export", "parquet", str(store)], "quality": ["quality", str(store)],
+        "report": ["report", str(store)],
+    }  # fmt: skip
+    for name, args in commands.items():
+        result = CliRunner().invoke(app, [*args, "--out", str(taken)])
+        assert result.exit_code == 1, (name, result.output)
+        assert result.output.startswith(f"error: --out '{taken}' is a file: pass a folder for "), name
+        assert len(result.output.strip().splitlines()) == 1, (name, result.output)
+    assert taken.read_bytes() == demo_photos[0].read_bytes() and not store.exists()
+
+
+def test_a_config_that_is_not_yaml_fails_in_one_line(tmp_path, demo_photos):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("amg:\n  points_per_side: 4\n   bad: 1\n")
+    result = CliRunner().invoke(app, ["amg", str(demo_photos[0]), "--config", str(broken),
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {broken}: not valid YAML at line 3, column 7 (mapping values are not allowed "
+        "here): fix the file"
+    )
+    only_amg = tmp_path / "only_amg.yaml"  # no model: block: the bundled model, not vit_b
+    only_amg.write_text("amg:\n  points_per_side: 2\n  crop_n_layers: 0\n")
+    result = CliRunner().invoke(app, ["amg", str(demo_photos[0]), "--config", str(only_amg),
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "model default on cpu" in result.output

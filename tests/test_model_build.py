@@ -160,3 +160,28 @@ def test_other_encoder_types_plug_in_through_the_registry(monkeypatch, tmp_path)
     predictor.set_image(np.full((60, 80, 3), 128, np.uint8))
     masks, scores, _ = predictor.predict(np.array([[10.0, 10.0]]), np.array([1]))
     assert masks.shape == (3, 60, 80) and scores.shape == (3,)
+
+
+def shaped_like(variant: str, path):
+    """A checkpoint with every key and shape of `variant`, a few KB: each tensor is a view of
+    one zero (torch.save keeps the view over its one-element storage)."""
+    zero = torch.zeros(1)
+    state = build_sam(variant, device="meta").state_dict()
+    torch.save({k: zero.expand(v.shape) for k, v in state.items()}, path)
+    return path
+
+
+def test_a_checkpoint_names_the_architecture_it_fits(parity_dir, tmp_path):
+    from engine.model import PACKAGED_CHECKPOINTS, fitting_variant
+
+    assert fitting_variant(shaped_like("vit_l", tmp_path / "l.pth")) == "vit_l"
+    assert fitting_variant(PACKAGED_CHECKPOINTS["default"]) == "default"
+    assert fitting_variant(parity_dir / "sam_small.pth") is None  # its own dims: --model CONFIG
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, demo_photos):
+    with pytest.raises(CheckpointMismatchError, match="is not a PyTorch checkpoint .*neither"):
+        build_sam("vit_b", checkpoint=demo_photos[0])
+    (tmp_path / "code.pth").write_bytes(b"\x80\x04\x95")  # a broken pickle
+    with pytest.raises(CheckpointMismatchError, match="cannot be read as a torch state dict"):
+        build_sam("vit_b", checkpoint=tmp_path / "code.pth")

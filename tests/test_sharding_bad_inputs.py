@@ -99,9 +99,13 @@ def test_every_bad_kind_through_ingest_and_a_stage(tmp_path):
     # re-ingest: the quarantined files are not recorded twice
     assert ingest(str(tmp_path / "bad"), store).quarantined == 0
     assert store.ingest_quarantine().num_rows == 5
-    assert any(
-        "quarantine reasons:" in line and "too_large 1" in line for line in status_lines(store)
-    )
+    lines = status_lines(store)
+    assert any("quarantine reasons:" in line and "too_large 1" in line for line in lines)
+    listed = [line for line in lines if line.startswith("  quarantined (ingest) ")]
+    assert len(listed) == 5  # each with its source, reason and detail
+    assert any("truncated.jpg: corrupt (" in line and "sha256 " in line for line in listed), listed
+    assert len([line for line in status_lines(store, listed=2) if "  quarantined" in line]) == 2
+    assert "3 more: `sa-engine status" in status_lines(store, listed=2)[-1]
 
 
 def test_a_broken_image_in_a_shard_never_stops_it(tmp_path, demo_photos):

@@ -14,7 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, files_under, require_weights, set_option
+from engine.cli.common import (
+    check_out_folder,
+    config_option,
+    fail,
+    files_under,
+    model_config,
+    set_option,
+)
 
 ConfigOpt = config_option("model: and amg: blocks")
 SetOpt = set_option("amg.points_per_side=16")
@@ -110,6 +117,7 @@ def amg(
     """
     from engine.cli.config import load_config, section
 
+    check_out_folder(out, "the SA-1B records")
     overrides = list(set_ or [])
     for key, value in (
         ("model", model),
@@ -120,18 +128,16 @@ def amg(
         if value is not None:
             overrides.append(f"model.{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
     from engine.amg_config import AmgConfig
-    from engine.model_config import ModelConfig
 
     try:
         settings = load_config(config, overrides)
-        model_cfg = section(settings, "model", ModelConfig)
         amg_cfg = section(settings, "amg", AmgConfig)
         inputs = list_inputs(input, out)
     except ValueError as exc:
         fail(str(exc))
     if not inputs:
         fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
-    require_weights(model_cfg.model, model_cfg.checkpoint)
+    model_cfg = model_config(settings)
 
     import torch
 

@@ -3,12 +3,21 @@ message, the files of an input folder, the model flags as `model:` keys."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
 import typer
 
 T = TypeVar("T")
+
+
+class Device(str, Enum):
+    """The values of the commands' --device option (`model.device`; any torch device via --set)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def config_option(blocks: str) -> Any:
@@ -54,6 +63,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=code)
+
+
+def check_out_folder(out: Path, what: str = "the outputs") -> None:
+    """Refuse an --out that exists as a file, before any work (a command writes a folder there)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out '{out}' is a file: pass a folder for {what}")
 
 
 def open_store(path: Path):
@@ -174,5 +189,28 @@ def model_config(cfg: dict, random_weights: bool | None = None):
         model = section(cfg, "model", ModelConfig)
     except ValueError as exc:
         fail(str(exc))
+    model = model_of_checkpoint(model)
     require_weights(model.model, model.checkpoint, random_weights)
     return model
+
+
+def model_of_checkpoint(model):
+    """A checkpoint given with the config's bundled model ("default": no --model named) runs
+    the architecture it fits: `--checkpoint sam_vit_h_4b8939.pth` alone means vit_h. A named
+    model is left as named (a mismatch is then reported when it loads)."""
+    import dataclasses
+
+    from engine.model_config import PACKAGED_CHECKPOINTS
+
+    if model.checkpoint is None or model.model not in PACKAGED_CHECKPOINTS:
+        return model
+    from engine.model import fitting_variant
+
+    try:
+        name = fitting_variant(Path(model.checkpoint).expanduser())
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    if name is None or name == model.model:
+        return model  # (one that fits nothing is refused, with its shapes, as it loads)
+    typer.echo(f"model: {name}, the architecture {model.checkpoint} fits", err=True)
+    return dataclasses.replace(model, model=name)

@@ -42,7 +42,13 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise ValueError(
             f"config '{name_or_path}' not found: use one of {', '.join(config_names())} or a YAML file path"
         )
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{at} ({problem}): fix the file") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a config must be a mapping of blocks (amg:, privacy:, ...)")
     return apply_overrides(config, overrides or [])

@@ -15,8 +15,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, model_config, model_sets, open_store, set_option
-from engine.cli.predict import Device
+from engine.cli.common import (
+    Device,
+    check_out_folder,
+    config_option,
+    fail,
+    model_config,
+    model_sets,
+    open_store,
+    set_option,
+)
 from engine.cli.run import AddressOpt, run_spec, stage_setup
 
 StoreArg = Annotated[Path, typer.Argument(help="the store folder (made by `ingest`)")]
@@ -242,6 +250,8 @@ def report(
     """
     from engine.gears.effort import effort_rows, format_table, write_report
 
+    if out is not None:
+        check_out_folder(out, "the effort report")
     s = open_store(store)
     rows = effort_rows(s)
     if not rows:

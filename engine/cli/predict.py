@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, model_config, model_sets, set_option
+from engine.cli.common import (
+    Device,
+    check_out_folder,
+    config_option,
+    fail,
+    model_config,
+    model_sets,
+    set_option,
+)
 
 ConfigOpt = config_option("model: block")
 SetOpt = set_option("model.bf16=true")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -104,6 +105,7 @@ def predict(
         fail(str(exc))
     if not points and box_xyxy is None:
         fail("give at least one --point x,y[,label] or a --box x0,y0,x1,y1")
+    check_out_folder(out, "the masks and the record")
     from engine.cli.config import load_config
 
     try:

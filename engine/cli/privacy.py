@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from engine.cli.common import config_option, fail, files_under, set_option
+from engine.cli.common import check_out_folder, config_option, fail, files_under, set_option
 
 ConfigOpt = config_option("privacy: block")
 SetOpt = set_option("privacy.face_score=0.8")
@@ -66,10 +66,9 @@ def blur(
     from engine.image_io import ImageLoadError, load_image
     from engine.privacy import PrivacyConfig, PrivacyFilter
 
+    check_out_folder(out, "the blurred images")
     try:
         cfg = section(load_config(config, set_ or []), "privacy", PrivacyConfig)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out '{out}' is a file: pass a folder")
         if input.exists() and (
             out.resolve() == input.resolve()
             or (input.is_file() and out.resolve() == input.parent.resolve())

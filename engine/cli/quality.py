@@ -10,6 +10,7 @@ import typer
 
 from engine.cli.common import (
     address_option,
+    check_out_folder,
     config_option,
     fail,
     here_or_on_ray,
@@ -62,6 +63,8 @@ def quality(
 
     from stages.config import RayConfig
 
+    if out is not None:
+        check_out_folder(out, "the quality report")
     flags = {"stage": stage, "round": round_, "duplicate_iou": duplicate_iou, "every": every,
              "concavity_masks": concavity_masks, "ray": ray}  # fmt: skip
     try:

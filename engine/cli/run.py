@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, model_config, model_sets, set_option
+from engine.cli.common import Device, config_option, fail, model_config, model_sets, set_option
 
 run_app = typer.Typer(
     help="Run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER).",
@@ -125,6 +125,9 @@ def auto(
         typer.Option(help="model.model: default (bundled), vit_b/vit_l/vit_h or a JSON config"),
     ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="model.checkpoint (.pth)")] = None,
+    device: Annotated[
+        Optional[Device], typer.Option(help="model.device of the model actors (auto: CUDA when present)")
+    ] = None,
     random_weights: Annotated[
         bool,
         typer.Option("--random-weights", help="Run a model without weights (tests, benchmarks)."),
@@ -135,7 +138,7 @@ def auto(
 
     --round N >= 1 runs the store's model round N (`sa-engine train`) unless a model is named.
     A model without weights (vit_b with no --checkpoint) is refused: its masks would be noise."""
-    sets = model_sets(set_, model, checkpoint, store=store, round_=round_)
+    sets = model_sets(set_, model, checkpoint, device, store=store, round_=round_)
     st, cfg, ray_cfg = stage_setup(store, config, sets, address)
     from engine.amg_config import AmgConfig
     from engine.cli.config import section

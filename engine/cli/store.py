@@ -9,6 +9,7 @@ import typer
 
 from engine.cli.common import (
     address_option,
+    check_out_folder,
     config_option,
     fail,
     here_or_on_ray,
@@ -140,18 +141,33 @@ def status(
             "complete, images, annotations, quarantined; the ingest running or stopped)",
         ),
     ] = False,
+    quarantine: Annotated[
+        bool,
+        typer.Option(
+            "--quarantine",
+            help="list every quarantined input (where it was skipped, source, reason, detail, "
+            "sha256); without it the first 10 are listed (also in --json)",
+        ),
+    ] = False,
 ) -> None:
-    """Progress per stage and round: shards done/total, images, annotations, quarantined."""
+    """Progress per stage and round: shards done/total, images, annotations, quarantined.
+
+    With --verify it exits 1 while any shard is set aside (an output failed its sha256 check;
+    `run` redoes it).
+    """
     import json
 
-    from sharding.status import status_lines, store_status
+    from sharding.status import LISTED_QUARANTINE, format_status, store_status
 
-    check = "sha256" if verify else "size"
+    data = store_status(open_store(store), "sha256" if verify else "size")
+    listed = None if quarantine else LISTED_QUARANTINE
     if as_json:
-        typer.echo(json.dumps(store_status(open_store(store), check), indent=1))
-        return
-    for line in status_lines(open_store(store), check):
-        typer.echo(line)
+        typer.echo(json.dumps({**data, "quarantine": data["quarantine"][:listed]}, indent=1))
+    else:
+        for line in format_status(data, listed):
+            typer.echo(line)
+    if verify and any(p["set_aside"] for p in data["stages"]):
+        raise typer.Exit(code=1)
 
 
 export_app = typer.Typer(
@@ -196,6 +212,7 @@ def export_sa1b(
     from sharding.export_sa1b import export_sa1b as run_export
     from stages.config import RayConfig
 
+    check_out_folder(out, "the release")
     flags = {"stage": stage, "round": round_, "privacy_round": privacy_round,
              "short_side": short_side, "allow_partial": allow_partial, "ray": ray}  # fmt: skip
     try:
@@ -289,8 +306,7 @@ def export_parquet(
     """Annotation tables (one row per mask) and an images table, in the store frame."""
     from sharding.export_coco import export_parquet as run_export
 
-    if out.is_file():
-        fail(f"--out '{out}' is a file: pass a folder for the Parquet tables")
+    check_out_folder(out, "the Parquet tables")
     export_cfg = _export_config(config, set_, {"stage": stage, "round": round_})
     try:
         counts = run_export(open_store(store), out, stage=export_cfg.stage, round_=export_cfg.round)

@@ -118,7 +118,7 @@ def _train_config(config: str, overrides: list[str] | None):
 
     cluster, data = keys_of(WorkerConfig), keys_of(DataConfig)
     train_cfg = section({"train": block}, "train", TrainConfig)
-    gate_cfg = section({"gate": gate}, "gate", GateConfig)
+    gate_cfg = section({"train.gate": gate}, "train.gate", GateConfig)
     worker_cfg = section({"train": cluster}, "train", WorkerConfig)
     data_cfg = section({"train": data}, "train", DataConfig)
     return train_cfg, gate_cfg, worker_cfg, data_cfg
@@ -292,8 +292,6 @@ def train(
     if parent < -1 or (parent == -1 and init is None):
         fail(f"--round {parent}: use a model round >= 0 (or -1 together with --init to make round 0)")
     new_round = parent + 1
-    if (registry.round_dir(new_round) / "card.json").is_file():
-        fail(f"model round {new_round} already exists in {registry.round_dir(new_round)}")
     sources = {
         "gears": from_, "max_round": max(parent, 0), "coco": coco, "images": images,
         "synthetic_scenes": data_cfg.synthetic_scenes, "synthetic_seed": data_cfg.synthetic_seed,
@@ -309,6 +307,8 @@ def train(
             registry.files(parent)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    if (registry.round_dir(new_round) / "card.json").is_file():  # (after the inputs' own errors)
+        fail(f"model round {new_round} already exists in {registry.round_dir(new_round)}")
     start = f"init:{init}" if init is not None else f"round-{parent}"
     absolute = {k: v.resolve() if isinstance(v, Path) else v for k, v in sources.items()}
     job = _Job(

@@ -52,23 +52,23 @@ class GateConfig:
 
     def validate(self) -> None:
         if self.primary not in _HIGHER_IS_BETTER:
-            raise invalid("gate.primary", self.primary, f"one of {', '.join(_HIGHER_IS_BETTER)}")
+            raise invalid("train.gate.primary", self.primary, f"one of {', '.join(_HIGHER_IS_BETTER)}")
         if self.max_clicks < 5:
             raise invalid(
-                "gate.max_clicks", self.max_clicks,
+                "train.gate.max_clicks", self.max_clicks,
                 "a whole number >= 5 (mIoU at 5 clicks)",
             )  # fmt: skip
         if not 0 < self.target_iou <= 1:
-            raise invalid("gate.target_iou", self.target_iou, "an IoU in (0, 1]")
+            raise invalid("train.gate.target_iou", self.target_iou, "an IoU in (0, 1]")
         if self.max_masks < 0:
-            raise invalid("gate.max_masks", self.max_masks, "a whole number >= 0 (0: all)")
+            raise invalid("train.gate.max_masks", self.max_masks, "a whole number >= 0 (0: all)")
         if self.min_mask_area < 0:
-            raise invalid("gate.min_mask_area", self.min_mask_area, "a whole number of pixels >= 0")
+            raise invalid("train.gate.min_mask_area", self.min_mask_area, "a whole number of pixels >= 0")
         if self.first_choice not in CHOICES:
-            raise invalid("gate.first_choice", self.first_choice, f"one of {', '.join(CHOICES)}")
+            raise invalid("train.gate.first_choice", self.first_choice, f"one of {', '.join(CHOICES)}")
         if self.min_gain < 0 or self.tolerance < 0:
             name = "min_gain" if self.min_gain < 0 else "tolerance"
-            raise invalid(f"gate.{name}", getattr(self, name), "a value >= 0")
+            raise invalid(f"train.gate.{name}", getattr(self, name), "a value >= 0")
 
 
 @dataclass
@@ -144,7 +144,7 @@ def score_model(
                 break
             traces.append(trace(predictor, mask, config))
     if not traces:
-        raise ValueError("no held-out masks to evaluate on: add images or lower gate.min_mask_area")
+        raise ValueError("no held-out masks to evaluate on: add images or lower train.gate.min_mask_area")
     return _summarise(traces, images, time.perf_counter() - start, config)
 
 
