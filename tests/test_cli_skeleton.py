@@ -122,7 +122,13 @@ def test_a_config_that_is_not_yaml_fails_in_one_line(tmp_path, demo_photos):
     )
     only_amg = tmp_path / "only_amg.yaml"  # no model: block: the bundled model, not vit_b
     only_amg.write_text("amg:\n  points_per_side: 2\n  crop_n_layers: 0\n")
-    result = CliRunner().invoke(app, ["amg", str(demo_photos[0]), "--config", str(only_amg),
-                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, ["amg", str(demo_photos[0]), "--config", str(only_amg),
+                                          "--threads", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    finally:
+        torch.set_num_threads(before)  # (process-wide: later tests' float sums follow it)
     assert result.exit_code == 0, result.output
-    assert "model default on cpu" in result.output
+    assert "model default on cpu, 1 torch thread(s))" in result.output

@@ -109,6 +109,14 @@ def amg(
     overlay: Annotated[
         bool, typer.Option("--overlay", help="Also write <name>_overlay.png, one colour per mask.")
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="torch threads (0: torch's default, one per core). On a machine where other "
+            "work takes cores, fewer: torch's waiting threads spin (1 thread: ~2x faster there).",
+        ),
+    ] = 0,
 ) -> None:
     """Generate masks automatically (gear 3) with the SA-1B settings or any config.
 
@@ -141,6 +149,8 @@ def amg(
 
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from engine.amg import SamAutomaticMaskGenerator
     from engine.model import load_model
 
@@ -155,7 +165,8 @@ def amg(
     _forget_skipped(out, {str(src) for _, src, _ in pending})  # tried again below
     typer.echo(
         f"{len(todo)} image(s), {len(todo) - len(pending)} already done, {len(pending)} to run "
-        f"(config {config}, model {model_cfg.model} on {sam.device})",
+        f"(config {config}, model {model_cfg.model} on {sam.device}, "
+        f"{torch.get_num_threads()} torch thread(s))",
         err=True,
     )
     stats = {"images": 0, "masks": 0, "skipped": 0, "start": time.perf_counter()}
