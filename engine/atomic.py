@@ -12,6 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# The process's umask, read once at import (os.umask can only be read by setting it): mkstemp
+# makes its files 0600, and a store, a release or a checkpoint is read by other users and nodes.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -23,6 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would have given the file
     os.close(fd)
     try:
         yield Path(tmp)

@@ -111,6 +111,9 @@ def export_parquet(
     )
     with atomic_path(out_dir / "images.parquet") as tmp:
         pq.write_table(images, tmp)
+    for old in (out_dir / "annotations").glob("*.parquet"):  # an earlier export's other shards:
+        if old.stem not in done:  # a reader of the folder would take them for this export's
+            old.unlink()
     return {
         "stage": stage,
         "round": round_,

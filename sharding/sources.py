@@ -153,7 +153,7 @@ def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
     base = path.rsplit("/", 1)[0] if "/" in path else ""
     uris = []
     try:
-        with fs.open(path, "rt", encoding="utf-8") as handle:  # a line at a time, not all at once
+        with fs.open(path, "rt", encoding="utf-8-sig") as handle:  # a line at a time, not all at once
             for line in handle:
                 entry = line.strip()
                 if not entry or entry.startswith("#"):

@@ -154,32 +154,38 @@ def _run_pipeline(
     )
     _disable_ray_bars()
     attempts = 0
-    while attempts < config.max_attempts and len(run.committed) < len(todo):
-        attempts += 1
-        left = {s: sorted(run.received.get(s, {})) for s in todo if s not in run.committed}
-        try:
-            if attempts > 1:  # size the pool from the nodes still alive
-                plan = _plan(config, spec)
-                base["plan"] = dataclasses.asdict(plan)
-            ds = build_dataset(store, spec, left, plan)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if _collect(store, spec, round_, run, batch, progress, on_shard):
-                    record = _record(base, run, todo, t0, "running", attempts)
-                    store.write_run_record(spec.name, record, record_path)
-            missing = [s for s in left if s not in run.committed]
-            if missing:
-                raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
-        except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
-            start_error = construction_error(exc)
-            error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
-            # an actor that cannot start twice alike (a checkpoint that does not fit, a device
-            # that is absent) would fail every later attempt the same way
-            again = start_error is not None and bool(run.failures) and run.failures[-1]["error"] == error
-            run.failures.append(
-                {"attempt": attempts, "at": utc_now(), "error": error, "start_failed_again": again}
-            )
-            if again:
-                break
+    try:
+        while attempts < config.max_attempts and len(run.committed) < len(todo):
+            attempts += 1
+            left = {s: sorted(run.received.get(s, {})) for s in todo if s not in run.committed}
+            try:
+                if attempts > 1:  # size the pool from the nodes still alive
+                    plan = _plan(config, spec)
+                    base["plan"] = dataclasses.asdict(plan)
+                ds = build_dataset(store, spec, left, plan)
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if _collect(store, spec, round_, run, batch, progress, on_shard):
+                        record = _record(base, run, todo, t0, "running", attempts)
+                        store.write_run_record(spec.name, record, record_path)
+                missing = [s for s in left if s not in run.committed]
+                if missing:
+                    raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
+            except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
+                start_error = construction_error(exc)
+                error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
+                # an actor that cannot start twice alike (a checkpoint that does not fit, a device
+                # that is absent) would fail every later attempt the same way
+                again = start_error is not None and bool(run.failures) and run.failures[-1]["error"] == error
+                run.failures.append(
+                    {"attempt": attempts, "at": utc_now(), "error": error, "start_failed_again": again}
+                )
+                if again:
+                    break
+    except KeyboardInterrupt:  # Ctrl-C: committed shards stay; the record says it stopped
+        progress.close()
+        run.spool.close()
+        store.write_run_record(spec.name, _record(base, run, todo, t0, "stopped", attempts), record_path)
+        raise
     progress.close()
     run.spool.close()
     state = "finished" if len(run.committed) == len(todo) else "failed"

@@ -73,6 +73,10 @@ def test_train_names_a_loss_trend_only_when_it_has_one(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "(the mean over all 2 steps; set train.log_every below train.steps" in result.output
+    # the command it says to run next names the same data (it lacked --from: evaluate refused)
+    assert (f"Judge it with `sa-engine evaluate {tmp_path} --candidate 0 --from synthetic "
+            "--synthetic-scenes 2 --synthetic-seed ") in result.output  # fmt: skip
+    assert "--held-out-share 0.0` before it is used." in result.output
     assert " -> " not in result.output.split("wrote model round")[1]
 
 

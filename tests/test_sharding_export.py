@@ -178,7 +178,11 @@ def test_coco_export_loads_in_pycocotools(annotated, tmp_path):
 def test_parquet_tables_and_source_selection(annotated, tmp_path, demo_photos):
     later = Store(annotated.root)
     run_stage(later, "gear", 2, lambda row, rgb: classical_stage(row, rgb[:, :, ::-1].copy()))
+    stale = tmp_path / "pq" / "annotations" / "shard-000099.parquet"  # another store's export
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"PAR1")
     counts = export_parquet(later, tmp_path / "pq")  # default: the latest completed output
+    assert not stale.exists()  # read as a dataset, the folder is this export alone
     assert (counts["stage"], counts["round"]) == ("gear", 2)
     table = pq.read_table(tmp_path / "pq" / "annotations" / "shard-000000.parquet")
     assert {
@@ -247,3 +251,16 @@ def test_a_stopped_export_goes_on_from_the_tars_it_wrote(annotated, tmp_path, mo
     assert verify_release(rel) == []
     assert export_sa1b(annotated, rel).reused == clean.tars  # nothing changed: nothing rewritten
     assert export_sa1b(annotated, rel, short_side=200).reused == []  # another frame: all anew
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    """A store, a release or a checkpoint is read by other users and nodes: every file the engine
+    writes atomically gets the mode open() would give it (they were all owner-only)."""
+    import os
+
+    from engine.atomic import atomic_write_bytes
+
+    before = os.umask(0o022)
+    os.umask(before)
+    atomic_write_bytes(tmp_path / "SHA256SUMS", b"x")
+    assert (tmp_path / "SHA256SUMS").stat().st_mode & 0o777 == 0o666 & ~before

@@ -191,17 +191,19 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     glob = list_source(str(tmp_path / "src" / "**" / "img_00[12].jpg"))
     assert [u.rsplit("/", 1)[1] for u in glob.uris] == ["img_001.jpg", "img_002.jpg"]
     (tmp_path / "src" / "list.txt").write_text(  # (one named twice: listed once; CRLF too)
-        "# two files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\r\n"
-        "sub/img_003.jpg"
-    )
+        "\ufeffsub/img_001.jpg\n# three files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\r\n"
+        "sub/img_003.jpg",
+        encoding="utf-8",
+    )  # (a BOM first, as Notepad saves UTF-8: not part of the first path)
     assert [u.rsplit("/", 1)[1] for u in list_source(str(tmp_path / "src" / "list.txt")).uris] == [
-        "img_000.jpg", "img_003.jpg"
+        "img_000.jpg", "img_001.jpg", "img_003.jpg"
     ]  # fmt: skip
     store = Store.create(tmp_path / "store")
     report = ingest(str(tmp_path / "src" / "list.txt"), store)
-    assert report.added == 2
+    assert report.added == 3 and report.quarantined == 0
     assert [r.rsplit("/", 1)[1] for r in store.manifest().column("source").to_pylist()] == [
         "img_000.jpg",
+        "img_001.jpg",
         "img_003.jpg",
     ]
 

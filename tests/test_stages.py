@@ -240,3 +240,21 @@ def test_failed_attempt_is_retried_over_unfinished_shards(tmp_path, local_ray, s
         )
     failed = sorted((small_store.root / "runs" / "classical").glob("*.json"))[-1]
     assert json.loads(failed.read_text())["state"] == "failed"
+
+
+def test_a_stopped_run_says_so_in_its_record(local_ray, small_store):
+    """Ctrl-C (here raised by the per-shard callback, on the driver, after the first commit): the
+    committed shard stays, the record says `stopped` with its end time (it said `running`
+    forever), and a re-run does the rest."""
+
+    def interrupt(shard, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(small_store, classical_spec(), 0, RayConfig(progress=False), on_shard=interrupt)
+    (path,) = (small_store.root / "runs" / "classical").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["state"] == "stopped" and record["finished_at"] is not None
+    assert len(record["processed"]) == 1
+    again = run_pipeline(small_store, classical_spec(), 0, RayConfig(progress=False))
+    assert again["state"] == "finished" and again["skipped"] == record["processed"]

@@ -241,3 +241,13 @@ def test_coco_masks_split_by_image_for_training_and_the_gate(shared_data_dir, tm
     (tmp_path / "broken.json").write_text('{"images": [], "annotations": 3}')
     with pytest.raises(ValueError, match="broken.json: cannot be read"):
         coco_items(tmp_path / "broken.json", images)
+
+
+def test_a_coco_file_without_masks_is_refused_in_one_line(shared_data_dir):
+    """Face boxes (whole-body keypoints, no segmentation): a clear error before any image is
+    read (it was a KeyError traceback from pycocotools, after encoding)."""
+    from engine.training.data import coco_items
+
+    faces = shared_data_dir / "annotations" / "faces_coco_wholebody.json"
+    with pytest.raises(ValueError, match=r"annotation \d+ has no mask .*cannot train or judge"):
+        coco_items(faces, shared_data_dir / "images", "all")

@@ -57,7 +57,7 @@ def list_inputs(source: Path, out: Path | None = None) -> list[tuple[Path, Path]
         raise ValueError(f"{source} does not exist: pass an image, a folder or a list file")
     if source.suffix.lower() in LIST_SUFFIXES:
         entries = []
-        for line in source.read_text().splitlines():
+        for line in source.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -353,9 +353,14 @@ def train(
     else:  # one progress window: no trend to show
         loss = (f"loss {written['loss_last']:.4f} (the mean over all {train_cfg.steps} steps; set "
                 f"train.log_every below train.steps to see its trend)")
+    judge = _command_line(
+        "evaluate", store,
+        {"--candidate": new_round, "--from": from_, "--coco": coco, "--images": images,
+         **_synthetic_flags(from_, data_cfg), "--held-out-share": data_cfg.held_out_share},
+    )  # fmt: skip  (the same data: the gate scores on its held-out share)
     typer.echo(
         f"wrote model round {new_round}: {written['checkpoint']} and {written['card']}; {loss}. "
-        f"Judge it with `sa-engine evaluate {store} --candidate {new_round}` before it is used."
+        f"Judge it with `{judge}` before it is used."
     )
 
 

@@ -190,6 +190,17 @@ def coco_items(
         coco = _quiet_coco(COCO, annotations)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"COCO file {annotations}: cannot be read ({exc})") from None
+    for ann in coco.dataset.get("annotations", []):  # before any work, not at the first image
+        segmentation = ann.get("segmentation")
+        if not (
+            (isinstance(segmentation, list) and segmentation)
+            or (isinstance(segmentation, dict) and {"counts", "size"} <= set(segmentation))
+        ):
+            raise ValueError(
+                f"COCO file {annotations}: annotation {ann.get('id')} has no mask (segmentation "
+                "must be COCO polygons or RLE: size + counts); a file of boxes or keypoints "
+                "cannot train or judge a segmenter"
+            )
     items = []
     n_masks = 0
     for image_id in sorted(coco.getImgIds()):
