@@ -216,7 +216,7 @@ def test_bundled_default_model_loads_and_segments_a_demo_photo(demo_photos):
     assert logits.shape == (3, 256, 256)
 
 
-def test_gear_round_n_runs_model_round_n(tmp_path, parity_dir):
+def test_gear_round_n_runs_model_round_n(tmp_path, parity_dir, capsys):
     """`--round N` of a gear picks the store's model round N; round 0 stays the config's model."""
     import typer
 
@@ -235,5 +235,15 @@ def test_gear_round_n_runs_model_round_n(tmp_path, parity_dir):
     assert torch.allclose(weight, sam.mask_decoder.iou_token.weight.half().float())
     named = model_sets(["model.model=vit_b"], None, None, store=tmp_path, round_=1)
     assert named == ["model.model=vit_b"]  # a model named by the user wins
+    # --round N runs round N, and says so when the gate has not let it through
+    assert "warning: model round 1 has not been judged" in capsys.readouterr().err
+    report = ModelRegistry(tmp_path).round_dir(1) / "gate-vs-round-0.json"
+    report.write_text(json.dumps({"passes": False, "reason": "clicks_to_target worse"}))
+    model_sets(None, None, None, store=tmp_path, round_=1)
+    err = capsys.readouterr().err
+    assert "warning: the gate refused model round 1 (clicks_to_target worse; report" in err
+    ModelRegistry(tmp_path).promote(1, report, "now")
+    model_sets(None, None, None, store=tmp_path, round_=1)
+    assert "warning" not in capsys.readouterr().err  # the current round: nothing to say
     with pytest.raises(typer.Exit):
         model_sets(None, None, None, store=tmp_path, round_=2)

@@ -164,6 +164,9 @@ def model_sets(
         except ValueError as exc:
             fail(f"--round {round_}: {exc}, or name the model with --model/--checkpoint")
         typer.echo(f"model: round {round_} of {files.card.parent}")
+        warning = ModelRegistry(store).gate_warning(round_)
+        if warning:  # --round names it, so it runs; the person is told
+            typer.echo(f"warning: {warning}; it runs because --round {round_} names it", err=True)
         model, checkpoint = str(files.card), files.checkpoint
     if model:
         if model not in MODEL_REGISTRY and Path(model).is_file():

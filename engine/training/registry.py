@@ -129,6 +129,23 @@ class ModelRegistry:
         atomic_write_json(folder / "card.json", card, indent=1)
         return RoundFiles(round_, folder / "checkpoint.pt", folder / "card.json")
 
+    def gate_warning(self, round_: int) -> str | None:
+        """Why running round `round_` goes against the gate (None when it is current, or the
+        bundled round 0): the gate refused it, or it was never judged."""
+        if round_ == self.current() or self.files(round_).bundled:
+            return None
+        reports = sorted(self.round_dir(round_).glob("gate-vs-*.json"))
+        refused = [p for p in reports if not json.loads(p.read_text()).get("passes")]
+        if refused:
+            reason = json.loads(refused[-1].read_text()).get("reason", "")
+            return f"the gate refused model round {round_} ({reason}; report {refused[-1]})"
+        if not reports:
+            return (
+                f"model round {round_} has not been judged: `sa-engine evaluate {self.root.parent} "
+                f"--candidate {round_} ...` scores it on held-out masks"
+            )
+        return None  # it passed and was not promoted (evaluate --no-promote)
+
     def current(self) -> int:
         path = self.root / "current.json"
         if not path.is_file():
