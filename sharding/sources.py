@@ -56,7 +56,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
         uris, ignored = [], []
         sizes = {} if with_sizes else None
         # a folder at a time (walk): the details of one folder's files, never of all of them
-        for folder, _, files in fs.walk(path, detail=with_sizes):
+        for folder, files in _walk_following_links(fs, path, with_sizes):
             for name in files:
                 if name.startswith("."):
                     continue
@@ -81,6 +81,35 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
     uris.sort()  # in place, then repeats dropped in place: no set and no second list of the URIs
     _drop_repeats(uris)
     return SourceListing(uris, sorted(ignored), None if sizes is None else [sizes[u] for u in uris])
+
+
+def _walk_following_links(fs: AbstractFileSystem, path: str, detail: bool):
+    """(folder, its files) as `fs.walk` gives them, also under symbolic links to folders, which
+    fsspec's local filesystem lists as files: a linked folder of photos is part of the source,
+    as `ls -R` and the `amg` command see it. Each real folder is walked once (a link to a folder
+    above it would loop)."""
+    import os
+
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    roots, seen = [path], set()
+    while roots:
+        root = roots.pop()
+        real = os.path.realpath(root) if local else root
+        if real in seen:
+            continue
+        seen.add(real)
+        for folder, _, files in fs.walk(root, detail=detail):
+            inside = folder[len(root):].strip("/")
+            if any(part.startswith(".") for part in inside.split("/") if part):
+                continue  # hidden folders, as hidden files: left out (`amg` and `blur` do too)
+            if local:  # only names that are no image are looked at: no stat per photo
+                linked = [n for n in files if not n.lower().endswith(IMAGE_EXTENSIONS)
+                          and os.path.isdir(f"{folder.rstrip('/')}/{n}")]  # fmt: skip
+                roots.extend(f"{folder.rstrip('/')}/{n}" for n in linked)
+                if linked:
+                    files = {n: files[n] for n in files if n not in linked} if detail else [
+                        n for n in files if n not in linked]  # fmt: skip
+            yield folder, files
 
 
 def _drop_repeats(items: list[str]) -> None:

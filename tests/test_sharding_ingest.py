@@ -391,3 +391,22 @@ def test_one_ingest_at_a_time_and_a_killed_one_holds_nothing(tmp_path, demo_phot
         holder.wait()
     assert store.manifest().num_rows == 0
     assert ingest(str(demo_photos[0].parent), store).added == len(demo_photos)
+
+
+def test_folders_are_listed_into_linked_folders_and_without_hidden_ones(tmp_path, demo_photos):
+    """A symbolic link to a folder of photos is part of the folder (ingest called it a non-image
+    file; amg and blur left it out); hidden files and folders are left out by ingest as by amg
+    and blur (ingest took files inside hidden folders). A link back up the tree is walked once."""
+    from engine.cli.common import files_under
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    for folder in (src / "sub", src / ".cache", other):
+        folder.mkdir(parents=True)
+    for path in (src / "sub" / "a.jpg", src / ".cache" / "b.jpg", src / ".c.jpg", other / "d.jpg"):
+        shutil.copy(demo_photos[0], path)
+    (src / "linked").symlink_to(other)
+    (other / "loop").symlink_to(src)
+    listing = list_source(str(src))
+    assert [u.split("/src/", 1)[1] for u in listing.uris] == ["linked/d.jpg", "sub/a.jpg"]
+    assert listing.ignored == []
+    assert [p.relative_to(src).as_posix() for p in files_under(src)] == ["linked/d.jpg", "sub/a.jpg"]

@@ -97,14 +97,25 @@ def here_or_on_ray(
 
 
 def files_under(folder: Path, out: Path | None = None) -> list[Path]:
-    """Every file under `folder` (recursive), sorted; hidden files and folders, and anything
-    inside `out` (a command's output folder placed in its input), left out: a re-run must not
-    take the last run's outputs for inputs."""
+    """Every file under `folder` (recursive, into symbolic links to folders, each real folder
+    once), sorted; hidden files and folders, and anything inside `out` (a command's output
+    folder placed in its input), left out: a re-run must not take the last run's outputs for
+    inputs. (`ingest` lists a folder the same way: `sharding.sources`.)"""
+    import os
+
     out_resolved = out.resolve() if out is not None else None
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / n for n in names if not n.startswith(".")]
     files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+    for path in sorted(found):
+        if not path.is_file():
             continue
         if out_resolved is not None and (
             out_resolved == path.resolve() or out_resolved in path.resolve().parents
