@@ -83,3 +83,42 @@ def test_run_errors(tmp_path):
     for address in [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"]:
         result = runner.invoke(app, ["run", "classical", str(store.root), "--address", address])
         assert result.exit_code == 1 and f"no Ray cluster answers at {address}" in result.output
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, demo_photos, parity_dir):
+    """`kill` (a scheduler's stop) mid-run: exit 143, the record says `stopped` (Ray's own
+    handler made the driver die at once, leaving it `running`), and the same command goes on."""
+    import os
+    import signal
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in demo_photos[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    store = Store.create(tmp_path / "store")
+    ingest(str(folder), store, shard_size=1)
+    env = node_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "engine.cli", "run", "auto", str(store.root), "--model",
+           str(parity_dir / "config.json"), "--checkpoint", str(parity_dir / "sam_small.pth"),
+           "--set", "amg.points_per_side=4", "--set", "amg.crop_n_layers=0",
+           "--set", "ray.progress=false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = store.root / "stages" / "auto" / "round-0"
+    deadline = time.time() + 240
+    while not list(done.glob("*.done.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert b"auto round 0: stopped; committed shards stay" in err
+    (path,) = (store.root / "runs" / "auto").glob("*-round-0.json")
+    record = json.loads(path.read_text())
+    assert record["state"] == "stopped" and record["finished_at"]
+    assert 1 <= len(record["processed"]) < 4, "the signal must land mid-run"
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{4 - len(record['processed'])} shard(s) committed, {len(record['processed'])} already done" in again.stdout

@@ -63,20 +63,41 @@ def run_spec(
 ) -> None:
     """Run a stage on Ray (`stage_setup`'s store and `ray:` block); print its summary. on_shard:
     called with (shard, completion record) after each commit (a line per shard)."""
+    import signal
+
     from stages.cluster import ray_session
     from stages.pipeline import run_pipeline
+
+    terminated = []
+
+    def stop(signum: int, frame: object) -> None:  # `kill`, a scheduler: stop as Ctrl-C does
+        terminated.append(signum)
+        raise KeyboardInterrupt
 
     try:
         if shards:
             store.check_shards(shards)  # (before Ray starts)
         with ray_session(ray_cfg, store) as where:
-            typer.echo(f"{spec.name} round {round_} on {where}", err=True)
-            record = run_pipeline(
-                store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta,
-                on_shard=on_shard,
-            )  # fmt: skip
+            # (after Ray's start: its driver's own SIGTERM handler only logs and dies, leaving
+            # the run record at "running" and the embedded Ray's processes behind)
+            previous = signal.signal(signal.SIGTERM, stop)
+            try:
+                typer.echo(f"{spec.name} round {round_} on {where}", err=True)
+                record = run_pipeline(
+                    store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta,
+                    on_shard=on_shard,
+                )  # fmt: skip
+            finally:
+                # (None: a handler not set from Python, Ray's own)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     except (ValueError, RuntimeError) as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo(
+            f"{spec.name} round {round_}: stopped; committed shards stay, the same command goes on",
+            err=True,
+        )
+        raise typer.Exit(code=143 if terminated else 130) from None
     for line in summary_lines(record):
         typer.echo(line)
 
