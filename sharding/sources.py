@@ -43,7 +43,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
     Raises:
       ValueError: the source does not exist or names nothing.
     """
-    fs, path = fsspec.core.url_to_fs(source)
+    fs, path = _url_to_fs(source)
     sizes: dict[str, int] | None = None
     if any(ch in path for ch in _GLOB_CHARS):
         found = fs.glob(path, detail=True)  # (types come with the names: no call per file)
@@ -178,6 +178,18 @@ def _folder_sizes(folder: str) -> dict[str, int] | None:
     }
 
 
+def _url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
+    """fsspec's `url_to_fs`, with a file:// URI's percent-escapes decoded as RFC 8089 reads
+    them (`file:///data/my%20photos` is the folder "my photos", as file managers copy it);
+    plain paths are taken as written."""
+    from urllib.parse import unquote
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if url.startswith("file://") and "%" in path:
+        path = unquote(path)
+    return fs, path
+
+
 def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
     base = path.rsplit("/", 1)[0] if "/" in path else ""
     uris = []
@@ -188,7 +200,7 @@ def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
                 if not entry or entry.startswith("#"):
                     continue
                 if "://" in entry:
-                    entry_fs, entry_path = fsspec.core.url_to_fs(entry)
+                    entry_fs, entry_path = _url_to_fs(entry)
                     uris.append(entry_fs.unstrip_protocol(entry_path))
                 elif entry.startswith("/"):
                     uris.append(fs.unstrip_protocol(entry))

@@ -408,5 +408,9 @@ def test_folders_are_listed_into_linked_folders_and_without_hidden_ones(tmp_path
     (other / "loop").symlink_to(src)
     listing = list_source(str(src))
     assert [u.split("/src/", 1)[1] for u in listing.uris] == ["linked/d.jpg", "sub/a.jpg"]
+    spaced = tmp_path / "my photos"  # a file:// URI as a file manager copies it: %20 for a space
+    src.rename(spaced)
+    assert len(list_source("file://" + str(spaced).replace(" ", "%20")).uris) == 2
+    spaced.rename(src)
     assert listing.ignored == []
     assert [p.relative_to(src).as_posix() for p in files_under(src)] == ["linked/d.jpg", "sub/a.jpg"]
