@@ -154,6 +154,15 @@ def _run_pipeline(
     )
     _disable_ray_bars()
     attempts = 0
+
+    def end(state: str) -> dict[str, Any]:
+        """Close the run's progress and spool; write its last record."""
+        progress.close()
+        run.spool.close()
+        record = _record(base, run, todo, t0, state, attempts)
+        store.write_run_record(spec.name, record, record_path)
+        return record
+
     try:
         while attempts < config.max_attempts and len(run.committed) < len(todo):
             attempts += 1
@@ -182,15 +191,10 @@ def _run_pipeline(
                 if again:
                     break
     except KeyboardInterrupt:  # Ctrl-C: committed shards stay; the record says it stopped
-        progress.close()
-        run.spool.close()
-        store.write_run_record(spec.name, _record(base, run, todo, t0, "stopped", attempts), record_path)
+        end("stopped")
         raise
-    progress.close()
-    run.spool.close()
     state = "finished" if len(run.committed) == len(todo) else "failed"
-    record = _record(base, run, todo, t0, state, attempts)
-    store.write_run_record(spec.name, record, record_path)
+    record = end(state)
     if state == "failed" and run.failures[-1]["start_failed_again"]:
         raise RuntimeError(
             f"{spec.name} round {round_}: the model actors could not start, twice alike: "

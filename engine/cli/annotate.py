@@ -8,7 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.cli.common import config_option, fail, model_config, model_sets, open_store
+from engine.cli.common import (
+    config_option,
+    fail,
+    model_config,
+    model_sets,
+    open_store,
+    sigterm_as_ctrl_c,
+)
 from engine.cli.gears import (
     CheckpointOpt,
     DeviceOpt,
@@ -115,22 +122,17 @@ def serve(
         bound_host = socket.gethostname()
     address = f"http://{bound_host}:{bound_port}/" + (f"?token={token}" if token else "")
     typer.echo(f"serving {store} on {address} (Ctrl-C stops)", err=False)
-    import signal
     import sys
 
     sys.stdout.flush()
-    signal.signal(signal.SIGTERM, _stop)  # `kill`, a service manager: stop as Ctrl-C does
     try:
-        server.serve_forever()
+        with sigterm_as_ctrl_c():
+            server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
         session.close()
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

@@ -3,9 +3,10 @@ message, the files of an input folder, the model flags as `model:` keys."""
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, Callable, Iterator, NoReturn, Optional, TypeVar
 
 import typer
 
@@ -63,6 +64,27 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """Within the block SIGTERM (`kill`, a service manager, a scheduler's stop) raises
+    KeyboardInterrupt, so a command stops as Ctrl-C stops it; the yielded list gets the signal's
+    number when it came (exit 143, not 130). The previous handler comes back after (SIG_DFL
+    where it was not set from Python: Ray's driver installs its own, which only logs and dies)."""
+    import signal
+
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def check_out_folder(out: Path, what: str = "the outputs") -> None:

@@ -11,7 +11,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.cli.common import Device, config_option, fail, model_config, model_sets, set_option
+from engine.cli.common import (
+    Device,
+    config_option,
+    fail,
+    model_config,
+    model_sets,
+    set_option,
+    sigterm_as_ctrl_c,
+)
 
 run_app = typer.Typer(
     help="Run a stage over a store's shards on Ray (embedded local Ray, or --address CLUSTER).",
@@ -63,33 +71,22 @@ def run_spec(
 ) -> None:
     """Run a stage on Ray (`stage_setup`'s store and `ray:` block); print its summary. on_shard:
     called with (shard, completion record) after each commit (a line per shard)."""
-    import signal
-
     from stages.cluster import ray_session
     from stages.pipeline import run_pipeline
 
-    terminated = []
-
-    def stop(signum: int, frame: object) -> None:  # `kill`, a scheduler: stop as Ctrl-C does
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
+    terminated: list[int] = []
     try:
         if shards:
             store.check_shards(shards)  # (before Ray starts)
         with ray_session(ray_cfg, store) as where:
-            # (after Ray's start: its driver's own SIGTERM handler only logs and dies, leaving
-            # the run record at "running" and the embedded Ray's processes behind)
-            previous = signal.signal(signal.SIGTERM, stop)
-            try:
+            # (after Ray's start, whose driver handler would end the process on the spot,
+            # leaving the run record at "running" and the embedded Ray's processes behind)
+            with sigterm_as_ctrl_c() as terminated:
                 typer.echo(f"{spec.name} round {round_} on {where}", err=True)
                 record = run_pipeline(
                     store, spec, round_, ray_cfg, shards=shards, where=where, meta=meta,
                     on_shard=on_shard,
                 )  # fmt: skip
-            finally:
-                # (None: a handler not set from Python, Ray's own)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     except (ValueError, RuntimeError) as err:
         fail(str(err))
     except KeyboardInterrupt:
