@@ -251,26 +251,35 @@ def run_stage(
         store.check_shards(shards)
     wanted = store.shards() if shards is None else shards
     record_path = store.run_record_path(stage, started, round_)
-    for shard in wanted:
-        if shard not in todo:
-            report.skipped.append(shard)
-            continue
-        record = process_shard(store, stage, round_, shard, process, meta)
-        report.processed.append(shard)
-        report.images += record["counts"]["images"]
-        report.annotations += record["counts"]["annotations"]
-        report.quarantined += record["counts"]["quarantined"]
+
+    def write_record(state: str, **extra: Any) -> None:
+        report.seconds = time.perf_counter() - t0
+        ended = {} if state == "running" else {"finished_at": utc_now()}
         store.write_run_record(
-            stage, {"started_at": started, "state": "running", **report.__dict__}, record_path
+            stage, {"started_at": started, **ended, "state": state, **report.__dict__, **extra}, record_path
         )
-        if on_shard is not None:
-            on_shard(shard, record)
-    report.seconds = time.perf_counter() - t0
-    store.write_run_record(
-        stage,
-        {"started_at": started, "finished_at": utc_now(), "state": "finished", **report.__dict__},
-        record_path,
-    )
+
+    with store.running(record_path):  # `status` tells a killed run from one going on
+        try:
+            for shard in wanted:
+                if shard not in todo:
+                    report.skipped.append(shard)
+                    continue
+                record = process_shard(store, stage, round_, shard, process, meta)
+                report.processed.append(shard)
+                report.images += record["counts"]["images"]
+                report.annotations += record["counts"]["annotations"]
+                report.quarantined += record["counts"]["quarantined"]
+                write_record("running")
+                if on_shard is not None:
+                    on_shard(shard, record)
+        except KeyboardInterrupt:  # committed shards stay; the record says the run stopped
+            write_record("stopped")
+            raise
+        except Exception as exc:
+            write_record("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        write_record("finished")
     return report
 
 

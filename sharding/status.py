@@ -67,6 +67,33 @@ def ingest_state(store: Store) -> dict[str, Any]:
     }
 
 
+def last_run(store: Store, stage: str, round_: int) -> dict[str, Any] | None:
+    """The newest batch run of a stage round (None before the first): its record, start and
+    state; a record that still says `running` is `running` while its process holds the run's lock
+    (`Store.running`; `holder` names it) and `interrupted` once that process has ended without
+    writing its end (killed, or its machine lost); a failed run's last error."""
+    found = store.last_stage_run(stage, round_)
+    if found is None:
+        return None
+    path, record = found
+    out = {
+        "record": str(path.relative_to(store.root)),
+        "started_at": record.get("started_at"),
+        "state": record.get("state", "unknown"),
+    }
+    if out["state"] == "running":
+        holder = store.run_holder(path)
+        if holder is None:
+            out["state"] = "interrupted"
+        else:
+            out["holder"] = holder
+    elif out["state"] == "failed":
+        failures = record.get("failures") or [{}]
+        error = record.get("error") or failures[-1].get("error") or ""
+        out["error"] = error.splitlines()[0] if error else ""
+    return out
+
+
 # quarantined inputs `sa-engine status` prints one by one (`--quarantine`: all of them)
 LISTED_QUARANTINE = 10
 
@@ -81,7 +108,11 @@ def store_status(store: Store, check: str = "size") -> dict[str, Any]:
     reasons = [q["reason"] for q in quarantine]
     stages = []
     for p in stage_progress(store, check):
-        stages.append({**asdict(p), "complete": p.shards_done == p.shards_total})
+        stages.append({
+            **asdict(p),
+            "complete": p.shards_done == p.shards_total,
+            "last_run": last_run(store, p.stage, p.round),
+        })  # fmt: skip
     return {
         "store": str(store.root),
         "images": manifest.num_rows,
@@ -128,6 +159,9 @@ def format_status(status: dict[str, Any], listed: int | None = LISTED_QUARANTINE
         if p["set_aside"]:
             line += f", {p['set_aside']} set aside (an output failed its sha256 check: `run` redoes them)"
         lines.append(line)
+        run = p.get("last_run")
+        if run is not None and run["state"] != "finished":
+            lines.append("  " + _run_line(p["stage"], run, p["complete"]))
     held: dict[tuple[str, int, str], list[str]] = {}
     for lease in status["sessions"]:
         held.setdefault((lease["stage"], lease["round"], lease["holder"]), []).append(lease["shard"])
@@ -153,3 +187,19 @@ def format_status(status: dict[str, Any], listed: int | None = LISTED_QUARANTINE
             f"`sa-engine status {status['store']} --quarantine` lists every one"
         )
     return lines
+
+
+def _run_line(stage: str, run: dict[str, Any], complete: bool) -> str:
+    """What `status` says of a stage round's last run when it did not finish."""
+    started = f"started {run['started_at']}, record {run['record']}"
+    if run["state"] == "running":
+        return f"a run is going on ({run['holder']}; {started})"
+    said = {
+        "interrupted": "ended without finishing: its process was killed or its machine lost",
+        "stopped": "was stopped (Ctrl-C or SIGTERM)",
+        "failed": "failed" + (f": {run['error']}" if run.get("error") else ""),
+    }.get(run["state"], f"says {run['state']!r}")
+    then = "" if complete else (
+        f"; committed shards stay: the same `sa-engine run {stage}` command does the rest"
+    )
+    return f"the last run ({started}) {said}{then}"

@@ -689,6 +689,38 @@ class Store:
         suffix = "" if round_ is None else f"-round-{round_}"
         return self.root / "runs" / name / f"{started.replace(':', '')}-{os.getpid()}{suffix}.json"
 
+    @contextlib.contextmanager
+    def running(self, record_path: Path) -> Iterator[None]:
+        """Hold a lock beside a stage run's record (`<record>.lock`) while the run goes on.
+
+        A run killed outright (SIGKILL, a lost machine) cannot write its record's end, which then
+        says `running` forever; the kernel drops the lock with the process, so `run_holder` tells
+        a run going on from one that is gone (`sharding.status` says which)."""
+        path = record_path.with_suffix(".lock")
+        lock = locks.take(path, "`status` cannot tell this run from a killed one")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+                path.unlink(missing_ok=True)
+
+    def run_holder(self, record_path: Path) -> str | None:
+        """Who runs the run of this record now (`running`), or None: its process has ended."""
+        return locks.holder(record_path.with_suffix(".lock"))
+
+    def last_stage_run(self, stage: str, round_: int) -> tuple[Path, dict[str, Any]] | None:
+        """The newest record of a batch run of a stage round (people's sessions left out), with its
+        path; None before the first."""
+        for path in sorted((self.root / "runs" / stage).glob(f"*-round-{round_}.json"), reverse=True):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("annotator") != "person":
+                return path, record
+        return None
+
     def write_run_record(self, name: str, record: dict[str, Any], path: Path | None = None) -> Path:
         """Write a run record under STORE/runs/<name>/, with the package versions it ran with."""
         record = {**record, "versions": dict(package_versions())}

@@ -149,65 +149,68 @@ def _run_pipeline(
         "record_path": str(record_path),
         "meta": meta or {},
     }
-    progress = Progress(
-        f"{spec.name} round {round_}", len(todo), sum(run.expected.values()), config.progress
-    )
-    _disable_ray_bars()
-    attempts = 0
+    with store.running(record_path):  # `status` tells a killed run from one going on
+        progress = Progress(
+            f"{spec.name} round {round_}", len(todo), sum(run.expected.values()), config.progress
+        )
+        _disable_ray_bars()
+        attempts = 0
 
-    def end(state: str) -> dict[str, Any]:
-        """Close the run's progress and spool; write its last record."""
-        progress.close()
-        run.spool.close()
-        record = _record(base, run, todo, t0, state, attempts)
-        store.write_run_record(spec.name, record, record_path)
+        def end(state: str) -> dict[str, Any]:
+            """Close the run's progress and spool; write its last record."""
+            progress.close()
+            run.spool.close()
+            record = _record(base, run, todo, t0, state, attempts)
+            store.write_run_record(spec.name, record, record_path)
+            return record
+
+        try:
+            while attempts < config.max_attempts and len(run.committed) < len(todo):
+                attempts += 1
+                left = {s: sorted(run.received.get(s, {})) for s in todo if s not in run.committed}
+                try:
+                    if attempts > 1:  # size the pool from the nodes still alive
+                        plan = _plan(config, spec)
+                        base["plan"] = dataclasses.asdict(plan)
+                    ds = build_dataset(store, spec, left, plan)
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        if _collect(store, spec, round_, run, batch, progress, on_shard):
+                            record = _record(base, run, todo, t0, "running", attempts)
+                            store.write_run_record(spec.name, record, record_path)
+                    missing = [s for s in left if s not in run.committed]
+                    if missing:
+                        raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
+                except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
+                    start_error = construction_error(exc)
+                    error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
+                    # an actor that cannot start twice alike (a checkpoint that does not fit, a device
+                    # that is absent) would fail every later attempt the same way
+                    again = (
+                        start_error is not None and bool(run.failures) and run.failures[-1]["error"] == error
+                    )
+                    run.failures.append(
+                        {"attempt": attempts, "at": utc_now(), "error": error, "start_failed_again": again}
+                    )
+                    if again:
+                        break
+        except KeyboardInterrupt:  # Ctrl-C: committed shards stay; the record says it stopped
+            end("stopped")
+            raise
+        state = "finished" if len(run.committed) == len(todo) else "failed"
+        record = end(state)
+        if state == "failed" and run.failures[-1]["start_failed_again"]:
+            raise RuntimeError(
+                f"{spec.name} round {round_}: the model actors could not start, twice alike: "
+                f"{run.failures[-1]['error']}. Not tried again; {len(run.committed)} shard(s) "
+                f"committed. Fix what it names and re-run (run record: {record_path})"
+            )
+        if state == "failed":
+            raise RuntimeError(
+                f"{spec.name} round {round_}: {len(todo) - len(run.committed)} shard(s) unfinished after "
+                f"{attempts} attempt(s); last error: {run.failures[-1]['error'][:500]}. Committed shards "
+                f"stay; re-run the same command to do the rest (run record: {record_path})"
+            )
         return record
-
-    try:
-        while attempts < config.max_attempts and len(run.committed) < len(todo):
-            attempts += 1
-            left = {s: sorted(run.received.get(s, {})) for s in todo if s not in run.committed}
-            try:
-                if attempts > 1:  # size the pool from the nodes still alive
-                    plan = _plan(config, spec)
-                    base["plan"] = dataclasses.asdict(plan)
-                ds = build_dataset(store, spec, left, plan)
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    if _collect(store, spec, round_, run, batch, progress, on_shard):
-                        record = _record(base, run, todo, t0, "running", attempts)
-                        store.write_run_record(spec.name, record, record_path)
-                missing = [s for s in left if s not in run.committed]
-                if missing:
-                    raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
-            except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
-                start_error = construction_error(exc)
-                error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
-                # an actor that cannot start twice alike (a checkpoint that does not fit, a device
-                # that is absent) would fail every later attempt the same way
-                again = start_error is not None and bool(run.failures) and run.failures[-1]["error"] == error
-                run.failures.append(
-                    {"attempt": attempts, "at": utc_now(), "error": error, "start_failed_again": again}
-                )
-                if again:
-                    break
-    except KeyboardInterrupt:  # Ctrl-C: committed shards stay; the record says it stopped
-        end("stopped")
-        raise
-    state = "finished" if len(run.committed) == len(todo) else "failed"
-    record = end(state)
-    if state == "failed" and run.failures[-1]["start_failed_again"]:
-        raise RuntimeError(
-            f"{spec.name} round {round_}: the model actors could not start, twice alike: "
-            f"{run.failures[-1]['error']}. Not tried again; {len(run.committed)} shard(s) "
-            f"committed. Fix what it names and re-run (run record: {record_path})"
-        )
-    if state == "failed":
-        raise RuntimeError(
-            f"{spec.name} round {round_}: {len(todo) - len(run.committed)} shard(s) unfinished after "
-            f"{attempts} attempt(s); last error: {run.failures[-1]['error'][:500]}. Committed shards "
-            f"stay; re-run the same command to do the rest (run record: {record_path})"
-        )
-    return record
 
 
 def construction_error(exc: BaseException) -> str | None:

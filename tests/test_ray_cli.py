@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from engine.cli.main import app
 from ray_cluster import node_env
 from sharding.manifest import ingest
+from sharding.status import last_run, status_lines
 from sharding.store import PRIVACY_STAGE, Store
 from stages.config import RayConfig
 from stages.steps import object_store_mb
@@ -119,6 +120,9 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, demo_photos, parity_dir):
     record = json.loads(path.read_text())
     assert record["state"] == "stopped" and record["finished_at"]
     assert 1 <= len(record["processed"]) < 4, "the signal must land mid-run"
+    assert any("was stopped (Ctrl-C or SIGTERM)" in line for line in status_lines(store))
     again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{4 - len(record['processed'])} shard(s) committed, {len(record['processed'])} already done" in again.stdout
+    assert last_run(store, "auto", 0)["state"] == "finished"
+    assert not list((store.root / "runs").rglob("*.lock"))  # the runs' locks went with them

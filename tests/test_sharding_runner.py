@@ -13,7 +13,7 @@ import pytest
 from engine import rle
 from sharding.manifest import ingest
 from sharding.runner import annotation_id, pending_shards, run_stage
-from sharding.status import stage_progress, status_lines
+from sharding.status import last_run, stage_progress, status_lines
 from sharding.store import Store
 from store_helpers import blur_stage, classical_stage, synthetic_photos
 
@@ -158,9 +158,15 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
         ):
             time.sleep(0.01)
         time.sleep(0.15)  # into the next shard
+        going = last_run(killed, "classical", 0)
+        assert going["state"] == "running" and f"pid {proc.pid} " in going["holder"], going
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    # the record still says running; `status` knows its process is gone
+    assert json.loads((killed.root / going["record"]).read_text())["state"] == "running"
+    assert last_run(killed, "classical", 0)["state"] == "interrupted"
+    assert "ended without finishing: its process was killed" in "\n".join(status_lines(killed))
     done_before = sorted(p.name.split(".")[0] for p in folder.glob("*.done.json"))
     assert 2 <= len(done_before) < 8, done_before
     resumed = run_stage(killed, "classical", 0, classical_stage)
@@ -176,3 +182,37 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
         i for shard in killed.shards() for i in killed.done_record("classical", 0, shard)["images"]
     ]
     assert sorted(images) == list(range(1, 25))
+    assert last_run(killed, "classical", 0)["state"] == "finished"
+    assert not any("last run" in line for line in status_lines(killed))
+    # a run that ends removes its lock file; the killed one's stays, held by nobody
+    left = killed.root / Path(going["record"]).with_suffix(".lock")
+    assert list((killed.root / "runs").rglob("*.lock")) == [left]
+
+
+def test_a_stopped_or_failed_run_says_so_in_its_record_and_status(demo_store):
+    calls = []
+
+    def interrupted(row, rgb):
+        calls.append(row.image_id)
+        if len(calls) == 3:  # in the second shard
+            raise KeyboardInterrupt
+        return classical_stage(row, rgb)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(demo_store, "classical", 0, interrupted)
+    run = last_run(demo_store, "classical", 0)
+    assert run["state"] == "stopped"
+    line = [t for t in status_lines(demo_store) if "last run" in t]
+    assert len(line) == 1 and "was stopped (Ctrl-C or SIGTERM)" in line[0]
+    assert "the same `sa-engine run classical` command does the rest" in line[0]
+    record = json.loads((demo_store.root / run["record"]).read_text())
+    assert record["finished_at"] and record["processed"] == demo_store.shards()[:1]
+
+    def full_disk():
+        raise OSError("no space left on device")  # not an image's error: it ends the run
+
+    with pytest.raises(OSError):
+        run_stage(demo_store, "classical", 0, classical_stage, meta=full_disk)
+    assert last_run(demo_store, "classical", 0) | {"record": None, "started_at": None} == {
+        "record": None, "started_at": None, "state": "failed", "error": "OSError: no space left on device"
+    }  # fmt: skip
