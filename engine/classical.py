@@ -60,7 +60,7 @@ def classical_masks(
             MaskRecord(
                 id=len(records),
                 segmentation=segmentation,
-                bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]],
+                bbox=[float(v) for v in rle.sam_bbox_xywh([segmentation])[0]],
                 area=int(area),
                 predicted_iou=stability,
                 stability_score=stability,

@@ -130,7 +130,7 @@ class QualityRow:
             str(self.images),
             str(self.masks),
             fmt(self.masks_per_image, 1),
-            fmt(self.masks_per_image_median, 0),
+            fmt(self.masks_per_image_median, 1),
             fmt(self.relative_size_median),
             fmt(self.predicted_iou_p10),
             fmt(self.stability_p10),
@@ -273,8 +273,10 @@ class Tally:
             return count / of if of else None
 
         median = None
-        if images:
-            median = float(np.searchsorted(np.cumsum(self.per_image), images / 2, side="left"))
+        if images:  # the middle value of the sorted counts (the mean of the two middle ones)
+            cumulative = np.cumsum(self.per_image)
+            middle = np.searchsorted(cumulative, [(images + 1) // 2, images // 2 + 1], side="left")
+            median = float(middle.mean())
         bins = {}
         for label, first, last in PER_IMAGE_BINS:
             part = self.per_image[first : None if last is None else last + 1]

@@ -60,6 +60,17 @@ def bbox_xywh(rles: Iterable[Rle]) -> np.ndarray:
     return mask_utils.toBbox(rles).reshape(-1, 4) if rles else np.zeros((0, 4))
 
 
+def sam_bbox_xywh(rles: Iterable[Rle]) -> np.ndarray:
+    """Box [x, y, w, h] per RLE (float64) as SAM's generator writes a record's `bbox`, and so
+    SA-1B: from the inclusive XYXY box, (x0, y0, x1 - x0, y1 - y0), one pixel less in w and h than
+    pycocotools' tight box (`bbox_xywh`); [0, 0, 0, 0] for an empty mask. Every record the engine
+    writes uses it, so a release has one convention whatever path made or resized a mask; the
+    COCO export writes the tight box instead, as COCO tools expect."""
+    boxes = bbox_xywh(rles)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:] - 1, 0)
+    return boxes
+
+
 def iou(rles: list[Rle]) -> np.ndarray:
     """N x N mask IoU of every pair of RLEs of one size (float64), without decoding (pycocotools
     compares boxes first, so masks far apart cost almost nothing)."""

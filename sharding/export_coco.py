@@ -1,9 +1,12 @@
 """COCO instances export (one JSON) and Parquet tables of one annotation output.
 
 COCO: one category "object" (SA-1B masks are class-agnostic), compressed-RLE segmentation,
-iscrowd 0, file names `sa_<id>.jpg`; by default in the release frame (shortest side 1500), so it
-pairs with the images of `export sa1b`. `predicted_iou` and `stability_score` are kept as extra
-keys (pycocotools and CVAT ignore them).
+iscrowd 0, `bbox` COCO's tight box of the mask (pycocotools' `toBbox`, what COCOeval and loaders
+expect; SA-1B records carry SAM's box, one pixel less in w and h: `engine.rle.sam_bbox_xywh`),
+file names `sa_<id>.jpg`, each image entry with what was blurred in it (`"blurred": {"faces": n,
+"plates": m}`, from the highest privacy round, where it has the image); by default in the release
+frame (shortest side 1500), so it pairs with the images of `export sa1b`. `predicted_iou` and
+`stability_score` are kept as extra keys (pycocotools and CVAT ignore them).
 
 Parquet: `OUT/annotations/<shard>.parquet` (one row per mask: image_id, id, bbox, area,
 predicted_iou, stability_score, rle_size, rle_counts, crop_box, point_coords, stage, round) and
@@ -21,10 +24,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine import rle
 from engine.atomic import atomic_path
-from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
+from sharding.outputs import (
+    blurred_counts,
+    completed,
+    release_name,
+    resolve_annotation_source,
+    shard_records,
+)
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record
-from sharding.store import Store, utc_now
+from sharding.store import PRIVACY_STAGE, Store, utc_now
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
@@ -50,10 +60,14 @@ def export_coco(
     }
     images: list[dict[str, Any]] = []
     annotations = 0
+    privacy_rounds = sorted(r for s, r in store.stage_rounds() if s == PRIVACY_STAGE)
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         head = json.dumps({"info": info, "licenses": [], "categories": [CATEGORY]})
         out.write(head[:-1] + ', "annotations": [')
         for shard, record in completed(store, stage, round_).items():
+            blurred = (
+                store.output_image_meta(PRIVACY_STAGE, privacy_rounds[-1], shard) if privacy_rounds else {}
+            )
             for image_id, rec in sorted(shard_records(store, stage, round_, shard, record).items()):
                 size = release_size(rec.image.width, rec.image.height, short_side)
                 rec = rescale_record(rec, *size)
@@ -63,16 +77,18 @@ def export_coco(
                         "file_name": rec.image.file_name,
                         "width": rec.image.width,
                         "height": rec.image.height,
+                        **({"blurred": blurred_counts(blurred[image_id])} if image_id in blurred else {}),
                     }
                 )
-                for m in rec.annotations:
+                tight = rle.bbox_xywh([m.segmentation for m in rec.annotations])  # COCO's box
+                for k, m in enumerate(rec.annotations):
                     annotation = {
                         "id": m.id,
                         "image_id": image_id,
                         "category_id": CATEGORY["id"],
                         "segmentation": m.segmentation,
                         "area": m.area,
-                        "bbox": m.bbox,
+                        "bbox": tight[k].tolist(),
                         "iscrowd": 0,
                         "predicted_iou": m.predicted_iou,
                         "stability_score": m.stability_score,

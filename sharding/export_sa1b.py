@@ -6,7 +6,8 @@ skipped and reported), and an image the privacy stage did not produce is never r
 
 Release folder:
     OUT/sa_NNNNNN.tar    one per store shard (shard-NNNNNN), members sorted by image id,
-                         deterministic tar headers (mtime 0, uid/gid 0)
+                         deterministic tar headers (mtime 0, uid/gid 0); each JSON's `image`
+                         also says what was blurred in it: `"blurred": {"faces": n, "plates": m}`
     OUT/SHA256SUMS       `<sha256>  sa_NNNNNN.tar` lines (`sha256sum -c SHA256SUMS` works)
     OUT/MEMBERS.tsv      tar, member, bytes, sha256 of every member of every tar
     OUT/release.json     annotation source (stage, round), privacy round, counts, frame, and
@@ -31,13 +32,14 @@ from engine.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from engine.checks import invalid
 from engine.image_io import ImageLoadError, load_image_with_info
 from engine.provenance import package_versions, sha256_file
-from sharding.outputs import completed, release_name, resolve_annotation_source, shard_records
+from engine.records import ImageRecord
+from sharding.outputs import blurred_counts, completed, release_name, resolve_annotation_source, shard_records
 from sharding.rescale import RELEASE_SHORT_SIDE, release_size, rescale_record, resize_image
 from sharding.store import PRIVACY_STAGE, Store, utc_now
 
 JPEG_QUALITY = 95
 RESUME_DIR = ".export"  # per-tar records: what each tar was made from (not part of the release)
-EXPORT_VERSION = 1  # bump when the bytes an export writes for the same inputs change
+EXPORT_VERSION = 2  # bump when the bytes an export writes for the same inputs change
 
 
 @dataclass
@@ -338,7 +340,7 @@ def _write_tar(
             name = release_name(image_id)
             for member, payload in (
                 (f"{name}.jpg", jpeg),
-                (f"{name}.json", json.dumps(released.to_json()).encode("utf-8")),
+                (f"{name}.json", json.dumps(_with_blurred(released, images[image_id][1])).encode()),
             ):
                 info_ = tarfile.TarInfo(member)
                 info_.size, info_.mtime, info_.mode = len(payload), 0, 0o644
@@ -347,3 +349,11 @@ def _write_tar(
             report.images += 1
             report.annotations += len(released.annotations)
     return members
+
+
+def _with_blurred(record: ImageRecord, privacy_meta: dict[str, Any]) -> dict[str, Any]:
+    """The SA-1B JSON of a released image, its `image` entry also saying what was blurred in it
+    (`{"faces": n, "plates": m}`, from its privacy output)."""
+    doc = record.to_json()
+    doc["image"]["blurred"] = blurred_counts(privacy_meta)
+    return doc

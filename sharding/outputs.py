@@ -13,6 +13,12 @@ def release_name(image_id: int) -> str:
     return f"sa_{image_id}"
 
 
+def blurred_counts(meta: dict[str, Any]) -> dict[str, int]:
+    """What the privacy stage blurred in one image (its output's meta): the per-image counts a
+    release carries in its metadata (`image.blurred` in SA-1B records and COCO image entries)."""
+    return {"faces": int(meta.get("faces", 0)), "plates": int(meta.get("plates", 0))}
+
+
 def completed(
     store: Store, stage: str, round_: int, check: str = "sha256"
 ) -> dict[str, dict[str, Any]]:

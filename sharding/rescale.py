@@ -1,9 +1,12 @@
 """Release frame: shortest side resized to 1500 px (SA-1B), masks and boxes following the image.
 
 Images smaller than the target are not upscaled (upscaling adds no detail and SA-1B never did);
-they are released at their own size. Masks are resized with nearest-neighbour, then area and bbox
-are recomputed from the resized RLE so they describe exactly the released mask; point_coords and
-crop_box are scaled by the same x/y factors.
+they are released at their own size. Masks are resized with pixel-centred nearest-neighbour
+(OpenCV's INTER_NEAREST_EXACT, so a mask stays centred on the area-resized image: plain
+INTER_NEAREST samples each block's top-left pixel and shifts masks by up to half a release pixel),
+then area and bbox (SAM's convention, `rle.sam_bbox_xywh`) are recomputed from the resized RLE so
+they describe exactly the released mask; a mask too thin to keep any pixel is dropped (SA-1B has
+no empty masks). point_coords and crop_box are scaled by the same x/y factors.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def resize_image(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def rescale_record(record: ImageRecord, width: int, height: int) -> ImageRecord:
-    """An ImageRecord moved to a width x height frame (see module docstring)."""
+    """An ImageRecord moved to a width x height frame (see module docstring); masks that keep no
+    pixel there are left out."""
     import cv2
 
     w0, h0 = record.image.width, record.image.height
@@ -50,15 +54,18 @@ def rescale_record(record: ImageRecord, width: int, height: int) -> ImageRecord:
         small = cv2.resize(
             rle.decode(m.segmentation).astype(np.uint8),
             (width, height),
-            interpolation=cv2.INTER_NEAREST,
+            interpolation=cv2.INTER_NEAREST_EXACT,
         )
         segmentation = rle.encode(small)[0]
+        area = int(rle.area([segmentation])[0])
+        if area == 0:
+            continue
         masks.append(
             dataclasses.replace(
                 m,
                 segmentation=segmentation,
-                bbox=[float(v) for v in rle.bbox_xywh([segmentation])[0]],
-                area=int(rle.area([segmentation])[0]),
+                bbox=[float(v) for v in rle.sam_bbox_xywh([segmentation])[0]],
+                area=area,
                 crop_box=[
                     m.crop_box[0] * sx,
                     m.crop_box[1] * sy,

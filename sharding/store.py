@@ -558,6 +558,15 @@ class Store:
             for row in batch.to_pylist():
                 yield row["image_id"], row["data"], json.loads(row["meta"])
 
+    def output_image_meta(self, stage: str, round_: int, shard: str) -> dict[int, dict[str, Any]]:
+        """The meta of a shard's output images by image id, without reading the images ({} where
+        the shard has no image output)."""
+        path = self.output_path(stage, round_, shard, "images")
+        if not path.is_file():
+            return {}
+        table = pq.read_table(path, columns=["image_id", "meta"])
+        return {i: json.loads(m) for i, m in zip(table["image_id"].to_pylist(), table["meta"].to_pylist())}
+
     def quarantine(self) -> pa.Table:
         """Every input skipped anywhere (ingest and every stage's completed shards), with reasons."""
         entries = []

@@ -61,12 +61,15 @@ def test_unblurred_images_cannot_reach_the_release(cfg, photos, tmp_path):
     assert not (tmp_path / "rel").exists()
     run_privacy(store, cfg)  # now every shard
     export_sa1b(store, tmp_path / "rel")
-    released = {}
+    released, blurred = {}, {}
     for tar_path in sorted((tmp_path / "rel").glob("sa_*.tar")):
         with tarfile.open(tar_path) as tar:
             for m in tar.getmembers():
                 if m.name.endswith(".jpg"):
                     released[int(m.name[3:-4])] = load_image(tar.extractfile(m).read())
+                else:
+                    image = json.loads(tar.extractfile(m).read())["image"]
+                    blurred[image["image_id"]] = image["blurred"]
     assert sorted(released) == sorted(r.image_id for r in rows.values())
     metas = {}
     for shard in store.shards():
@@ -76,6 +79,8 @@ def test_unblurred_images_cannot_reach_the_release(cfg, photos, tmp_path):
     boxes = [(astronaut.image_id, ASTRONAUT_FACE)]
     boxes += [(i, d["box"]) for i, m in metas.items() for d in m["detections"]]
     assert metas[astronaut.image_id]["faces"] == 1
+    # the release's metadata says what was blurred in each image
+    assert blurred == {i: {"faces": m["faces"], "plates": m["plates"]} for i, m in metas.items()}
     for image_id, box in boxes:
         original = load_image(next(r for r in rows.values() if r.image_id == image_id).data)
         x0, y0, x1, y1 = (int(round(v)) for v in box)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from engine import rle
 from engine.cli.main import app
 from engine.classical import classical_masks
-from engine.quality import FINE_BINS, QualityConfig, concavity, format_table, quality_rows
+from engine.quality import FINE_BINS, QualityConfig, Tally, concavity, format_table, quality_rows
 from sharding.manifest import ingest
 from sharding.runner import StageResult, run_stage
 from sharding.store import Store
@@ -72,7 +72,7 @@ def test_figures_match_the_masks_decoded_one_by_one(store):
         counts = sorted(len(ms) for ms, _ in images.values())
         assert (row.shards, row.shards_read, row.images, row.masks) == (2, 2, 4, len(masks))
         assert row.masks_per_image == pytest.approx(len(masks) / 4)
-        assert row.masks_per_image_median == counts[1]  # the lower median
+        assert row.masks_per_image_median == np.median(counts)  # the mean of the middle two
         assert sum(row.masks_per_image_bins.values()) == pytest.approx(1.0)
         sizes = np.sqrt([m.sum() / m.size for m in masks])
         for got, q in [(row.relative_size_p10, 0.1), (row.relative_size_median, 0.5),
@@ -176,3 +176,11 @@ def test_on_ray_the_figures_are_the_local_ones(store, local_ray, tmp_path):
     assert row == dataclasses.asdict(local)
     result = CliRunner().invoke(app, ["quality", str(store.root), "--ray", "--set", "quality.cpus=0"])
     assert result.exit_code == 1 and "quality.cpus=0 is invalid" in result.output
+
+
+@pytest.mark.parametrize("counts", [[11, 5, 12, 0, 15, 18], [3, 1, 2], [4], [0, 0, 7, 7]])
+def test_masks_per_image_median_is_the_usual_median(counts):
+    tally = Tally(duplicate_iou=0.0, concavity_masks=0)
+    tally.per_image = np.bincount(counts)  # images by mask count
+    tally.masks = sum(counts)
+    assert tally.row("auto", 0, 1, 1).masks_per_image_median == np.median(counts)

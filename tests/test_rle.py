@@ -72,3 +72,21 @@ def test_pairwise_iou_matches_decoded_masks(shared_data_dir):
     assert got.shape == (len(segs), len(segs)) and np.allclose(got, expected)
     assert got[0, -1] == 1.0 and (np.diag(got) == 1).all()
     assert rle.iou([]).shape == (0, 0)
+
+
+def test_sam_bbox_is_the_generators_box_from_the_rle():
+    """The box every record carries, recomputed from an RLE, equals the generator's own
+    (engine.mask_ops: inclusive corners), empty masks included."""
+    import torch
+
+    from engine.mask_ops import box_xyxy_to_xywh, masks_to_boxes_xyxy
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 37, 53), bool)
+    for m in masks[:5]:
+        y, x = rng.integers(0, 30), rng.integers(0, 45)
+        m[y : y + rng.integers(1, 8), x : x + rng.integers(1, 9)] = True
+    masks[4, 0, 52] = True  # a second part at the far corner
+    expected = box_xyxy_to_xywh(masks_to_boxes_xyxy(torch.from_numpy(masks))).numpy()
+    got = rle.sam_bbox_xywh(rle.encode(masks))
+    assert got.tolist() == expected.tolist() and got[5].tolist() == [0, 0, 0, 0]

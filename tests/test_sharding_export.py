@@ -101,7 +101,10 @@ def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
     members = _members(tmp_path / "rel" / "sa_000000.tar")
     record = json.loads(members["sa_1.json"])
     assert set(record) == {"image", "annotations"}
-    assert record["image"] == {"image_id": 1, "width": 200, "height": 200, "file_name": "sa_1.jpg"}
+    assert record["image"] == {
+        "image_id": 1, "width": 200, "height": 200, "file_name": "sa_1.jpg",
+        "blurred": {"faces": 0, "plates": 0},  # the privacy output's counts (blur_stage: none)
+    }  # fmt: skip
     assert load_image(members["sa_1.jpg"]).shape == (200, 200, 3)
     chelsea = json.loads(members["sa_2.json"])["image"]
     assert (chelsea["width"], chelsea["height"]) == (301, 200)  # 451x300 -> short side 200
@@ -121,13 +124,41 @@ def test_sa1b_layout_and_rescaled_annotations(annotated, tmp_path):
         }
         mask = rle.decode(ann["segmentation"])
         assert mask.shape == (200, 200) and int(mask.sum()) == ann["area"]
-        assert ann["bbox"] == pytest.approx(list(rle.bbox_xywh([ann["segmentation"]])[0]))
+        # SAM's box, as unresized records have it (one less in w, h than COCO's tight box)
+        assert ann["bbox"] == pytest.approx(list(rle.sam_bbox_xywh([ann["segmentation"]])[0]))
+        assert ann["bbox"][2:] == pytest.approx(list(rle.bbox_xywh([ann["segmentation"]])[0][2:] - 1))
         src = original[ann["id"]]
         assert ann["area"] == pytest.approx(src["area"] * (200 / 512) ** 2, rel=0.15, abs=30)
         assert ann["point_coords"][0] == pytest.approx(
             [v * 200 / 512 for v in src["point_coords"][0]]
         )
         assert ann["crop_box"] == pytest.approx([0, 0, 200, 200])
+
+
+def test_rescaled_masks_stay_centred_and_keep_one_box_convention():
+    """Downscaling a mask samples each block's centre (INTER_NEAREST_EXACT, as the area-resized
+    image is centred), not its top-left pixel; bbox keeps SAM's convention; a mask that keeps no
+    pixel is dropped."""
+    from engine.records import ImageMeta, ImageRecord, MaskRecord
+    from sharding.rescale import rescale_record
+
+    def record(mask):
+        (seg,) = rle.encode(mask)
+        box = [float(v) for v in rle.sam_bbox_xywh([seg])[0]]
+        return MaskRecord(0, seg, box, int(mask.sum()), 0.9, 0.9, [0, 0, 400, 400], [[10.0, 10.0]])
+
+    square = np.zeros((400, 400), bool)
+    square[101:199, 101:199] = True  # centre (149.5, 149.5) -> (37.375, 37.375) at a quarter
+    line = np.zeros((400, 400), bool)
+    line[1, :] = True  # one row, between the rows a 4x downscale samples (2, 6, ...: the centres)
+    image = ImageRecord(ImageMeta(1, 400, 400, "x"), [record(square), record(line)])
+    released = rescale_record(image, 100, 100)
+    (kept,) = released.annotations  # the line keeps no pixel: dropped
+    small = rle.decode(kept.segmentation)
+    ys, xs = np.nonzero(small)
+    assert (ys.mean(), xs.mean()) == pytest.approx((149.5 / 4 - 0.375,) * 2, abs=0.1)  # NEAREST: +0.5
+    assert kept.bbox == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+    assert kept.area == int(small.sum())
 
 
 def test_verify_names_corrupt_and_missing_members(annotated, tmp_path):
@@ -166,6 +197,9 @@ def test_coco_export_loads_in_pycocotools(annotated, tmp_path):
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["object"]
     ann = coco.loadAnns(coco.getAnnIds(imgIds=[3]))[0]
     assert ann["iscrowd"] == 0 and ann["category_id"] == 1
+    for a in coco.loadAnns(coco.getAnnIds()):  # COCO's tight box, not the records' SAM box
+        assert a["bbox"] == list(rle.bbox_xywh([a["segmentation"]])[0])
+    assert "blurred" not in coco.loadImgs([3])[0]  # no privacy output yet
     mask = coco.annToMask(ann)
     assert mask.shape == (400, 600) and int(mask.sum()) == ann["area"]
     assert coco.loadImgs([3])[0]["file_name"] == "sa_3.jpg"
@@ -173,6 +207,10 @@ def test_coco_export_loads_in_pycocotools(annotated, tmp_path):
         annotated, tmp_path / "coco1500.json"
     )  # default release frame: no upscale
     assert resized["annotations"] == counts["annotations"]
+    run_stage(annotated, "privacy", 0, blur_stage)
+    export_coco(annotated, tmp_path / "coco.json", short_side=0)
+    images = json.loads((tmp_path / "coco.json").read_text())["images"]
+    assert [i["blurred"] for i in images] == [{"faces": 0, "plates": 0}] * 4
 
 
 def test_parquet_tables_and_source_selection(annotated, tmp_path, demo_photos):
