@@ -144,12 +144,15 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
 
     references = ReferenceSet.load(path)
     sources = dict(zip(*store.manifest().select(["image_id", "source"]).to_pydict().values()))
+    negative = 0
     for row in rows:
         assert row["stage"] == "assisted" and row["round"] == 0
         assert row["annotator"] == "simulated" and row["prefilled"] is False
         assert 1 <= row["clicks"] <= 4 and row["iou"] >= 0.5
         assert row["seconds"] == pytest.approx(row["clicks"] * 1.5)
-        assert len(row["point_coords"]) == row["clicks"]
+        # point_coords: the foreground clicks only (SA-1B readers take them as points on the object)
+        assert 1 <= len(row["point_coords"]) <= row["clicks"]
+        negative += row["clicks"] - len(row["point_coords"])
         segmentation = {"size": row["rle_size"], "counts": row["rle_counts"]}
         assert int(rle.area([segmentation])[0]) == row["area"] > 0
         # finished with brush and eraser (annotate.refine: brush): the stored mask is exactly
@@ -158,6 +161,9 @@ def test_assisted_on_ray_keeps_effort_and_stores_embeddings(
         stored = rle.decode([segmentation])[0].astype(bool)
         image = references.match(str(sources[row["image_id"]]))
         assert any(np.array_equal(stored, r.mask()) for r in image.references)
+        (reference,) = [r.mask() for r in image.references if np.array_equal(stored, r.mask())]
+        assert all(reference[int(y), int(x)] for x, y in row["point_coords"])
+    assert negative >= 1, "the fixture should need a background click somewhere (else this checks nothing)"
     paths = sorted((store.root / "runs" / "assisted").glob("*-round-0.json"))  # the two runs
     runs = [json.loads(p.read_text()) for p in paths]
     assert [r["held_by_sessions"] for r in runs] == [[second], []]

@@ -43,7 +43,10 @@ def mask_record(
       mask (np.ndarray): HxW bool, the image frame.
       low_res_logits (np.ndarray): 1x256x256 logits of that mask (stability is measured on their
         full-resolution upscale, as the automatic generator does).
-      points (list[list[float]]): the prompt points [[x, y], ...] (the clicks).
+      points (list[list[float]]): the foreground clicks [[x, y], ...]: SA-1B's `point_coords`
+        are the points the mask was prompted to cover, and readers take them as such (a
+        background click would read as a point on the object). Background clicks count in the
+        mask's effort (`clicks`) but are not kept.
     """
     logits = predictor.model.postprocess_masks(
         torch.as_tensor(low_res_logits, dtype=torch.float32)[None],
@@ -70,7 +73,7 @@ def trace_record(trace: MaskTrace, predictor: SamPredictor) -> MaskRecord:
         trace.delivered,
         trace.low_res_logits,
         trace.predicted_iou,
-        [[c.x, c.y] for c in trace.clicks],
+        [[c.x, c.y] for c in trace.clicks if c.positive],
         predictor,
     )
 

@@ -417,7 +417,8 @@ class AnnotationSession:
         mask, logits, score = cur.results[-1]
         if not mask.any():
             raise ValueError("the mask is empty: add a positive point on the object")
-        record = mask_record(mask, logits, score, [[x, y] for x, y, _ in cur.clicks], self.predictor)
+        foreground = [[x, y] for x, y, positive in cur.clicks if positive]
+        record = mask_record(mask, logits, score, foreground, self.predictor)
         seconds = time.monotonic() - (cur.started or time.monotonic())
         effort = {
             "clicks": len(cur.clicks),
