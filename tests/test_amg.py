@@ -599,6 +599,10 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     assert record["image"]["file_name"] == demo_photos[0].name and record["annotations"]
     first = record["annotations"][0]
     assert rle.decode(first["segmentation"]).sum() == first["area"]
+    image_id = record["image"]["image_id"]  # ids as in a store: unique across OUT
+    assert [a["id"] for a in record["annotations"]] == [
+        image_id * 65536 + k for k in range(len(record["annotations"]))
+    ]
     assert (out / "sub" / (demo_photos[0].stem + "_overlay.png")).stat().st_size > 0
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert len(skipped) == 1 and skipped[0]["input"].endswith("broken.jpg") and skipped[0]["reason"]
@@ -638,3 +642,40 @@ def test_cli_amg_inputs_never_share_an_output(tmp_path):
     listing.write_text("in/a.jpg\nin/sub/a.jpg\n# a comment\nin/a-2.jpg\n")
     names = [name.as_posix() for _, name in list_inputs(listing)]
     assert names == ["a", "a-3", "a-2"]  # (a-2 is a listed stem: the repeat takes a-3)
+
+
+def test_cli_amg_outputs_and_ids_stay_with_their_input_as_the_input_grows(tmp_path):
+    """`OUT/inputs.jsonl` keeps each input's output and image id: files added later (one sharing
+    a stem, one sorting first) never move an earlier input's output or id, so a re-run neither
+    redoes it nor takes another input's output for done."""
+    from engine.cli.amg import assign_outputs, list_inputs
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "pic.tiff").write_bytes(b"x")
+
+    def assigned(source):
+        return {src.name: (i, target.relative_to(out).as_posix())
+                for i, src, target in assign_outputs(list_inputs(source, out), source, out)}
+
+    assert assigned(folder) == {"pic.tiff": (1, "pic.json")}
+    (folder / "pic.webp").write_bytes(b"x")  # shares the stem: listed as pic.tiff, pic.webp
+    (folder / "a.jpg").write_bytes(b"x")  # sorts first
+    assert assigned(folder) == {"a.jpg": (2, "a.json"), "pic.tiff": (1, "pic.json"),
+                                "pic.webp": (3, "pic.webp.json")}
+    assert assigned(folder)["pic.tiff"] == (1, "pic.json")  # and on every later run
+    lines = [json.loads(line) for line in (out / "inputs.jsonl").read_text().splitlines()]
+    assert lines[0] == {"input": "pic.tiff", "output": "pic.json", "image_id": 1}
+
+    # a list: the repeated stem of an entry added at the top no longer takes the earlier
+    # entry's output (it would have been skipped as done, with the other photo's masks)
+    listed = tmp_path / "lists" / "list.txt"
+    for part in ("a", "b"):
+        (tmp_path / "lists" / part).mkdir(parents=True)
+        (tmp_path / "lists" / part / "pic.jpg").write_bytes(b"x")
+    listed.write_text("a/pic.jpg\n")
+    out = tmp_path / "out2"
+    assert [(i, t.name) for i, _, t in assign_outputs(list_inputs(listed), listed, out)] == [(1, "pic.json")]
+    listed.write_text("b/pic.jpg\na/pic.jpg\n")
+    got = [(i, s.parent.name, t.name) for i, s, t in assign_outputs(list_inputs(listed), listed, out)]
+    assert got == [(2, "b", "pic.jpg.json"), (1, "a", "pic.json")]

@@ -2,12 +2,14 @@
 
 Settings come from a config (`--config sa1b | meta-default | FILE`, blocks `model:` and `amg:`)
 plus `--set block.key=value`; the model flags are shorthands for `model.*` keys. Re-runs skip
-images whose JSON exists; unreadable inputs are listed in `OUT/skipped.jsonl` and the run goes on.
+images whose JSON exists; unreadable inputs are listed in `OUT/skipped.jsonl` and the run goes on;
+`OUT/inputs.jsonl` keeps each input's output name and image id across runs (`assign_outputs`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -29,6 +31,7 @@ SetOpt = set_option("amg.points_per_side=16")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 SKIPPED_FILE = "skipped.jsonl"
+INDEX_FILE = "inputs.jsonl"  # each input's output and image id, kept across runs (`assign_outputs`)
 
 
 def list_inputs(source: Path, out: Path | None = None) -> list[tuple[Path, Path]]:
@@ -82,6 +85,63 @@ def _unique(names: list[Path]) -> list[Path]:
         seen.add(name)
         out.append(name)
     return out
+
+
+def assign_outputs(inputs: list[tuple[Path, Path]], input: Path, out: Path) -> list[tuple[int, Path, Path]]:
+    """`list_inputs`' (image, name) pairs -> [(image_id, image, output JSON)], the same for an
+    input on every run into OUT, whatever was added to INPUT since.
+
+    The names `list_inputs` gives depend on the other inputs (`a.jpg` alone writes a.json; with an
+    a.png beside it, a.jpg.json), and so did the image ids (the position in the listing). So OUT
+    keeps `OUT/inputs.jsonl`, one line per input ever assigned (`input`: its path relative to
+    INPUT's folder, `output`, `image_id`): a known input keeps its output and id; a new one takes
+    its listed name unless an earlier input holds it (then its whole file name, or -2, -3, ...) and
+    the next id. Without the file (a first run, or an OUT from before it) names and ids are the
+    listing's, as they were."""
+    base = input if input.is_dir() else input.parent
+    index_path = out / INDEX_FILE
+    index: dict[str, dict] = {}
+    if index_path.is_file():
+        for line in index_path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                index[entry["input"]] = {"output": entry["output"], "image_id": int(entry["image_id"])}
+            except (ValueError, KeyError, TypeError):
+                continue  # (a line not written by this command)
+    first_run = not index
+    taken = {entry["output"] for entry in index.values()}
+    next_id = max((e["image_id"] for e in index.values()), default=0) + 1
+    assigned = []
+    for position, (source, name) in enumerate(inputs, 1):
+        key = Path(os.path.relpath(source, base)).as_posix()
+        if key not in index:
+            if first_run:
+                output, image_id = output_path(out, name), position
+            else:
+                output, image_id = _free_output(out, source, name, taken), next_id
+                next_id += 1
+            index[key] = {"output": output.relative_to(out).as_posix(), "image_id": image_id}
+            taken.add(index[key]["output"])
+        assigned.append((index[key]["image_id"], source, out / index[key]["output"]))
+    from engine.atomic import atomic_write_bytes
+
+    entries = sorted(index.items(), key=lambda kv: kv[1]["image_id"])
+    lines = "".join(json.dumps({"input": key, **entry}) + "\n" for key, entry in entries)
+    atomic_write_bytes(index_path, lines.encode())
+    return assigned
+
+
+def _free_output(out: Path, source: Path, name: Path, taken: set[str]) -> Path:
+    """The output of a new input: its listed name, else its whole file name, else -2, -3, ...
+    (never one an earlier input of this OUT holds)."""
+    for candidate in (name, name.with_name(source.name)):
+        path = output_path(out, candidate)
+        if path.relative_to(out).as_posix() not in taken:
+            return path
+    n = 2
+    while f"{(name.parent / name.name).as_posix()}-{n}.json" in taken:
+        n += 1
+    return output_path(out, name.with_name(f"{name.name}-{n}"))
 
 
 def output_path(out: Path, name: Path) -> Path:
@@ -160,7 +220,7 @@ def amg(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(i, src, output_path(out, name)) for i, (src, name) in enumerate(inputs, 1)]
+    todo = assign_outputs(inputs, input, out)
     pending = [item for item in todo if not _done(item[2])]
     _forget_skipped(out, {str(src) for _, src, _ in pending})  # tried again below
     typer.echo(
@@ -205,6 +265,7 @@ def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> 
 
     from engine.amg import image_record
     from engine.image_io import ImageLoadError, load_image
+    from sharding.runner import annotation_id
 
     try:
         pixels = load_image(source)
@@ -216,6 +277,8 @@ def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> 
         records = generator.generate(pixels)
     height, width = pixels.shape[:2]
     record = image_record(records, image_id, width, height, source.name)
+    for index, annotation in enumerate(record.annotations):  # unique across OUT, as in a store
+        annotation.id = annotation_id(image_id, index)
     target.parent.mkdir(parents=True, exist_ok=True)
     if overlay:
         _write_overlay(pixels, record, target.with_name(target.stem + "_overlay.png"))
