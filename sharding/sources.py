@@ -45,7 +45,9 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
     """
     fs, path = _url_to_fs(source)
     sizes: dict[str, int] | None = None
-    if any(ch in path for ch in _GLOB_CHARS):
+    # a path that exists is taken as it is: a folder "sets [2023]" or a file "img[1].jpg" (as a
+    # glob, the first matched nothing and the second matched img1.jpg)
+    if any(ch in path for ch in _GLOB_CHARS) and not fs.exists(path):
         found = fs.glob(path, detail=True)  # (types come with the names: no call per file)
         files = {p: info for p, info in found.items() if info.get("type") == "file"}
         uris = [fs.unstrip_protocol(p) for p in files]

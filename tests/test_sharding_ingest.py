@@ -190,6 +190,14 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     synthetic_photos(tmp_path / "src" / "sub", 4)
     glob = list_source(str(tmp_path / "src" / "**" / "img_00[12].jpg"))
     assert [u.rsplit("/", 1)[1] for u in glob.uris] == ["img_001.jpg", "img_002.jpg"]
+    # a path that exists is no glob, whatever its characters
+    odd = tmp_path / "sets [2023]"
+    odd.mkdir()
+    (odd / "img[1].jpg").write_bytes((tmp_path / "src" / "sub" / "img_000.jpg").read_bytes())
+    (odd / "img1.jpg").write_bytes((tmp_path / "src" / "sub" / "img_001.jpg").read_bytes())
+    assert [u.rsplit("/", 1)[1] for u in list_source(str(odd)).uris] == ["img1.jpg", "img[1].jpg"]
+    (uri,) = list_source(str(odd / "img[1].jpg")).uris
+    assert uri.endswith("/sets [2023]/img[1].jpg")
     (tmp_path / "src" / "list.txt").write_text(  # (one named twice: listed once; CRLF too)
         "\ufeffsub/img_001.jpg\n# three files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\r\n"
         "sub/img_003.jpg",
