@@ -251,3 +251,52 @@ def test_a_coco_file_without_masks_is_refused_in_one_line(shared_data_dir):
     faces = shared_data_dir / "annotations" / "faces_coco_wholebody.json"
     with pytest.raises(ValueError, match=r"annotation \d+ has no mask .*cannot train or judge"):
         coco_items(faces, shared_data_dir / "images", "all")
+
+
+def test_coco_masks_of_an_exif_rotated_photo_are_left_out_with_their_reason(
+    shared_data_dir, parity_dir, tmp_path
+):
+    """A COCO file's masks are in the frame of the pixels it was drawn on; an EXIF-rotated copy
+    of the photo is read upright, so its masks do not fit: training and the gate leave the image
+    out with that reason (training resized the masks onto the rotated image; the gate stopped)."""
+    import json
+
+    from PIL import Image
+
+    from engine.model import ModelConfig, load_model
+    from engine.training.data import coco_items
+    from engine.training.gate import GateConfig, score_model
+    from engine.training.trainer import MasksDoNotFitImage
+
+    data = json.loads((shared_data_dir / "annotations" / "coco_persons_keypoints.json").read_text())
+    masked = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd") and a.get("area", 0) > 2000}
+    picked = [i for i in data["images"] if i["width"] != i["height"] and i["id"] in masked][:2]
+    ids = {i["id"] for i in picked}
+    subset = {**data, "images": picked, "annotations": [
+        a for a in data["annotations"] if a["image_id"] in ids and not a.get("iscrowd")
+    ]}  # fmt: skip
+    (tmp_path / "sub.json").write_text(json.dumps(subset))
+    for info in picked:
+        (tmp_path / info["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        source = shared_data_dir / "images" / info["file_name"]
+        (tmp_path / info["file_name"]).write_bytes(source.read_bytes())
+    rotated = tmp_path / picked[1]["file_name"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored as is, shown turned a quarter
+    Image.open(rotated).save(rotated, exif=exif.tobytes(), quality=95)
+
+    items, _ = coco_items(tmp_path / "sub.json", tmp_path, "all")
+    assert [item.image_id for item in items] == [f"coco:{i}" for i in sorted(ids)]
+    by_id = {item.image_id: item for item in items}
+    image, masks = by_id[f"coco:{picked[0]['id']}"].load()
+    assert image.shape[:2] == masks[0].shape
+    with pytest.raises(MasksDoNotFitImage, match=r"\(EXIF-rotated\?\): give the masks in the image"):
+        by_id[f"coco:{picked[1]['id']}"].load()
+
+    sam = load_model(ModelConfig(model=str(parity_dir / "config.json"),
+                                 checkpoint=str(parity_dir / "sam_small.pth"), device="cpu"))
+    score = score_model(sam, items, GateConfig(max_clicks=5, max_masks=2), log=lambda _: None)
+    assert score.images == 1
+    assert [(s["image"], s["reason"]) for s in score.skipped] == [
+        (f"coco:{picked[1]['id']}", "masks do not fit the image")
+    ]

@@ -7,6 +7,7 @@ workers (engine/training/cluster.py): the same training loop, and the same round
 
 from __future__ import annotations
 
+import collections
 import os
 import shlex
 from dataclasses import dataclass
@@ -550,6 +551,15 @@ def evaluate(
     if promoted:
         registry.promote(cand, report_path, when)
     typer.echo(_table(scores, gate_cfg))
+    left_out = scores[cand].skipped
+    if left_out:
+        reasons = collections.Counter(s["reason"] for s in left_out)
+        typer.echo(
+            f"{len(left_out)} image(s) left out of the scores ("
+            + ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
+            + f"); the scores cover {scores[cand].images} image(s)"
+            + (f": each listed in {report_path}" if report_path else "")
+        )
     verdict = "PROMOTED" if promoted else ("passes" if decision.promote else "REFUSED")
     typer.echo(f"round {cand} vs {base if base is not None else '-'}: {verdict} ({decision.reason})")
     if report_path:

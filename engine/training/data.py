@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from engine import rle
 from engine.checks import invalid
 from engine.image_io import load_image
 from engine.training.synthetic import SceneConfig, make_scene, photo_library
-from engine.training.trainer import TrainItem
+from engine.training.trainer import MasksDoNotFitImage, TrainItem
 
 SYNTHETIC = "synthetic"
 
@@ -217,13 +219,7 @@ def coco_items(
         path = images / info["file_name"]
         n_masks += len(anns)
         items.append(
-            TrainItem(
-                f"coco:{image_id}",
-                lambda path=path, anns=anns: (
-                    load_image(path),
-                    [coco.annToMask(a).astype(bool) for a in anns],
-                ),
-            )
+            TrainItem(f"coco:{image_id}", lambda path=path, anns=anns: _coco_image(coco, path, anns))
         )
     info = {
         "source": "coco",
@@ -235,6 +231,21 @@ def coco_items(
         "masks": n_masks,
     }
     return items, info
+
+
+def _coco_image(coco, path: Path, anns: list[dict]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One COCO image (upright, as every stage reads it) and its masks, which must be of its size:
+    a COCO file's width and height are those of the pixels it was drawn on, so an EXIF-rotated
+    photo's masks come lying down (MasksDoNotFitImage: the item is left out, with its reason)."""
+    image = load_image(path)
+    masks = [coco.annToMask(a).astype(bool) for a in anns]
+    if masks and masks[0].shape != image.shape[:2]:
+        (mh, mw), (ih, iw) = masks[0].shape, image.shape[:2]
+        raise MasksDoNotFitImage(
+            f"{path}: its masks in the COCO file are {mw}x{mh}, the image is {iw}x{ih} (EXIF-rotated?): "
+            "give the masks in the image's upright frame, or leave the image out"
+        )
+    return image, masks
 
 
 def _quiet_coco(cls, path: Path):

@@ -83,6 +83,7 @@ class ModelScore:
     images: int
     seconds: float
     per_click_miou: list[float] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # images left out: id, reason, detail
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +126,7 @@ def score_model(
     predictor = SamPredictor(sam)
     traces: list[list[float]] = []
     images = 0
+    skipped = []
     start = time.perf_counter()
     for item in items:
         if config.max_masks and len(traces) >= config.max_masks:
@@ -133,6 +135,8 @@ def score_model(
             image, masks = item.load()
         except (OSError, ValueError) as exc:
             log(f"skip {item.image_id}: {exc}")
+            reason = getattr(exc, "reason", "unreadable image")
+            skipped.append({"image": item.image_id, "reason": reason, "detail": str(exc)})
             continue
         masks = [m for m in masks if m.sum() >= config.min_mask_area]
         if not masks:
@@ -145,7 +149,9 @@ def score_model(
             traces.append(trace(predictor, mask, config))
     if not traces:
         raise ValueError("no held-out masks to evaluate on: add images or lower train.gate.min_mask_area")
-    return _summarise(traces, images, time.perf_counter() - start, config)
+    score = _summarise(traces, images, time.perf_counter() - start, config)
+    score.skipped = skipped
+    return score
 
 
 def _summarise(traces: list[list[float]], images: int, seconds: float, config: GateConfig) -> ModelScore:

@@ -127,6 +127,13 @@ class TrainConfig:
             )  # fmt: skip
 
 
+class MasksDoNotFitImage(ValueError):
+    """An item's reference masks are another size than its image (a COCO file written for the
+    image's stored pixels, the photo EXIF-rotated): resizing them would train on wrong masks."""
+
+    reason = "masks do not fit the image"
+
+
 @dataclass
 class TrainItem:
     """One training image: a loader (so images are read once, while caching) and its masks.
@@ -254,7 +261,8 @@ def encode_items(
         try:
             image, masks = item.load()
         except (OSError, ValueError) as exc:
-            skipped["unreadable image"] = skipped.get("unreadable image", 0) + 1
+            reason = getattr(exc, "reason", "unreadable image")
+            skipped[reason] = skipped.get(reason, 0) + 1
             log(f"skip {item.image_id}: {exc}")
             continue
         height, width = image.shape[:2]
