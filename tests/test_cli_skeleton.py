@@ -132,3 +132,70 @@ def test_a_config_that_is_not_yaml_fails_in_one_line(tmp_path, demo_photos):
         torch.set_num_threads(before)  # (process-wide: later tests' float sums follow it)
     assert result.exit_code == 0, result.output
     assert "model default on cpu, 1 torch thread(s))" in result.output
+
+
+def test_a_folder_the_user_cannot_write_fails_in_one_line(tmp_path, demo_photos):
+    """Every command ends on a permission (or read-only, or full disk) error in one line naming
+    the path, not a traceback from the atomic writer or a lock. Run for real on a folder of mode
+    555, as a user without root's override (setpriv drops it where the tests run as root)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: a mode-555 folder is writable to root")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                  "--inh-caps=-dac_override,-dac_read_search", "--"]  # fmt: skip
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    photo = str(demo_photos[0])
+    for args, path in [
+        (["ingest", photo, "--store", str(locked / "store")], locked / "store"),
+        (["blur", photo, "--out", str(locked / "b")], locked / "b"),
+    ]:
+        done = subprocess.run(prefix + [sys.executable, "-m", "engine.cli", *args],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: {path}: Permission denied (make it writable for this user, or choose another path)"
+        ), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+
+
+def test_every_command_turns_write_errors_into_one_line():
+    from engine.cli.main import _one_line_on_os_error
+
+    def commands(typer_app):
+        for command in typer_app.registered_commands:
+            yield command.callback
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance)
+
+    assert all(getattr(c, "__wrapped__", None) for c in commands(app))
+
+    import errno
+
+    import typer
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.tmp")
+
+    def missing():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    one = typer.Typer()
+    one.command()(_one_line_on_os_error(full))
+    result = CliRunner().invoke(one, [])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "error: /data/out/x.tmp: No space left on device (free some space, or choose another path)"
+    )
+    other = typer.Typer()
+    other.command()(_one_line_on_os_error(missing))
+    # (a missing file is not a write error: the command's own checks name those)
+    assert isinstance(CliRunner().invoke(other, []).exception, FileNotFoundError)

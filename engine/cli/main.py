@@ -6,6 +6,10 @@ happen inside the commands so that `--help` stays instant.
 
 from __future__ import annotations
 
+import errno
+import functools
+from typing import Any, Callable
+
 import typer
 
 from engine.cli import amg, annotate, gears, predict, privacy, quality, run, store, train
@@ -66,6 +70,44 @@ def _reflow_commands(typer_app: typer.Typer) -> None:
 
 
 _reflow_commands(app)
+
+# what a file write can meet that is the user's to fix: a folder not writable for them, a
+# read-only or full filesystem
+_WRITE_ERRNOS = {
+    errno.EACCES: "make it writable for this user, or choose another path",
+    errno.EPERM: "make it writable for this user, or choose another path",
+    errno.EROFS: "the filesystem is read-only: choose another path",
+    errno.ENOSPC: "free some space, or choose another path",
+    errno.EDQUOT: "free some space (disk quota), or choose another path",
+}
+
+
+def _os_errors_in_one_line(typer_app: typer.Typer) -> None:
+    """Every command ends on a permission or disk-space error in one line naming the path (a
+    traceback from deep inside the atomic writer or a lock otherwise)."""
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            command.callback = _one_line_on_os_error(command.callback)
+    for group in typer_app.registered_groups:
+        _os_errors_in_one_line(group.typer_instance)
+
+
+def _one_line_on_os_error(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)  # (typer reads the options from the wrapped signature)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            from engine.cli.common import fail
+
+            fail(f"{exc.filename or 'a file'}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})")
+
+    return command
+
+
+_os_errors_in_one_line(app)
 
 
 if __name__ == "__main__":
