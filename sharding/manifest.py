@@ -315,7 +315,7 @@ def _ingest(
 ) -> IngestReport:
     """`ingest`, under the store's ingest lock."""
     listing = list_source(source, with_sizes=skip_known)
-    report = IngestReport(listed=len(listing.uris), ignored=listing.ignored)
+    report = IngestReport(listed=len(listing.uris) + len(listing.unreadable), ignored=listing.ignored)
     manifest = store.manifest_columns(["image_id", "source", "sha256"] + ["bytes"] * skip_known)
     unread = _same_uri_and_size(listing, manifest) if skip_known else None
     known = _KnownImages(manifest, store.duplicates())
@@ -389,6 +389,14 @@ def _ingest(
         write_record(finished=False)
         part = _Part.open(store, part.number + 1)
 
+    for uri, error in listing.unreadable:  # a folder that cannot be listed: its files are unknown
+        if (uri, "") in quarantined_before:
+            report.unchanged += 1
+            continue
+        part.quarantined.append(_quarantine(
+            uri, "", "unreadable",
+            f"folder cannot be listed ({error}): its files were not read; make it readable and ingest again",
+        ))  # fmt: skip
     try:
         for done, (uri, read) in enumerate(zip(to_read, reads)):
             counted(done)

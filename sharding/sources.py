@@ -7,7 +7,7 @@ Every input is named by its full URI (`fs.unstrip_protocol`), so `/data/a.jpg` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -26,6 +26,9 @@ class SourceListing:
     uris: list[str]
     ignored: list[str]
     sizes: list[int] | None = None  # bytes of each of `uris`, where asked for and listed
+    # folders that could not be listed (permission denied, an I/O error), with the error: their
+    # files are not in `uris`, and ingest quarantines each folder so that it is not lost silently
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def list_source(source: str, with_sizes: bool = False) -> SourceListing:
@@ -45,6 +48,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
     """
     fs, path = _url_to_fs(source)
     sizes: dict[str, int] | None = None
+    unreadable: list[tuple[str, str]] = []
     # a path that exists is taken as it is: a folder "sets [2023]" or a file "img[1].jpg" (as a
     # glob, the first matched nothing and the second matched img1.jpg)
     if any(ch in path for ch in _GLOB_CHARS) and not fs.exists(path):
@@ -58,7 +62,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
         uris, ignored = [], []
         sizes = {} if with_sizes else None
         # a folder at a time (walk): the details of one folder's files, never of all of them
-        for folder, files in _walk_following_links(fs, path, with_sizes):
+        for folder, files in _walk_following_links(fs, path, with_sizes, unreadable):
             for name in files:
                 if name.startswith("."):
                     continue
@@ -75,6 +79,11 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
         raise ValueError(
             f"source '{source}' does not exist: pass a folder, a glob, a list file (.txt) or a URI"
         )
+    if not uris and unreadable:
+        raise ValueError(
+            f"source '{source}': folder {unreadable[0][0]} cannot be listed ({unreadable[0][1]}): "
+            "make it readable for this user"
+        )
     if not uris:
         raise ValueError(
             f"source '{source}' names no image files ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -82,15 +91,24 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
         )
     uris.sort()  # in place, then repeats dropped in place: no set and no second list of the URIs
     _drop_repeats(uris)
-    return SourceListing(uris, sorted(ignored), None if sizes is None else [sizes[u] for u in uris])
+    sized = None if sizes is None else [sizes[u] for u in uris]
+    return SourceListing(uris, sorted(ignored), sized, sorted(unreadable))
 
 
-def _walk_following_links(fs: AbstractFileSystem, path: str, detail: bool):
-    """(folder, its files) as `fs.walk` gives them, also under symbolic links to folders, which
-    fsspec's local filesystem lists as files: a linked folder of photos is part of the source,
-    as `ls -R` and the `amg` command see it. Each real folder is walked once (a link to a folder
-    above it would loop)."""
+def _walk_following_links(
+    fs: AbstractFileSystem, path: str, detail: bool, unreadable: list[tuple[str, str]]
+):
+    """(folder, its files) for `path` and every folder under it, also under symbolic links to
+    folders, which fsspec's local filesystem lists as files: a linked folder of photos is part of
+    the source, as `ls -R` and the `amg` command see it. Each real folder is listed once (a link
+    to a folder above it would loop); hidden folders are left out, as hidden files are. A folder
+    that cannot be listed goes to `unreadable` (URI, error). One `ls` per folder, as `fs.walk`
+    does, but walked here: fsspec's walk reports a folder it cannot list only at the top."""
     import os
+
+    def cannot_list(exc: OSError) -> None:
+        error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        unreadable.append((fs.unstrip_protocol(str(exc.filename or root)), error))
 
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     roots, seen = [path], set()
@@ -100,18 +118,15 @@ def _walk_following_links(fs: AbstractFileSystem, path: str, detail: bool):
         if real in seen:
             continue
         seen.add(real)
-        for folder, _, files in fs.walk(root, detail=detail):
-            inside = folder[len(root):].strip("/")
-            if any(part.startswith(".") for part in inside.split("/") if part):
-                continue  # hidden folders, as hidden files: left out (`amg` and `blur` do too)
+        for folder, dirs, files in fs.walk(root, maxdepth=1, detail=True, on_error=cannot_list):
+            roots.extend(f"{folder.rstrip('/')}/{d}" for d in dirs if not d.startswith("."))
             if local:  # only names that are no image are looked at: no stat per photo
                 linked = [n for n in files if not n.lower().endswith(IMAGE_EXTENSIONS)
+                          and not n.startswith(".")
                           and os.path.isdir(f"{folder.rstrip('/')}/{n}")]  # fmt: skip
                 roots.extend(f"{folder.rstrip('/')}/{n}" for n in linked)
-                if linked:
-                    files = {n: files[n] for n in files if n not in linked} if detail else [
-                        n for n in files if n not in linked]  # fmt: skip
-            yield folder, files
+                files = {n: files[n] for n in files if n not in linked}
+            yield folder, files if detail else list(files)
 
 
 def _drop_repeats(items: list[str]) -> None:

@@ -66,3 +66,20 @@ def person_photo_store(
     store = Store.create(tmp_path / "store")
     ingest(str(listing), store, shard_size=shard_size)
     return store, chosen
+
+
+def as_a_plain_user() -> list[str]:
+    """A command prefix that runs without root's permission override (setpriv drops it), so
+    that a folder of mode 000 or 555 means what it means to a user; [] when not root. Skips the
+    calling test where the tests run as root without setpriv."""
+    import os
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: folder permissions do not bind root")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search", "--"]  # fmt: skip

@@ -138,19 +138,12 @@ def test_a_folder_the_user_cannot_write_fails_in_one_line(tmp_path, demo_photos)
     """Every command ends on a permission (or read-only, or full disk) error in one line naming
     the path, not a traceback from the atomic writer or a lock. Run for real on a folder of mode
     555, as a user without root's override (setpriv drops it where the tests run as root)."""
-    import os
-    import shutil
     import subprocess
     import sys
 
-    import pytest
+    from store_helpers import as_a_plain_user
 
-    prefix = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: a mode-555 folder is writable to root")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                  "--inh-caps=-dac_override,-dac_read_search", "--"]  # fmt: skip
+    prefix = as_a_plain_user()
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)

@@ -1,6 +1,7 @@
 """Every kind of bad input is normalised or quarantined with a reason, at ingest and in a stage run."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -152,3 +153,57 @@ def test_wrong_frame_output_is_quarantined(tmp_path, demo_photos):
     run = run_stage(store, "gear", 0, wrong_size)
     assert run.images == 0 and run.quarantined == 4
     assert {r["reason"] for r in store.quarantine().to_pylist()} == {"stage_error"}
+
+
+def test_unreadable_folders_and_broken_links_are_recorded_not_dropped(tmp_path, demo_photos, parity_dir):
+    """A sub-folder the user cannot list and a broken symbolic link, in `ingest`, `amg` and
+    `blur` of a folder: each is recorded with its reason and the rest goes on (the folder was
+    dropped without a word by all three, the link by `amg` and `blur`)."""
+    import json
+    import subprocess
+    import sys
+
+    from store_helpers import as_a_plain_user
+
+    prefix = as_a_plain_user()
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    (photos / "ok.jpg").write_bytes(demo_photos[0].read_bytes())
+    (photos / "locked" / "in.jpg").write_bytes(demo_photos[1].read_bytes())
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (photos / "locked").chmod(0o000)
+
+    def run(*args):
+        done = subprocess.run(prefix + [sys.executable, "-m", "engine.cli", *args],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        return done
+
+    try:
+        run("ingest", str(photos), "--store", str(tmp_path / "store"))
+        store = Store(tmp_path / "store")
+        assert store.manifest().num_rows == 1
+        reasons = {q["source"].rsplit("/", 1)[1]: (q["reason"], q["detail"])
+                   for q in store.ingest_quarantine().to_pylist()}  # fmt: skip
+        assert reasons["gone.jpg"][0] == "unreadable"
+        assert reasons["locked"][0] == "unreadable" and "folder cannot be listed" in reasons["locked"][1]
+        run("ingest", str(photos), "--store", str(tmp_path / "store"))  # again: recorded once
+        assert store.ingest_quarantine().num_rows == 2
+
+        run("amg", str(photos), "--out", str(tmp_path / "amg"), "--model", str(parity_dir / "config.json"),
+            "--checkpoint", str(parity_dir / "sam_small.pth"), "--set", "amg.points_per_side=2",
+            "--set", "amg.crop_n_layers=0")  # fmt: skip
+        skipped = [json.loads(line) for line in (tmp_path / "amg" / "skipped.jsonl").read_text().splitlines()]
+        assert sorted((Path(s["input"]).name, s["reason"]) for s in skipped) == [
+            ("gone.jpg", "missing"), ("locked", "unreadable")
+        ]  # fmt: skip
+        assert (tmp_path / "amg" / "ok.json").is_file()
+
+        run("blur", str(photos), "--out", str(tmp_path / "blur"))
+        report = json.loads((tmp_path / "blur" / "report.json").read_text())
+        assert sorted((s["file"], s["reason"]) for s in report["skipped"]) == [
+            ("gone.jpg", "missing"), ("locked", "unreadable")
+        ]  # fmt: skip
+        assert report["images"] == 1
+    finally:
+        (photos / "locked").chmod(0o755)

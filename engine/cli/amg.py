@@ -34,7 +34,9 @@ SKIPPED_FILE = "skipped.jsonl"
 INDEX_FILE = "inputs.jsonl"  # each input's output and image id, kept across runs (`assign_outputs`)
 
 
-def list_inputs(source: Path, out: Path | None = None) -> list[tuple[Path, Path]]:
+def list_inputs(
+    source: Path, out: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> list[tuple[Path, Path]]:
     """INPUT -> [(image path, output name relative to OUT, without ".json")], sorted.
 
     An image file; a folder (searched recursively for image suffixes, leaving out hidden files
@@ -43,10 +45,10 @@ def list_inputs(source: Path, out: Path | None = None) -> list[tuple[Path, Path]
     a.jpg and a.png -> a.jpg.json, a.png.json); or a list file (.txt/.lst: one path per line,
     relative paths from the list's folder, '#' comments; outputs flat, by stem, -2, -3... for
     repeated stems). Listed paths are taken as given, so unreadable ones reach the skipped file.
-    No two inputs get the same output.
+    No two inputs get the same output. Folders that cannot be listed go to `unreadable`.
     """
     if source.is_dir():
-        files = [p for p in files_under(source, out) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in files_under(source, out, unreadable) if p.suffix.lower() in IMAGE_SUFFIXES]
         stems: dict[Path, int] = {}
         for p in files:
             key = p.relative_to(source).with_name(p.stem)
@@ -200,9 +202,12 @@ def amg(
     try:
         settings = load_config(config, overrides)
         amg_cfg = section(settings, "amg", AmgConfig)
-        inputs = list_inputs(input, out)
+        unreadable: list[tuple[Path, str]] = []
+        inputs = list_inputs(input, out, unreadable)
     except ValueError as exc:
         fail(str(exc))
+    if not inputs and unreadable:
+        fail(f"{unreadable[0][0]}: folder cannot be listed ({unreadable[0][1]}): make it readable")
     if not inputs:
         fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     model_cfg = model_config(settings)
@@ -222,14 +227,16 @@ def amg(
     out.mkdir(parents=True, exist_ok=True)
     todo = assign_outputs(inputs, input, out)
     pending = [item for item in todo if not _done(item[2])]
-    _forget_skipped(out, {str(src) for _, src, _ in pending})  # tried again below
+    _forget_skipped(out, {str(src) for _, src, _ in pending} | {str(f) for f, _ in unreadable})
+    for folder, error in unreadable:  # its images are unknown: listed, not lost silently
+        _skip(out, folder, "unreadable", f"folder cannot be listed ({error}): make it readable and run again")
     typer.echo(
         f"{len(todo)} image(s), {len(todo) - len(pending)} already done, {len(pending)} to run "
         f"(config {config}, model {model_cfg.model} on {sam.device}, "
         f"{torch.get_num_threads()} torch thread(s))",
         err=True,
     )
-    stats = {"images": 0, "masks": 0, "skipped": 0, "start": time.perf_counter()}
+    stats = {"images": 0, "masks": 0, "skipped": len(unreadable), "start": time.perf_counter()}
 
     def show(item) -> str:
         if item is None or not stats["images"]:

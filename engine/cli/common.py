@@ -118,16 +118,24 @@ def here_or_on_ray(
         return run(cluster())
 
 
-def files_under(folder: Path, out: Path | None = None) -> list[Path]:
+def files_under(
+    folder: Path, out: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> list[Path]:
     """Every file under `folder` (recursive, into symbolic links to folders, each real folder
     once), sorted; hidden files and folders, and anything inside `out` (a command's output
     folder placed in its input), left out: a re-run must not take the last run's outputs for
-    inputs. (`ingest` lists a folder the same way: `sharding.sources`.)"""
+    inputs. A broken symbolic link is listed (reading it fails with its reason, which the
+    command records); a folder that cannot be listed goes to `unreadable` (path, error).
+    (`ingest` lists a folder the same way: `sharding.sources`.)"""
     import os
+
+    def cannot_list(exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(exc.filename or folder), f"{type(exc).__name__}: {exc.strerror or exc}"))
 
     out_resolved = out.resolve() if out is not None else None
     found, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=cannot_list):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree
             dirs[:] = []
@@ -137,7 +145,7 @@ def files_under(folder: Path, out: Path | None = None) -> list[Path]:
         found += [Path(root) / n for n in names if not n.startswith(".")]
     files = []
     for path in sorted(found):
-        if not path.is_file():
+        if not (path.is_file() or (path.is_symlink() and not path.exists())):
             continue
         if out_resolved is not None and (
             out_resolved == path.resolve() or out_resolved in path.resolve().parents

@@ -23,14 +23,19 @@ SetOpt = set_option("privacy.face_score=0.8")
 _CV2_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def list_inputs(source: Path, out: Path) -> list[tuple[Path, str]]:
+def list_inputs(
+    source: Path, out: Path, unreadable: list[tuple[Path, str]] | None = None
+) -> list[tuple[Path, str]]:
     """(path, relative name) of every file under `source` (or `source` itself), sorted; hidden
-    files and anything inside `out` are left out."""
+    files and anything inside `out` are left out; folders that cannot be listed go to
+    `unreadable`."""
     if source.is_file():
         return [(source, source.name)]
     if not source.is_dir():
         raise ValueError(f"input '{source}' does not exist: pass an image file or a folder")
-    return [(path, path.relative_to(source).as_posix()) for path in files_under(source, out)]
+    return [
+        (path, path.relative_to(source).as_posix()) for path in files_under(source, out, unreadable)
+    ]
 
 
 def encode_like(image, name: str, jpeg_quality: int) -> bytes:
@@ -76,14 +81,20 @@ def blur(
             raise ValueError(
                 f"--out '{out}' would overwrite the originals: pass a different folder"
             )
-        inputs = list_inputs(input, out)
+        unreadable: list[tuple[Path, str]] = []
+        inputs = list_inputs(input, out, unreadable)
         privacy = PrivacyFilter(cfg)
     except ValueError as err:
         fail(str(err))
-    if not inputs:
+    if not inputs and not unreadable:
         fail(f"'{input}' holds no files: pass an image or a folder of images")
     out.mkdir(parents=True, exist_ok=True)
     lines, skipped, counts = [], [], {"images": 0, "faces": 0, "plates": 0}
+    for folder, error in unreadable:  # its files are unknown: listed, not lost silently
+        rel = folder.relative_to(input).as_posix() if folder.is_relative_to(input) else str(folder)
+        detail = f"folder cannot be listed ({error}): make it readable and run again"
+        skipped.append({"file": rel, "reason": "unreadable", "detail": detail})
+        typer.echo(f"skipped {rel}: {detail}", err=True)
     for path, rel in inputs:
         try:
             rgb = load_image(path, name=rel)
