@@ -58,6 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
+from engine.damaged import DamagedFile
 from engine.image_io import DEFAULT_MAX_PIXELS
 from engine.provenance import package_versions, sha256_file
 from engine.records import MaskRecord
@@ -113,6 +114,18 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _read_part(path: Path, schema: pa.Schema, columns: list[str] | None) -> pa.Table:
+    """One committed Parquet part of the store's tables; a damaged one is named (pyarrow's own
+    error says neither the file nor what to do)."""
+    try:
+        return pq.read_table(path, schema=schema, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedFile(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}): restore it "
+            "from a backup; the store cannot be read without it"
+        ) from None
+
+
 def check_stage(stage: str, round_: int) -> None:
     if not _STAGE_NAME.match(stage):
         raise ValueError(
@@ -132,7 +145,13 @@ class Store:
             raise ValueError(
                 f"'{root}' is not a store (no store.json): run `sa-engine ingest SOURCE --store {root}`"
             )
-        self.info = json.loads(info.read_text())
+        try:
+            self.info = json.loads(info.read_text())
+        except ValueError as exc:
+            raise DamagedFile(
+                f"'{info}' is damaged (not JSON: {exc}): restore it from a backup or a copy of a "
+                "store made with the same version (it holds the store's format and ingest limits)"
+            ) from None
         self._manifest: tuple[tuple, pa.Table] | None = None
         self._index: tuple[tuple, pa.Table] | None = None
         self._sizes: tuple[tuple, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -201,11 +220,7 @@ class Store:
     ) -> pa.Table:
         paths = sorted((self.root / folder).glob(f"{prefix}-*.parquet"))
         committed = {p.stem.split("-")[-1] for p in (self.root / "manifest").glob("part-*.parquet")}
-        tabs = [
-            pq.read_table(p, schema=schema, columns=columns)
-            for p in paths
-            if p.stem.split("-")[-1] in committed
-        ]
+        tabs = [_read_part(p, schema, columns) for p in paths if p.stem.split("-")[-1] in committed]
         if tabs:
             return pa.concat_tables(tabs)
         empty = schema.empty_table()

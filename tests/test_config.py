@@ -27,6 +27,22 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
         load_config("no-such-config")
 
 
+def test_a_misspelt_block_is_refused_not_ignored(tmp_path):
+    """A block no command reads (`amgg.points_per_side`) would run with the default, as if the
+    setting had been taken: refused, in --set and in a config file, naming the blocks."""
+    from engine.cli.config import known_blocks
+
+    blocks = {"model", "amg", "privacy", "ingest", "export", "quality", "ray", "train"}
+    assert blocks <= known_blocks()
+    with pytest.raises(ValueError, match=r"--set 'amgg.points_per_side=2': no block 'amgg' .*: amg, "):
+        load_config("sa1b", ["amgg.points_per_side=2"])
+    path = tmp_path / "mine.yaml"
+    path.write_text("amg:\n  points_per_side: 8\nprivcy:\n  face_score: 0.9\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: unknown block\(s\) \['privcy'\]"):
+        load_config(path)
+    assert load_config("sa1b", ["train.gate.max_clicks=7"])["train"]["gate"]["max_clicks"] == 7
+
+
 @pytest.mark.parametrize("name", ["sa1b", "meta-default"])
 def test_tool_blocks_of_the_configs_are_the_library_defaults(name):
     """The configs document the defaults: a store tool's block says what its dataclass does."""

@@ -207,3 +207,27 @@ def test_unreadable_folders_and_broken_links_are_recorded_not_dropped(tmp_path, 
         assert report["images"] == 1
     finally:
         (photos / "locked").chmod(0o755)
+
+
+def test_a_damaged_store_file_is_named_in_one_line(tmp_path, demo_photos):
+    """store.json overwritten, a manifest part cut short: `status` (any command) names the file
+    and what to do, in one line (it was json's "Expecting value" naming no file, or pyarrow's
+    traceback)."""
+    from typer.testing import CliRunner
+
+    from engine.cli.main import app
+
+    for damage in ("store.json", "manifest"):
+        store = Store.create(tmp_path / damage)
+        ingest(str(demo_photos[0].parent), store, shard_size=2)
+        if damage == "store.json":
+            path = store.root / "store.json"
+            path.write_text("garbage")
+        else:
+            (path,) = (store.root / "manifest").glob("part-*.parquet")
+            path.write_bytes(path.read_bytes()[:100])
+        result = CliRunner().invoke(app, ["status", str(store.root)])
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: ") and str(path) in line and "is damaged" in line
+        assert "restore it from a backup" in line

@@ -51,7 +51,30 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise ValueError(f"{path}: not valid YAML{at} ({problem}): fix the file") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a config must be a mapping of blocks (amg:, privacy:, ...)")
+    blocks = known_blocks()
+    unknown = sorted(str(b) for b in config if b not in blocks)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown block(s) {unknown}: a misspelt block would be ignored; "
+            f"blocks: {', '.join(sorted(blocks))}"
+        )
+    for item in overrides or []:
+        block = item.partition("=")[0].strip().split(".")[0]
+        if block and "=" in item and block not in blocks:
+            raise ValueError(
+                f"--set '{item}': no block '{block}' (it would be ignored); "
+                f"blocks: {', '.join(sorted(blocks))}"
+            )
     return apply_overrides(config, overrides or [])
+
+
+def known_blocks() -> set[str]:
+    """The blocks a config may hold: those of the packaged configs, which document every default
+    (`sa1b.yaml` has them all)."""
+    blocks: set[str] = set()
+    for path in CONFIG_DIR.glob("*.yaml"):
+        blocks.update(yaml.safe_load(path.read_text()) or {})
+    return blocks
 
 
 def flag_overrides(block: str, flags: dict[str, Any], address: str | None = None) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import typer
 
 from engine.cli import amg, annotate, gears, predict, privacy, quality, run, store, train
+from engine.damaged import DamagedFile
 
 app = typer.Typer(
     name="sa-engine",
@@ -83,8 +84,9 @@ _WRITE_ERRNOS = {
 
 
 def _os_errors_in_one_line(typer_app: typer.Typer) -> None:
-    """Every command ends on a permission or disk-space error in one line naming the path (a
-    traceback from deep inside the atomic writer or a lock otherwise)."""
+    """Every command ends on a permission or disk-space error, or on a damaged file of a store
+    (`engine.damaged`), in one line naming the path (a traceback from deep inside the atomic
+    writer, a lock or pyarrow otherwise)."""
     for command in typer_app.registered_commands:
         if command.callback is not None:
             command.callback = _one_line_on_os_error(command.callback)
@@ -95,13 +97,15 @@ def _os_errors_in_one_line(typer_app: typer.Typer) -> None:
 def _one_line_on_os_error(callback: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(callback)  # (typer reads the options from the wrapped signature)
     def command(*args: Any, **kwargs: Any) -> Any:
+        from engine.cli.common import fail
+
         try:
             return callback(*args, **kwargs)
+        except DamagedFile as exc:
+            fail(str(exc))
         except OSError as exc:
             if exc.errno not in _WRITE_ERRNOS:
                 raise
-            from engine.cli.common import fail
-
             fail(f"{exc.filename or 'a file'}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})")
 
     return command
