@@ -613,6 +613,17 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 1  # listed once, not per run
     bad = CliRunner().invoke(app, args[:-1] + ["--set", "amg.no_such_key=1"])
     assert bad.exit_code != 0 and "no_such_key" in bad.output
+    # other settings into the same OUT: refused (the done images would keep the old masks)
+    assert json.loads((out / "settings.json").read_text())["amg.points_per_side"] == 4
+    other = args + ["--set", "amg.points_per_side=2"]
+    refused = CliRunner().invoke(app, other)
+    assert refused.exit_code == 1 and "holds masks made with other settings" in refused.output
+    assert "amg.points_per_side: 4 -> 2" in refused.output and "--redo" in refused.output
+    assert target.stat().st_mtime_ns == stamp
+    redone = CliRunner().invoke(app, other + ["--redo"])
+    assert redone.exit_code == 0 and "2 image(s), 0 already done, 2 to run" in redone.output
+    assert target.stat().st_mtime_ns != stamp
+    assert json.loads((out / "settings.json").read_text())["amg.points_per_side"] == 2
 
 
 def test_cli_amg_inputs_never_share_an_output(tmp_path):

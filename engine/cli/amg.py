@@ -31,6 +31,7 @@ SetOpt = set_option("amg.points_per_side=16")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 SKIPPED_FILE = "skipped.jsonl"
+SETTINGS_FILE = "settings.json"  # the settings OUT's masks were made with (`_settings`)
 INDEX_FILE = "inputs.jsonl"  # each input's output and image id, kept across runs (`assign_outputs`)
 
 
@@ -179,11 +180,21 @@ def amg(
             "work takes cores, fewer: torch's waiting threads spin (1 thread: ~2x faster there).",
         ),
     ] = 0,
+    redo: Annotated[
+        bool,
+        typer.Option(
+            "--redo",
+            help="Run every image again, those already done included (needed to run into an OUT "
+            "made with other settings).",
+        ),
+    ] = False,
 ) -> None:
     """Generate masks automatically (gear 3) with the SA-1B settings or any config.
 
     Writes OUT/<name>.json ({"image": {...}, "annotations": [...]}, COCO RLE) per image, skips
     images already done, and lists unreadable inputs with their reason in OUT/skipped.jsonl.
+    OUT/settings.json keeps the settings the masks were made with: a run with other settings
+    is refused unless --redo.
     """
     from engine.cli.config import load_config, section
 
@@ -211,6 +222,14 @@ def amg(
     if not inputs:
         fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     model_cfg = model_config(settings)
+    made_with = _settings(amg_cfg, model_cfg)
+    changed = _changed_settings(out, made_with)
+    if changed and not redo:
+        fail(
+            f"{out} holds masks made with other settings ({'; '.join(changed)}): a re-run would "
+            "keep them for the images already done; pass another --out, or --redo to run every "
+            "image again with these"
+        )
 
     import torch
 
@@ -225,8 +244,11 @@ def amg(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
+    from engine.atomic import atomic_write_json
+
+    atomic_write_json(out / SETTINGS_FILE, made_with, indent=1)
     todo = assign_outputs(inputs, input, out)
-    pending = [item for item in todo if not _done(item[2])]
+    pending = [item for item in todo if redo or not _done(item[2])]
     _forget_skipped(out, {str(src) for _, src, _ in pending} | {str(f) for f, _ in unreadable})
     for folder, error in unreadable:  # its images are unknown: listed, not lost silently
         _skip(out, folder, "unreadable", f"folder cannot be listed ({error}): make it readable and run again")
@@ -257,6 +279,38 @@ def amg(
         + (f" (see {out / SKIPPED_FILE})" if stats["skipped"] else ""),
         err=True,
     )
+
+
+def _settings(amg_cfg, model_cfg) -> dict[str, object]:
+    """What decides an image's masks, as `block.key`: the `amg:` block, the model and its
+    checkpoint (by name and size: moving the file changes nothing), bf16 (the device does not
+    count: a GPU gives the CPU's masks in float32)."""
+    import dataclasses
+
+    checkpoint = model_cfg.checkpoint
+    if checkpoint is not None and Path(checkpoint).is_file():
+        checkpoint = f"{Path(checkpoint).name} ({Path(checkpoint).stat().st_size} bytes)"
+    return {
+        **{f"amg.{k}": v for k, v in dataclasses.asdict(amg_cfg).items()},
+        "model.model": model_cfg.model,
+        "model.checkpoint": checkpoint,
+        "model.bf16": model_cfg.bf16,
+    }
+
+
+def _changed_settings(out: Path, made_with: dict[str, object]) -> list[str]:
+    """`key: before -> now` for each setting that differs from OUT's settings file (none when OUT
+    has no such file: a first run, or an OUT from before it)."""
+    try:
+        before = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    made_with = json.loads(json.dumps(made_with))  # (tuples as the file has them: lists)
+    return [
+        f"{key}: {before.get(key)!r} -> {made_with.get(key)!r}"
+        for key in sorted(set(before) | set(made_with))
+        if before.get(key) != made_with.get(key)
+    ]
 
 
 def _done(target: Path) -> bool:
