@@ -95,7 +95,8 @@ def load_image_with_info(
         raise ImageLoadError(
             label, "too_large", f"{width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
             f"{max_pixels / 1e6:.0f} MP limit (decompression-bomb guard)",
-            "downscale the image or raise max_pixels",
+            "downscale the image (a store's limit is the one it was created with, "
+            "`Store.create(max_pixels=...)` in Python)",
         )
     try:
         with _no_pil_bomb_limit():
@@ -113,7 +114,8 @@ def load_image_with_info(
     if min(rgb.shape[:2]) < min_side:
         raise ImageLoadError(
             label, "too_small", f"{rgb.shape[1]}x{rgb.shape[0]} is smaller than {min_side} px on a side",
-            "drop it, or lower min_side",
+            "drop it, or upscale it (a store's limit is the one it was created with, "
+            "`Store.create(min_side=...)` in Python)",
         )
     info = ImageInfo(original_mode, exif_rotated, rgb.shape[1], rgb.shape[0])
     return rgb, info
