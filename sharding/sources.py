@@ -7,6 +7,7 @@ Every input is named by its full URI (`fs.unstrip_protocol`), so `/data/a.jpg` a
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 
 import fsspec
@@ -219,10 +220,9 @@ def _read_list(fs: AbstractFileSystem, path: str) -> list[str]:
                 if "://" in entry:
                     entry_fs, entry_path = _url_to_fs(entry)
                     uris.append(entry_fs.unstrip_protocol(entry_path))
-                elif entry.startswith("/"):
-                    uris.append(fs.unstrip_protocol(entry))
-                else:
-                    uris.append(fs.unstrip_protocol(f"{base}/{entry}" if base else entry))
+                else:  # ("./a.jpg" and "a.jpg" are one file: one source, not a duplicate)
+                    joined = entry if entry.startswith("/") or not base else f"{base}/{entry}"
+                    uris.append(fs.unstrip_protocol(posixpath.normpath(joined)))
     except UnicodeDecodeError as err:
         raise ValueError(
             f"list file {fs.unstrip_protocol(path)} is not UTF-8 text ({err.reason} at byte "

@@ -650,9 +650,10 @@ def test_cli_amg_inputs_never_share_an_output(tmp_path):
         "sub/a.jpg": "sub/a.json",
     }
     listing = tmp_path / "list.txt"
-    listing.write_text("in/a.jpg\nin/sub/a.jpg\n# a comment\nin/a-2.jpg\n")
+    listing.write_text("in/a.jpg\nin/sub/a.jpg\n# a comment\nin/a-2.jpg\n./in/a.jpg\n  in/sub/../a.jpg \n")
     names = [name.as_posix() for _, name in list_inputs(listing)]
-    assert names == ["a", "a-3", "a-2"]  # (a-2 is a listed stem: the repeat takes a-3)
+    assert names == ["a", "a-3", "a-2"]  # (a-2 is a listed stem: the repeat takes a-3; the
+    # same file written three ways is one input)
 
 
 def test_cli_amg_outputs_and_ids_stay_with_their_input_as_the_input_grows(tmp_path):

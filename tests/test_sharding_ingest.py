@@ -200,7 +200,7 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     assert uri.endswith("/sets [2023]/img[1].jpg")
     (tmp_path / "src" / "list.txt").write_text(  # (one named twice: listed once; CRLF too)
         "\ufeffsub/img_001.jpg\n# three files\nsub/img_003.jpg\n\n" + str(tmp_path / "src/sub/img_000.jpg") + "\r\n"
-        "sub/img_003.jpg",
+        "sub/img_003.jpg\n./sub/img_001.jpg\nsub/../sub/img_003.jpg",  # (one file written three ways)
         encoding="utf-8",
     )  # (a BOM first, as Notepad saves UTF-8: not part of the first path)
     assert [u.rsplit("/", 1)[1] for u in list_source(str(tmp_path / "src" / "list.txt")).uris] == [

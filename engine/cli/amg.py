@@ -62,13 +62,15 @@ def list_inputs(
     if not source.exists():
         raise ValueError(f"{source} does not exist: pass an image, a folder or a list file")
     if source.suffix.lower() in LIST_SUFFIXES:
-        entries = []
+        entries, seen = [], set()
         for line in source.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            path = Path(line)
-            entries.append(path if path.is_absolute() else source.parent / path)
+            path = Path(os.path.normpath(line if Path(line).is_absolute() else source.parent / line))
+            if path not in seen:  # ("a.jpg", "./a.jpg": one image, run once)
+                seen.add(path)
+                entries.append(path)
         return list(zip(entries, _unique([Path(path.stem) for path in entries])))
     return [(source, Path(source.stem))]
 
