@@ -7,3 +7,9 @@ from __future__ import annotations
 
 class DamagedFile(ValueError):
     """A file of the engine's own that cannot be read; the message names it and the fix."""
+
+    @classmethod
+    def reading(cls, path: object, exc: BaseException, fix: str) -> "DamagedFile":
+        """The error of `path`, whose reader raised `exc`; `fix`: what to do."""
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return cls(f"{path} is damaged ({type(exc).__name__}: {first}): {fix}")

@@ -124,6 +124,8 @@ def store_status(store: Store, check: str = "size") -> dict[str, Any]:
         "sessions": store.leases(),
         "quarantine_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
         "quarantine": quarantine,
+        # (with --verify, "sha256": every shard file's footer and image count too)
+        **({"damaged_shards": store.damaged_shards()} if check == "sha256" else {}),
     }
 
 
@@ -139,6 +141,8 @@ def format_status(status: dict[str, Any], listed: int | None = LISTED_QUARANTINE
         f"{status['duplicates']} duplicates recorded, "
         f"{status['quarantined_at_ingest']} quarantined at ingest",
     ]
+    for shard, problem in status.get("damaged_shards", {}).items():
+        lines.append(f"DAMAGED {shard}: {problem}")
     ingest = status["ingest"]
     if "running" in ingest:
         lines.append(f"ingest running ({ingest['running']}): what it has committed so far is counted above")

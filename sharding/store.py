@@ -120,9 +120,8 @@ def _read_part(path: Path, schema: pa.Schema, columns: list[str] | None) -> pa.T
     try:
         return pq.read_table(path, schema=schema, columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        raise DamagedFile(
-            f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}): restore it "
-            "from a backup; the store cannot be read without it"
+        raise DamagedFile.reading(
+            path, exc, "restore it from a backup; the store cannot be read without it"
         ) from None
 
 
@@ -148,9 +147,9 @@ class Store:
         try:
             self.info = json.loads(info.read_text())
         except ValueError as exc:
-            raise DamagedFile(
-                f"'{info}' is damaged (not JSON: {exc}): restore it from a backup or a copy of a "
-                "store made with the same version (it holds the store's format and ingest limits)"
+            raise DamagedFile.reading(
+                info, exc, "restore it from a backup, or copy it from a store made with the same "
+                "version and limits (it holds the store's format and ingest limits)",
             ) from None
         self._manifest: tuple[tuple, pa.Table] | None = None
         self._index: tuple[tuple, pa.Table] | None = None
@@ -303,6 +302,24 @@ class Store:
         counts = pc.value_counts(self.manifest_index().column("shard"))
         return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
+    def damaged_shards(self) -> dict[str, str]:
+        """Shard name -> what is wrong with its file, for each shard whose Parquet footer cannot
+        be read (a file cut short) or that holds another number of images than the manifest
+        lists (`status --verify`: the footer only, not every image's bytes)."""
+        damaged = {}
+        for shard, images in self.shard_sizes().items():
+            path = self.shard_path(shard)
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                damaged[shard] = str(DamagedFile.reading(path, exc, "restore it from a backup"))
+                continue
+            if rows != images:
+                damaged[shard] = (
+                    f"{path} holds {rows} images, the manifest lists {images}: restore it from a backup"
+                )
+        return damaged
+
     def shard_images(self) -> dict[str, list[int]]:
         """Shard name -> its image ids, in manifest order (shards by first appearance)."""
         manifest = self.manifest_index()
@@ -330,17 +347,22 @@ class Store:
             raise ValueError(
                 f"shard '{shard}' is missing from {self.root}/shards: re-run ingest on its source"
             )
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-            for row in batch.to_pylist():
-                yield ImageRow(
-                    row["image_id"],
-                    row["source"],
-                    row["sha256"],
-                    row["width"],
-                    row["height"],
-                    shard,
-                    row["data"],
-                )
+        try:  # (a damaged file fails at its footer or at the row group cut short)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+                for row in batch.to_pylist():
+                    yield ImageRow(
+                        row["image_id"],
+                        row["source"],
+                        row["sha256"],
+                        row["width"],
+                        row["height"],
+                        shard,
+                        row["data"],
+                    )
+        except (pa.ArrowException, OSError) as exc:
+            raise DamagedFile.reading(
+                path, exc, "restore it from a backup (its images' outputs cannot be made without it)"
+            ) from None
 
     def read_image(self, shard: str, image_id: int) -> ImageRow:
         """One image of a shard (a row filter: only its row group is read), e.g. for the web tool."""

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.damaged import DamagedFile
 from sharding.runner import ImageOutcome, add_outcome, pending_shards
 from sharding.store import ShardOutput, Store, check_stage, utc_now
 from stages.config import RayConfig
@@ -181,6 +182,13 @@ def _run_pipeline(
                     if missing:
                         raise RuntimeError(f"the pipeline ended without every image of shards {missing}")
                 except Exception as exc:  # a lost node, a dead actor: retry what is unfinished
+                    damaged = damaged_file(exc)
+                    if damaged is not None:  # another attempt would read the same bytes
+                        run.failures.append(
+                            {"attempt": attempts, "at": utc_now(), "error": damaged,
+                             "start_failed_again": False, "damaged": True}  # fmt: skip
+                        )
+                        break
                     start_error = construction_error(exc)
                     error = (start_error or f"{type(exc).__name__}: {exc}")[:2000]
                     # an actor that cannot start twice alike (a checkpoint that does not fit, a device
@@ -198,6 +206,12 @@ def _run_pipeline(
             raise
         state = "finished" if len(run.committed) == len(todo) else "failed"
         record = end(state)
+        if state == "failed" and run.failures[-1].get("damaged"):
+            raise DamagedFile(
+                f"{spec.name} round {round_}: {run.failures[-1]['error']}. Not tried again; "
+                f"{len(run.committed)} shard(s) committed; the other shards run without it with "
+                f"--shard (run record: {record_path})"
+            )
         if state == "failed" and run.failures[-1]["start_failed_again"]:
             raise RuntimeError(
                 f"{spec.name} round {round_}: the model actors could not start, twice alike: "
@@ -211,6 +225,22 @@ def _run_pipeline(
                 f"stay; re-run the same command to do the rest (run record: {record_path})"
             )
         return record
+
+
+def damaged_file(exc: BaseException) -> str | None:
+    """The message of a `DamagedFile` a task raised (a shard file cut short), wherever Ray
+    wrapped it; None for any other error."""
+    from ray.exceptions import RayTaskError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RayTaskError) and isinstance(exc.cause, DamagedFile):
+            return str(exc.cause).splitlines()[0]  # (Ray Data adds lines of its retry advice)
+        if isinstance(exc, DamagedFile) and not isinstance(exc, RayTaskError):
+            return str(exc).splitlines()[0]
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def construction_error(exc: BaseException) -> str | None:

@@ -126,3 +126,29 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, demo_photos, parity_dir):
     assert f"{4 - len(record['processed'])} shard(s) committed, {len(record['processed'])} already done" in again.stdout
     assert last_run(store, "auto", 0)["state"] == "finished"
     assert not list((store.root / "runs").rglob("*.lock"))  # the runs' locks went with them
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_file_stops_a_run_at_once_naming_it(tmp_path, demo_photos):
+    """A shard file cut short: the run stops at the first attempt (another would read the same
+    bytes) in one line naming the file and --shard; `status --verify` names it and exits 1. It
+    used to make every attempt and end on Ray's multi-line RayTaskError(ArrowInvalid)."""
+    store = Store.create(tmp_path / "store")
+    ingest(str(demo_photos[0].parent), store, shard_size=2)
+    damaged = store.shard_path("shard-000001")
+    damaged.write_bytes(damaged.read_bytes()[:3000])
+    env = node_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "engine.cli", "run", "classical", str(store.root)]
+    done = subprocess.run(cmd + ["--set", "ray.progress=false"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: classical round 0: {damaged} is damaged (ArrowInvalid: "), last
+    assert "Not tried again" in last and "--shard" in last
+    (path,) = (store.root / "runs" / "classical").glob("*-round-0.json")
+    assert [f["attempt"] for f in json.loads(path.read_text())["failures"]] == [1]
+    result = CliRunner().invoke(app, ["status", str(store.root), "--verify"])
+    assert result.exit_code == 1 and f"DAMAGED shard-000001: {damaged} is damaged" in result.output
+    assert "shard-000000" not in result.output.split("DAMAGED", 1)[1]

@@ -152,8 +152,8 @@ def status(
 ) -> None:
     """Progress per stage and round: shards done/total, images, annotations, quarantined.
 
-    With --verify it exits 1 while any shard is set aside (an output failed its sha256 check;
-    `run` redoes it).
+    With --verify it also reads every shard file's footer, and exits 1 while any shard is set
+    aside (an output failed its sha256 check; `run` redoes it) or a shard file is damaged.
     """
     import json
 
@@ -166,7 +166,7 @@ def status(
     else:
         for line in format_status(data, listed):
             typer.echo(line)
-    if verify and any(p["set_aside"] for p in data["stages"]):
+    if verify and (any(p["set_aside"] for p in data["stages"]) or data["damaged_shards"]):
         raise typer.Exit(code=1)
 
 
