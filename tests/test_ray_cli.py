@@ -108,9 +108,18 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, demo_photos, parity_dir):
            "--set", "amg.points_per_side=4", "--set", "amg.crop_n_layers=0",
            "--set", "ray.progress=false"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    done = store.root / "stages" / "auto" / "round-0"
+    runs = store.root / "runs" / "auto"
+
+    def committed() -> int:  # the shards the run's record says it committed (written after each)
+        for path in runs.glob("*-round-0.json"):
+            try:
+                return len(json.loads(path.read_text())["processed"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return 0
+
     deadline = time.time() + 240
-    while not list(done.glob("*.done.json")) and time.time() < deadline and proc.poll() is None:
+    while not committed() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
