@@ -18,6 +18,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+# what a folder's listing takes as an image (`ingest`, `amg`): the formats Pillow reads that
+# cameras and scrapers write (.jfif and .jpe are JPEGs under other names)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm")
 DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard (SA-1B photos are ~3300x4900 = 16 MP)
 DEFAULT_MIN_SIDE = 1
 

@@ -14,7 +14,9 @@ import fsspec
 import numpy as np
 from fsspec import AbstractFileSystem
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+from engine.image_io import IMAGE_SUFFIXES
+
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # (the image loader's: `amg` lists a folder with the same)
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 _GLOB_CHARS = "*?["
 

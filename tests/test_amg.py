@@ -635,7 +635,7 @@ def test_cli_amg_inputs_never_share_an_output(tmp_path):
     (folder / "sub").mkdir(parents=True)
     (folder / ".cache").mkdir()
     for name in ["a.jpg", "a.png", "photo.v1.jpg", "photo.v2.jpg", "sub/a.jpg", ".hidden.jpg",
-                 ".cache/x.jpg", "notes.txt"]:
+                 ".cache/x.jpg", "notes.txt", "c.jfif"]:
         (folder / name).write_bytes(b"x")
     out = folder / "out"
     (out / "sub").mkdir(parents=True)
@@ -645,6 +645,7 @@ def test_cli_amg_inputs_never_share_an_output(tmp_path):
     assert found == {
         "a.jpg": "a.jpg.json",
         "a.png": "a.png.json",
+        "c.jfif": "c.json",  # (a JPEG by another name, as ingest lists it)
         "photo.v1.jpg": "photo.v1.json",
         "photo.v2.jpg": "photo.v2.json",
         "sub/a.jpg": "sub/a.json",

@@ -195,7 +195,8 @@ def test_glob_list_file_and_memory_filesystem(tmp_path):
     odd.mkdir()
     (odd / "img[1].jpg").write_bytes((tmp_path / "src" / "sub" / "img_000.jpg").read_bytes())
     (odd / "img1.jpg").write_bytes((tmp_path / "src" / "sub" / "img_001.jpg").read_bytes())
-    assert [u.rsplit("/", 1)[1] for u in list_source(str(odd)).uris] == ["img1.jpg", "img[1].jpg"]
+    (odd / "cam.jfif").write_bytes((tmp_path / "src" / "sub" / "img_002.jpg").read_bytes())
+    assert [u.rsplit("/", 1)[1] for u in list_source(str(odd)).uris] == ["cam.jfif", "img1.jpg", "img[1].jpg"]
     (uri,) = list_source(str(odd / "img[1].jpg")).uris
     assert uri.endswith("/sets [2023]/img[1].jpg")
     (tmp_path / "src" / "list.txt").write_text(  # (one named twice: listed once; CRLF too)

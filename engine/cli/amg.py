@@ -28,7 +28,6 @@ from engine.cli.common import (
 ConfigOpt = config_option("model: and amg: blocks")
 SetOpt = set_option("amg.points_per_side=16")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 SKIPPED_FILE = "skipped.jsonl"
 SETTINGS_FILE = "settings.json"  # the settings OUT's masks were made with (`_settings`)
@@ -48,6 +47,8 @@ def list_inputs(
     repeated stems). Listed paths are taken as given, so unreadable ones reach the skipped file.
     No two inputs get the same output. Folders that cannot be listed go to `unreadable`.
     """
+    from engine.image_io import IMAGE_SUFFIXES
+
     if source.is_dir():
         files = [p for p in files_under(source, out, unreadable) if p.suffix.lower() in IMAGE_SUFFIXES]
         stems: dict[Path, int] = {}
@@ -222,7 +223,9 @@ def amg(
     if not inputs and unreadable:
         fail(f"{unreadable[0][0]}: folder cannot be listed ({unreadable[0][1]}): make it readable")
     if not inputs:
-        fail(f"{input}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+        from engine.image_io import IMAGE_SUFFIXES
+
+        fail(f"{input}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
     model_cfg = model_config(settings)
     made_with = _settings(amg_cfg, model_cfg)
     changed = _changed_settings(out, made_with)
