@@ -182,7 +182,8 @@ def format_status(status: dict[str, Any], listed: int | None = LISTED_QUARANTINE
         where = "ingest" if q["stage"] == "ingest" else f"{q['stage']} round {q['round']}"
         shard = f", shard {q['shard']}" if q["shard"] else ""
         lines.append(
-            f"  quarantined ({where}{shard}) {q['source']}: {q['reason']} ({q['detail']})"
+            f"  quarantined ({where}{shard}) {_one_line(q['source'])}: {q['reason']} "
+            f"({_one_line(q['detail'])})"
             + (f" sha256 {q['sha256']}" if q["sha256"] else "")
         )
     if len(shown) < len(status["quarantine"]):
@@ -207,3 +208,9 @@ def _run_line(stage: str, run: dict[str, Any], complete: bool) -> str:
         f"; committed shards stay: the same `sa-engine run {stage}` command does the rest"
     )
     return f"the last run ({started}) {said}{then}"
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped (a file name may hold a newline), so that
+    each entry stays on its own line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

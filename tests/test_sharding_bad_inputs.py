@@ -231,3 +231,13 @@ def test_a_damaged_store_file_is_named_in_one_line(tmp_path, demo_photos):
         (line,) = result.output.strip().splitlines()
         assert line.startswith("error: ") and str(path) in line and "is damaged" in line
         assert "restore it from a backup" in line
+
+
+def test_status_keeps_an_entry_whose_name_holds_a_newline_on_one_line(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "two\nlines.jpg").write_text("not a JPEG")
+    (tmp_path / "src" / "ok.png").write_bytes(_save(Image.new("RGB", (64, 64)), "PNG"))
+    store = Store.create(tmp_path / "store")
+    ingest(str(tmp_path / "src"), store)
+    (line,) = [line for line in status_lines(store) if line.startswith("  quarantined")]
+    assert "two\\nlines.jpg: not_an_image (" in line and "\n" not in line
