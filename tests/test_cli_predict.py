@@ -155,6 +155,7 @@ def test_box_prompt_on_a_demo_photo(demo_photos, model_args, tmp_path):
         (["--point", "a,b"], "expected x,y"),
         (["--box", "5,5,1,1"], "x0 < x1"),
         (["--point", "5000,5"], "outside"),
+        (["--box", "5000,5,6000,50"], "does not overlap"),  # (one over the edges is clipped: fine)
     ],
 )
 def test_bad_prompts_fail_with_one_line(parity_dir, model_args, tmp_path, extra, message):

@@ -124,6 +124,12 @@ def predict(
     for x, y, _ in points:
         if not (0 <= x < width and 0 <= y < height):
             fail(f"--point {x:g},{y:g} lies outside {image} ({width}x{height} pixels)")
+    if box_xyxy is not None:  # (over the edges: the model clips it; beside the image: no prompt)
+        x0, y0, x1, y1 = box_xyxy
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            fail(
+                f"--box {x0:g},{y0:g},{x1:g},{y1:g} does not overlap {image} ({width}x{height} pixels)"
+            )
 
     import numpy as np
     import torch
