@@ -44,6 +44,7 @@ class ImageInfo:
     exif_rotated: bool
     width: int
     height: int
+    frames: int = 1  # an animated GIF, WebP or multi-page TIFF: only the first frame is read
 
 
 def load_image(
@@ -120,7 +121,8 @@ def load_image_with_info(
             "drop it, or upscale it (a store's limit is the one it was created with, "
             "`Store.create(min_side=...)` in Python)",
         )
-    info = ImageInfo(original_mode, exif_rotated, rgb.shape[1], rgb.shape[0])
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    info = ImageInfo(original_mode, exif_rotated, rgb.shape[1], rgb.shape[0], frames)
     return rgb, info
 
 

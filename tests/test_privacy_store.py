@@ -6,6 +6,7 @@ import shutil
 import tarfile
 
 import numpy as np
+from PIL import Image
 import pytest
 from typer.testing import CliRunner
 
@@ -102,6 +103,9 @@ def test_blur_cli_on_a_folder(cfg, photos, tmp_path):
     (photos / "sub").mkdir()
     shutil.move(photos / "astronaut.jpg", photos / "sub" / "astronaut.jpg")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    cat = Image.open(photos / "chelsea.jpg").convert("RGB").resize((64, 48))
+    frames = [cat, cat.rotate(90)]
+    frames[0].save(photos / "moving.gif", save_all=True, append_images=frames[1:])
     (photos / "chelsea.jpg").unlink()
     (photos / "coffee.jpg").unlink()
     out = tmp_path / "out"
@@ -118,7 +122,11 @@ def test_blur_cli_on_a_folder(cfg, photos, tmp_path):
     assert set(lines[0]) == {"file", "kind", "box", "score"}
     report = json.loads((out / "report.json").read_text())
     assert [s["file"] for s in report["skipped"]] == ["broken.jpg"]
-    assert report["images"] == 2 and report["faces"] == 1
+    assert report["images"] == 3 and report["faces"] == 1
+    # an animated GIF is written as its first frame, and the report says so
+    note = "2 frames: only the first is blurred and written"
+    assert report["notes"] == [{"file": "moving.gif", "note": note}]
+    assert Image.open(out / "moving.gif").n_frames == 1
     x0, y0, x1, y1 = (int(v) for v in lines[0]["box"])
     blurred = load_image(out / "sub" / "astronaut.jpg").astype(int)
     original = load_image(photos / "sub" / "astronaut.jpg").astype(int)

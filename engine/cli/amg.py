@@ -330,15 +330,17 @@ def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> 
     import contextlib
 
     from engine.amg import image_record
-    from engine.image_io import ImageLoadError, load_image
+    from engine.image_io import ImageLoadError, load_image_with_info
     from sharding.runner import annotation_id
 
     try:
-        pixels = load_image(source)
+        pixels, info = load_image_with_info(source)
     except (ImageLoadError, OSError) as exc:
         _skip(out, source, getattr(exc, "reason", type(exc).__name__), str(exc))
         stats["skipped"] += 1
         return
+    if info.frames > 1:  # (an animated GIF: said, not silent)
+        typer.echo(f"note: {source} has {info.frames} frames: only the first is segmented", err=True)
     with autocast if autocast is not None else contextlib.nullcontext():
         records = generator.generate(pixels)
     height, width = pixels.shape[:2]

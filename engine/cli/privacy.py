@@ -68,7 +68,7 @@ def blur(
     """Blur faces and licence plates in an image or a folder; write detections.jsonl."""
     from engine.atomic import atomic_write_bytes, atomic_write_json
     from engine.cli.config import load_config, section
-    from engine.image_io import ImageLoadError, load_image
+    from engine.image_io import ImageLoadError, load_image_with_info
     from engine.privacy import PrivacyConfig, PrivacyFilter
 
     check_out_folder(out, "the blurred images")
@@ -89,7 +89,7 @@ def blur(
     if not inputs and not unreadable:
         fail(f"'{input}' holds no files: pass an image or a folder of images")
     out.mkdir(parents=True, exist_ok=True)
-    lines, skipped, counts = [], [], {"images": 0, "faces": 0, "plates": 0}
+    lines, skipped, notes, counts = [], [], [], {"images": 0, "faces": 0, "plates": 0}
     for folder, error in unreadable:  # its files are unknown: listed, not lost silently
         rel = folder.relative_to(input).as_posix() if folder.is_relative_to(input) else str(folder)
         detail = f"folder cannot be listed ({error}): make it readable and run again"
@@ -97,7 +97,7 @@ def blur(
         typer.echo(f"skipped {rel}: {detail}", err=True)
     for path, rel in inputs:
         try:
-            rgb = load_image(path, name=rel)
+            rgb, info = load_image_with_info(path, name=rel)
             result = privacy.blur(rgb)
             data = encode_like(result.image, rel, cfg.jpeg_quality)
         except ImageLoadError as err:
@@ -112,6 +112,10 @@ def blur(
             )
             typer.echo(f"skipped {rel}: {type(exc).__name__}: {exc}", err=True)
             continue
+        if info.frames > 1:  # written as one still picture: said, not silent
+            note = f"{info.frames} frames: only the first is blurred and written"
+            notes.append({"file": rel, "note": note})
+            typer.echo(f"note: {rel} has {note}", err=True)
         atomic_write_bytes(out / rel, data)
         lines += [json.dumps({"file": rel, **d.to_json()}) for d in result.detections]
         found = result.counts()
@@ -122,7 +126,7 @@ def blur(
     atomic_write_bytes(out / "detections.jsonl", "".join(f"{line}\n" for line in lines).encode())
     atomic_write_json(
         out / "report.json",
-        {"input": str(input), **counts, "skipped": skipped, **privacy.run_metadata()},
+        {"input": str(input), **counts, "skipped": skipped, "notes": notes, **privacy.run_metadata()},
         indent=1,
     )
     typer.echo(
