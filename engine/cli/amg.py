@@ -288,17 +288,18 @@ def amg(
 
 def _settings(amg_cfg, model_cfg) -> dict[str, object]:
     """What decides an image's masks, as `block.key`: the `amg:` block, the model and its
-    checkpoint (by name and size: moving the file changes nothing), bf16 (the device does not
-    count: a GPU gives the CPU's masks in float32)."""
+    checkpoint (files by name and size: the same file named by another path, or moved, is the
+    same), bf16 (the device does not count: a GPU gives the CPU's masks in float32)."""
     import dataclasses
 
-    checkpoint = model_cfg.checkpoint
-    if checkpoint is not None and Path(checkpoint).is_file():
-        checkpoint = f"{Path(checkpoint).name} ({Path(checkpoint).stat().st_size} bytes)"
+    def named(value: str | None) -> str | None:
+        path = Path(value) if value is not None else None
+        return f"{path.name} ({path.stat().st_size} bytes)" if path and path.is_file() else value
+
     return {
         **{f"amg.{k}": v for k, v in dataclasses.asdict(amg_cfg).items()},
-        "model.model": model_cfg.model,
-        "model.checkpoint": checkpoint,
+        "model.model": named(model_cfg.model),
+        "model.checkpoint": named(model_cfg.checkpoint),
         "model.bf16": model_cfg.bf16,
     }
 
