@@ -624,6 +624,10 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     assert redone.exit_code == 0 and "2 image(s), 0 already done, 2 to run" in redone.output
     assert target.stat().st_mtime_ns != stamp
     assert json.loads((out / "settings.json").read_text())["amg.points_per_side"] == 2
+    # every input unreadable: nothing made, exit 1 (as blur ends); the skipped file says why
+    alone = [args[0], str(folder / "broken.jpg"), "--out", str(tmp_path / "bad"), *args[4:]]
+    only_bad = CliRunner().invoke(app, alone)
+    assert only_bad.exit_code == 1 and "done: 0 image(s), 0 masks, 1 skipped" in only_bad.output
 
 
 def test_cli_amg_inputs_never_share_an_output(tmp_path):

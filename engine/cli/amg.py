@@ -284,6 +284,8 @@ def amg(
         + (f" (see {out / SKIPPED_FILE})" if stats["skipped"] else ""),
         err=True,
     )
+    if stats["skipped"] and not stats["images"] and len(pending) == len(todo):
+        raise typer.Exit(code=1)  # every input unreadable: nothing made (as `blur` ends)
 
 
 def _settings(amg_cfg, model_cfg) -> dict[str, object]:
