@@ -23,6 +23,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm")
 DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard (SA-1B photos are ~3300x4900 = 16 MP)
 DEFAULT_MIN_SIDE = 1
+# SAM's smallest useful input: a store quarantines smaller images as too_small (its default
+# min_side) and `amg` skips them with that reason
+SAM_MIN_SIDE = 32
 
 
 class ImageLoadError(ValueError):

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from engine.atomic import atomic_path, atomic_write_json
 from engine.damaged import DamagedFile
-from engine.image_io import DEFAULT_MAX_PIXELS
+from engine.image_io import DEFAULT_MAX_PIXELS, SAM_MIN_SIDE
 from engine.provenance import package_versions, sha256_file
 from engine.records import MaskRecord
 from sharding import locks, tables
@@ -68,7 +68,7 @@ from sharding import locks, tables
 INDEX_COLUMNS = ["image_id", "shard", "bytes", "width", "height"]
 STORE_FORMAT = "sa-engine-store"
 STORE_VERSION = 1
-DEFAULT_MIN_SIDE = 32  # SAM's smallest useful input; smaller images are quarantined as too_small
+DEFAULT_MIN_SIDE = SAM_MIN_SIDE  # smaller images are quarantined as too_small
 PRIVACY_STAGE = "privacy"
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

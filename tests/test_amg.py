@@ -628,6 +628,15 @@ def test_cli_amg_photo_broken_input_and_rerun(tmp_path, parity_dir, demo_photos)
     alone = [args[0], str(folder / "broken.jpg"), "--out", str(tmp_path / "bad"), *args[4:]]
     only_bad = CliRunner().invoke(app, alone)
     assert only_bad.exit_code == 1 and "done: 0 image(s), 0 masks, 1 skipped" in only_bad.output
+    # an image smaller than SAM's smallest useful input is skipped as a store quarantines it
+    from PIL import Image
+
+    Image.new("RGB", (3000, 2)).save(tmp_path / "thin.png")
+    thin_args = [args[0], str(tmp_path / "thin.png"), "--out", str(tmp_path / "thin"), *args[4:]]
+    thin = CliRunner().invoke(app, thin_args)
+    assert thin.exit_code == 1
+    (line,) = (tmp_path / "thin" / "skipped.jsonl").read_text().splitlines()
+    assert json.loads(line)["reason"] == "too_small"
 
 
 def test_cli_amg_inputs_never_share_an_output(tmp_path):

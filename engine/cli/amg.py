@@ -333,11 +333,11 @@ def _one(generator, image_id, source, target, out, overlay, autocast, stats) -> 
     import contextlib
 
     from engine.amg import image_record
-    from engine.image_io import ImageLoadError, load_image_with_info
+    from engine.image_io import SAM_MIN_SIDE, ImageLoadError, load_image_with_info
     from sharding.runner import annotation_id
 
     try:
-        pixels, info = load_image_with_info(source)
+        pixels, info = load_image_with_info(source, min_side=SAM_MIN_SIDE)  # (as a store takes them)
     except (ImageLoadError, OSError) as exc:
         _skip(out, source, getattr(exc, "reason", type(exc).__name__), str(exc))
         stats["skipped"] += 1
