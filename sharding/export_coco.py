@@ -60,7 +60,7 @@ def export_coco(
     }
     images: list[dict[str, Any]] = []
     annotations = 0
-    privacy_rounds = sorted(r for s, r in store.stage_rounds() if s == PRIVACY_STAGE)
+    privacy_rounds = store.rounds(PRIVACY_STAGE)
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         head = json.dumps({"info": info, "licenses": [], "categories": [CATEGORY]})
         out.write(head[:-1] + ', "annotations": [')

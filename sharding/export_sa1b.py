@@ -136,7 +136,7 @@ def export_sa1b(
             f"'{out_dir}' is a non-empty folder that is not a release: pass a new or empty folder"
         )
     stage, round_ = resolve_annotation_source(store, stage, round_)
-    privacy_rounds = sorted(r for s, r in store.stage_rounds() if s == PRIVACY_STAGE)
+    privacy_rounds = store.rounds(PRIVACY_STAGE)
     if privacy_round is None:
         if not privacy_rounds:
             raise ValueError(

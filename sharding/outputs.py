@@ -44,7 +44,7 @@ def resolve_annotation_source(
     """
     if stage is not None:
         check_stage(stage, round_ if round_ is not None else 0)
-        rounds = sorted(r for s, r in store.stage_rounds() if s == stage)
+        rounds = store.rounds(stage)
         if round_ is None:
             rounds = [r for r in rounds if completed(store, stage, r, check="size")]
             if not rounds:

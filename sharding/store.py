@@ -523,6 +523,10 @@ class Store:
                     out.append((stage_dir.name, int(suffix)))
         return sorted(out)
 
+    def rounds(self, stage: str) -> list[int]:
+        """The rounds of `stage` with a folder in the store, ascending."""
+        return [r for s, r in self.stage_rounds() if s == stage]
+
     # ---- image embeddings (gears 1 and 2) ----------------------------------------------------
     def embeddings_path(self, fingerprint: str, shard: str) -> Path:
         """Where a shard's embeddings by the image encoder with this fingerprint live."""

@@ -68,7 +68,7 @@ def training_samples(
     retrained on the newest gear's data); images are encoded into the store if they are not yet.
     """
     fingerprint = encoder_fingerprint(predictor.model)
-    rounds = sorted({r for s, r in store.stage_rounds() if s == stage}, reverse=True)
+    rounds = store.rounds(stage)[::-1]
     samples, used = [], {}
     for shard in store.shards():
         round_ = next((r for r in rounds if store.done_record(stage, r, shard) is not None), None)

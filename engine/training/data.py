@@ -163,7 +163,7 @@ def store_items(
 
 def _privacy_images(store, wanted: set[int], stage: str) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
-    rounds = [r for s, r in store.stage_rounds() if s == stage]
+    rounds = store.rounds(stage)
     for round_ in rounds[:1]:
         for shard in store.shards():
             for image_id, data, _ in store.iter_output_images(stage, round_, shard):
