@@ -162,15 +162,9 @@ def test_a_folder_the_user_cannot_write_fails_in_one_line(tmp_path, demo_photos)
 
 
 def test_every_command_turns_write_errors_into_one_line():
-    from engine.cli.main import _one_line_on_os_error
+    from engine.cli.main import _file_errors_in_one_line, every_command
 
-    def commands(typer_app):
-        for command in typer_app.registered_commands:
-            yield command.callback
-        for group in typer_app.registered_groups:
-            yield from commands(group.typer_instance)
-
-    assert all(getattr(c, "__wrapped__", None) for c in commands(app))
+    assert all(getattr(c.callback, "__wrapped__", None) for c in every_command(app))
 
     import errno
 
@@ -183,12 +177,12 @@ def test_every_command_turns_write_errors_into_one_line():
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
 
     one = typer.Typer()
-    one.command()(_one_line_on_os_error(full))
+    one.command()(_file_errors_in_one_line(full))
     result = CliRunner().invoke(one, [])
     assert result.exit_code == 1 and result.output.strip() == (
         "error: /data/out/x.tmp: No space left on device (free some space, or choose another path)"
     )
     other = typer.Typer()
-    other.command()(_one_line_on_os_error(missing))
+    other.command()(_file_errors_in_one_line(missing))
     # (a missing file is not a write error: the command's own checks name those)
     assert isinstance(CliRunner().invoke(other, []).exception, FileNotFoundError)

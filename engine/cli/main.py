@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -62,15 +62,16 @@ def reflow_help(text: str) -> str:
     return "\n\n".join(out)
 
 
-def _reflow_commands(typer_app: typer.Typer) -> None:
-    for command in typer_app.registered_commands:
-        if command.callback is not None and command.callback.__doc__:
-            command.callback.__doc__ = reflow_help(command.callback.__doc__)
+def every_command(typer_app: typer.Typer) -> Iterator[typer.models.CommandInfo]:
+    """Each command of the app, those of its groups (`run`, `export`) included."""
+    yield from typer_app.registered_commands
     for group in typer_app.registered_groups:
-        _reflow_commands(group.typer_instance)
+        yield from every_command(group.typer_instance)
 
 
-_reflow_commands(app)
+for _command in every_command(app):
+    if _command.callback is not None and _command.callback.__doc__:
+        _command.callback.__doc__ = reflow_help(_command.callback.__doc__)
 
 # what a file write can meet that is the user's to fix: a folder not writable for them, a
 # read-only or full filesystem
@@ -83,18 +84,11 @@ _WRITE_ERRNOS = {
 }
 
 
-def _os_errors_in_one_line(typer_app: typer.Typer) -> None:
-    """Every command ends on a permission or disk-space error, or on a damaged file of a store
+def _file_errors_in_one_line(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """The command, ending on a permission or disk-space error, or on a damaged file of a store
     (`engine.damaged`), in one line naming the path (a traceback from deep inside the atomic
     writer, a lock or pyarrow otherwise)."""
-    for command in typer_app.registered_commands:
-        if command.callback is not None:
-            command.callback = _one_line_on_os_error(command.callback)
-    for group in typer_app.registered_groups:
-        _os_errors_in_one_line(group.typer_instance)
 
-
-def _one_line_on_os_error(callback: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(callback)  # (typer reads the options from the wrapped signature)
     def command(*args: Any, **kwargs: Any) -> Any:
         from engine.cli.common import fail
@@ -111,7 +105,9 @@ def _one_line_on_os_error(callback: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-_os_errors_in_one_line(app)
+for _command in every_command(app):
+    if _command.callback is not None:
+        _command.callback = _file_errors_in_one_line(_command.callback)
 
 
 if __name__ == "__main__":
