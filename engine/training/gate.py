@@ -20,7 +20,7 @@ import numpy as np
 from engine.annotator import CHOICES
 from engine.checks import invalid
 from engine.modeling import Sam
-from engine.training.trainer import TrainItem
+from engine.training.trainer import TrainItem, left_out_reason
 
 _HIGHER_IS_BETTER = {"miou_1click": True, "miou_5clicks": True, "clicks_to_target": False}
 
@@ -135,7 +135,7 @@ def score_model(
             image, masks = item.load()
         except (OSError, ValueError) as exc:
             log(f"skip {item.image_id}: {exc}")
-            reason = getattr(exc, "reason", "unreadable image")
+            reason = left_out_reason(exc)
             skipped.append({"image": item.image_id, "reason": reason, "detail": str(exc)})
             continue
         masks = [m for m in masks if m.sum() >= config.min_mask_area]

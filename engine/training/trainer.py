@@ -134,6 +134,11 @@ class MasksDoNotFitImage(ValueError):
     reason = "masks do not fit the image"
 
 
+def left_out_reason(exc: Exception) -> str:
+    """Why an item whose loader raised `exc` is left out (training and the gate count by it)."""
+    return getattr(exc, "reason", "unreadable image")
+
+
 @dataclass
 class TrainItem:
     """One training image: a loader (so images are read once, while caching) and its masks.
@@ -261,7 +266,7 @@ def encode_items(
         try:
             image, masks = item.load()
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", "unreadable image")
+            reason = left_out_reason(exc)
             skipped[reason] = skipped.get(reason, 0) + 1
             log(f"skip {item.image_id}: {exc}")
             continue
