@@ -16,7 +16,6 @@ from fsspec import AbstractFileSystem
 
 from engine.image_io import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # (the image loader's: `amg` lists a folder with the same)
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 _GLOB_CHARS = "*?["
 
@@ -70,7 +69,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
                 if name.startswith("."):
                     continue
                 uri = fs.unstrip_protocol(f"{folder.rstrip('/')}/{name}")
-                (uris if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(uri)
+                (uris if name.lower().endswith(IMAGE_SUFFIXES) else ignored).append(uri)
                 if sizes is not None:
                     sizes[uri] = int(files[name]["size"])
     elif fs.isfile(path):
@@ -89,7 +88,7 @@ def list_source(source: str, with_sizes: bool = False) -> SourceListing:
         )
     if not uris:
         raise ValueError(
-            f"source '{source}' names no image files ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"source '{source}' names no image files ({', '.join(IMAGE_SUFFIXES)}): "
             "check the path or pass a glob"
         )
     uris.sort()  # in place, then repeats dropped in place: no set and no second list of the URIs
@@ -124,7 +123,7 @@ def _walk_following_links(
         for folder, dirs, files in fs.walk(root, maxdepth=1, detail=True, on_error=cannot_list):
             roots.extend(f"{folder.rstrip('/')}/{d}" for d in dirs if not d.startswith("."))
             if local:  # only names that are no image are looked at: no stat per photo
-                linked = [n for n in files if not n.lower().endswith(IMAGE_EXTENSIONS)
+                linked = [n for n in files if not n.lower().endswith(IMAGE_SUFFIXES)
                           and not n.startswith(".")
                           and os.path.isdir(f"{folder.rstrip('/')}/{n}")]  # fmt: skip
                 roots.extend(f"{folder.rstrip('/')}/{n}" for n in linked)
